@@ -1,0 +1,30 @@
+"""Sharding rules, by registry name.
+
+- ``"size"`` (:class:`SizeSharder`): sequential shards of a target byte size.
+- ``"hash"`` (:class:`HashSharder`): a stable hash of a key field (or the sample index) picks a bucket.
+
+Third parties register more through the ``lightning_patterns.sharders`` entry-point group, or with
+``SHARDERS.register(name, cls)``.
+"""
+
+from __future__ import annotations
+
+from lightning_patterns._registry import Registry
+from lightning_patterns.data.sharding.base import DEFAULT_SHARD_BYTES, Sharder
+from lightning_patterns.data.sharding.hashed import HashSharder, bucket_of, stable_hash
+from lightning_patterns.data.sharding.sized import SizeSharder
+
+__all__ = [
+    "DEFAULT_SHARD_BYTES",
+    "HashSharder",
+    "SHARDERS",
+    "Sharder",
+    "SizeSharder",
+    "bucket_of",
+    "stable_hash",
+]
+
+SHARDERS: Registry[type[Sharder]] = Registry("sharder", entry_point_group="lightning_patterns.sharders")
+for _cls in (SizeSharder, HashSharder):
+    SHARDERS.register(_cls.name, _cls)
+del _cls

@@ -1,0 +1,60 @@
+"""Shards: the ``.lps`` file format, the dataset manifest, and the writer.
+
+Write any dataset with :func:`write_dataset`; read a dataset's :class:`Manifest` with :func:`load_manifest`
+and a shard with :func:`read_shard` (or :class:`ShardReader` over bytes you fetched yourself).
+"""
+
+from __future__ import annotations
+
+from lightning_patterns.data.shards.format import (
+    MAGIC,
+    FieldSpec,
+    Schema,
+    ShardBuilder,
+    ShardFormatError,
+    ShardReader,
+    encode_shard,
+)
+from lightning_patterns.data.shards.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    checksum_of,
+    load_manifest,
+    manifest_exists,
+    manifest_url,
+    publish_manifest,
+    read_shard,
+    shard_url,
+    validate_shard_path,
+    verify_checksum,
+    verify_dataset,
+)
+from lightning_patterns.data.shards.writer import ShardWriter, write_dataset
+
+__all__ = [
+    "FORMAT_VERSION",
+    "FieldSpec",
+    "MAGIC",
+    "MANIFEST_NAME",
+    "Manifest",
+    "Schema",
+    "ShardBuilder",
+    "ShardFormatError",
+    "ShardInfo",
+    "ShardReader",
+    "ShardWriter",
+    "checksum_of",
+    "encode_shard",
+    "load_manifest",
+    "manifest_exists",
+    "manifest_url",
+    "publish_manifest",
+    "read_shard",
+    "shard_url",
+    "validate_shard_path",
+    "verify_checksum",
+    "verify_dataset",
+    "write_dataset",
+]

@@ -1,0 +1,348 @@
+"""Write any dataset of samples to ``.lps`` shards plus a manifest, at any writable fsspec URL."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sized
+from types import TracebackType
+from typing import Any, Literal
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from tqdm.auto import tqdm
+
+from lightning_patterns.data.sharding import SHARDERS, Sharder
+from lightning_patterns.data.shards.format import Schema, ShardBuilder
+from lightning_patterns.data.shards.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    checksum_of,
+    load_manifest,
+    manifest_url,
+    publish_manifest,
+)
+from lightning_patterns.exceptions import ManifestError, SchemaMismatchError
+
+__all__ = ["ShardWriter", "write_dataset"]
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["create", "append", "overwrite"]
+_MODES = ("create", "append", "overwrite")
+_READ_ONLY_PROTOCOLS = frozenset(["http", "https"])
+
+
+class ShardWriter:
+    """Writes samples into shard files and publishes the manifest on a clean exit.
+
+    Use it as a context manager: shards are written as they fill up, the manifest is published when the
+    ``with`` block ends without an exception, and on an exception the shards written so far are removed and
+    any previous manifest is left untouched, so readers never see a partial dataset.
+
+    Args:
+        url: the dataset root: any writable fsspec URL or local path.
+        sharding: registry name of the sharding rule (``"size"`` or ``"hash"``); ``None`` means ``"size"`` for a new
+            dataset and the recorded rule when appending.
+        shard_bytes: target bytes per shard file; ``None`` means 32 MiB (or the recorded target of a ``"size"``
+            dataset being appended to).
+        num_shards: number of hash buckets, required by ``sharding="hash"`` (taken from the manifest on append).
+        hash_key: field hashed by ``sharding="hash"``; ``None`` hashes the sample index.
+        mode: ``"create"`` fails if a dataset exists; ``"append"`` adds new shards to an existing dataset (or
+            creates it) without touching its shard files; ``"overwrite"`` replaces the dataset and then deletes
+            its old shards.
+        storage_options: passed to fsspec unchanged (credentials, endpoint, ...).
+
+    Each buffered hash bucket holds up to ``shard_bytes`` in memory, so peak memory is about
+    ``num_shards * shard_bytes``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        sharding: str | None = None,
+        shard_bytes: int | None = None,
+        num_shards: int | None = None,
+        hash_key: str | None = None,
+        mode: Mode = "create",
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"Unknown mode={mode!r}. Expected one of {_MODES}.")
+        if sharding is not None and sharding not in SHARDERS:
+            raise ValueError(f"Unknown sharding={sharding!r}. Expected one of: {', '.join(SHARDERS.names())}.")
+        self.url = url
+        self.mode = mode
+        self.storage_options = dict(storage_options or {})
+        self._fs, self._root = fsspec.core.url_to_fs(url, **self.storage_options)
+        protocols = self._fs.protocol if isinstance(self._fs.protocol, (tuple, list)) else (self._fs.protocol,)
+        if _READ_ONLY_PROTOCOLS.intersection(protocols):
+            raise ValueError(
+                f"Cannot write to {url!r}: HTTP(S) is read-only. Write the dataset to a local path or an object "
+                f"store (s3://, gs://, ...) and serve it over HTTP from there."
+            )
+        self._previous = self._existing_manifest()
+        append_to = self._previous if mode == "append" else None
+        self._sharder = self._make_sharder(append_to, sharding, shard_bytes, num_shards, hash_key)
+        self.schema: Schema | None = append_to.schema if append_to is not None else None
+        if self.schema is not None:
+            self._sharder.check_schema(list(self.schema))
+        self._kept: tuple[ShardInfo, ...] = append_to.shards if append_to is not None else ()
+        self._next_index = sum(s.num_samples for s in self._kept)
+        self.generation = (self._previous.generation if self._previous is not None else 0) + 1
+        self._token = secrets.token_hex(4)
+        self._builders: dict[int, ShardBuilder] = {}
+        self._written: list[ShardInfo] = []
+        self._first_index = self._next_index
+        self._warned_oversize = False
+        self._closed = False
+        self.manifest: Manifest | None = None
+
+    def _existing_manifest(self) -> Manifest | None:
+        exists = self._fs.exists(f"{self._root.rstrip('/')}/{MANIFEST_NAME}")
+        if not exists:
+            return None
+        if self.mode == "create":
+            raise FileExistsError(
+                f"A dataset already exists at {self.url!r} ({manifest_url(self.url)!r}). Pass mode='append' to add "
+                f"samples to it, mode='overwrite' to replace it, or choose another URL."
+            )
+        try:
+            return load_manifest(self.url, self.storage_options)
+        except ManifestError:
+            if self.mode == "overwrite":
+                log.warning("Overwriting the unreadable manifest at %s; its old shards are left in place", self.url)
+                return None
+            raise
+
+    @staticmethod
+    def _make_sharder(
+        previous: Manifest | None,
+        sharding: str | None,
+        shard_bytes: int | None,
+        num_shards: int | None,
+        hash_key: str | None,
+    ) -> Sharder:
+        if previous is None:
+            cls = SHARDERS.get(sharding or "size")
+            return cls.from_arguments(shard_bytes=shard_bytes, num_shards=num_shards, hash_key=hash_key)
+        recorded = previous.sharding
+        rule = recorded["rule"]
+        conflicts = [
+            f"{arg}={given!r} (the dataset has {arg}={have!r})"
+            for arg, given, have in (
+                ("sharding", sharding, rule),
+                ("num_shards", num_shards, recorded.get("num_shards")),
+                ("hash_key", hash_key, recorded.get("key")),
+            )
+            if given is not None and given != have
+        ]
+        if conflicts:
+            raise ValueError(
+                f"Cannot append with {', '.join(conflicts)}: appended samples must follow the dataset's sharding "
+                f"rule {recorded!r}. Drop those arguments to reuse the recorded rule, or use mode='overwrite'."
+            )
+        if rule not in SHARDERS:
+            raise ManifestError(
+                f"The dataset was sharded with {rule!r}, which is not registered here "
+                f"(known: {', '.join(SHARDERS.names())}). Install the plugin that provides it to append."
+            )
+        return SHARDERS.get(rule).from_json(recorded, shard_bytes=shard_bytes)
+
+    @property
+    def sharder(self) -> Sharder:
+        """The sharding rule in use."""
+        return self._sharder
+
+    def write(self, sample: Mapping[str, Any]) -> None:
+        """Add one sample (a dict of field name to value; see :class:`~lightning_patterns.data.shards.Schema`)."""
+        if self._closed:
+            raise RuntimeError("This ShardWriter is closed; open a new one to write more samples.")
+        if self.schema is None:
+            self.schema = Schema.infer(sample)
+            self._sharder.check_schema(list(self.schema))
+        try:
+            values, nbytes = self.schema.normalize(sample)
+        except SchemaMismatchError as err:
+            where = "the existing dataset" if self._kept else "the first sample"
+            raise SchemaMismatchError(f"Sample {self._next_index} does not match {where}: {err}") from None
+        index = self._next_index
+        bucket = self._sharder.bucket(sample, index)
+        builder = self._builders.get(bucket)
+        target = self._sharder.shard_bytes
+        if builder is not None and builder.num_samples and not builder.fits(values, target):
+            self._flush(bucket)
+            builder = None
+        if builder is None:
+            builder = self._builders[bucket] = ShardBuilder(self.schema)
+            if not builder.fits(values, target) and not self._warned_oversize:
+                self._warned_oversize = True
+                warnings.warn(
+                    f"Sample {index} needs a {builder.file_size_with(values)}-byte shard, more than "
+                    f"shard_bytes={target}; it gets a shard of its own (further such samples are not reported). "
+                    f"Increase `shard_bytes` if shards should hold several samples.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        builder.append(values, nbytes)
+        self._next_index = index + 1
+
+    def _flush(self, bucket: int) -> None:
+        builder = self._builders.pop(bucket)
+        data = builder.finish()
+        multi = self._sharder.num_buckets > 1
+        path = (
+            f"shard-{self.generation:05d}-{self._token}-"
+            f"{f'b{bucket:05d}-' if multi else ''}{len(self._written):05d}.lps"
+        )
+        if not self._written and isinstance(self._fs, LocalFileSystem):
+            self._fs.makedirs(self._root, exist_ok=True)  # object stores have no folders to create
+        self._fs.pipe_file(f"{self._root.rstrip('/')}/{path}", data)
+        self._written.append(
+            ShardInfo(path, builder.num_samples, len(data), checksum_of(data), bucket if multi else None)
+        )
+        log.debug("Wrote shard %s (%d samples, %d bytes)", path, builder.num_samples, len(data))
+
+    def close(self) -> Manifest:
+        """Write the remaining buffered shards and publish the manifest; returns it."""
+        if self._closed:
+            if self.manifest is None:
+                raise RuntimeError("This ShardWriter was aborted; nothing was published.")
+            return self.manifest
+        self._closed = True
+        try:
+            if self._next_index == self._first_index:
+                raise ValueError(
+                    f"No samples to write to {self.url!r}: the dataset is empty. Pass a dataset or iterable that "
+                    f"yields at least one sample (a dict of field name to value)."
+                )
+            for bucket in sorted(self._builders):
+                self._flush(bucket)
+            assert self.schema is not None
+            manifest = Manifest(
+                schema=self.schema,
+                shards=self._kept + tuple(self._written),
+                sharding=self._sharder.to_json(),
+                generation=self.generation,
+            )
+            if self.mode == "create" and self._fs.exists(f"{self._root.rstrip('/')}/{MANIFEST_NAME}"):
+                raise FileExistsError(
+                    f"Another writer created a dataset at {self.url!r} while this one was writing. "
+                    f"Pass mode='append' or mode='overwrite', or choose another URL."
+                )
+            publish_manifest(manifest, self.url, self.storage_options)
+        except BaseException:
+            self._remove(self._written)
+            raise
+        self.manifest = manifest
+        if self.mode == "overwrite" and self._previous is not None:
+            keep = {s.path for s in manifest.shards}
+            self._remove([s for s in self._previous.shards if s.path not in keep])
+        return manifest
+
+    def abort(self) -> None:
+        """Drop buffered samples and remove the shards written so far; any previous manifest stays as it was."""
+        if self._closed:
+            return
+        self._closed = True
+        self._builders.clear()
+        self._remove(self._written)
+
+    def _remove(self, shards: Iterable[ShardInfo]) -> None:
+        paths = [f"{self._root.rstrip('/')}/{s.path}" for s in shards]
+        if not paths:
+            return
+        try:
+            self._fs.rm(paths)
+        except (OSError, ValueError) as err:  # best effort: unlisted shards are invisible to readers anyway
+            log.warning("Could not remove %d shard files under %s: %s", len(paths), self.url, err)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _iterate(samples: Any) -> tuple[Iterator[Any], int | None]:
+    if isinstance(samples, Mapping):
+        raise TypeError(
+            "`samples` is a single dict; expected a dataset or iterable of samples. Wrap it in a list: `[sample]`."
+        )
+    if isinstance(samples, (list, tuple)):
+        return iter(samples), len(samples)
+    if hasattr(samples, "__len__") and hasattr(samples, "__getitem__"):
+        n = len(samples)
+        return (samples[i] for i in range(n)), n
+    if isinstance(samples, Iterable):
+        total = len(samples) if isinstance(samples, Sized) else None
+        return iter(samples), total
+    raise TypeError(
+        f"`samples` must be a map-style dataset (with __len__ and __getitem__) or an iterable of samples; "
+        f"got {type(samples).__name__}."
+    )
+
+
+def write_dataset(
+    samples: Any,
+    url: str,
+    *,
+    sharding: str | None = None,
+    shard_bytes: int | None = None,
+    num_shards: int | None = None,
+    hash_key: str | None = None,
+    mode: Mode = "create",
+    storage_options: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> Manifest:
+    """Write ``samples`` as shards plus a manifest at ``url`` and return the published manifest.
+
+    Args:
+        samples: a map-style dataset (``__len__`` and ``__getitem__``) or an iterable of samples; each sample is a
+            dict of field name to a tensor, numpy array or scalar, Python int/float/bool, ``bytes`` or ``str``.
+        url: the dataset root: a local path or any writable fsspec URL (``file://``, ``memory://``, ``s3://``, ...).
+        sharding: ``"size"`` (default for new datasets) or ``"hash"``; see :class:`ShardWriter`.
+        shard_bytes: target bytes per shard file (default 32 MiB).
+        num_shards: hash buckets for ``sharding="hash"``.
+        hash_key: field hashed by ``sharding="hash"``; ``None`` hashes the sample index.
+        mode: ``"create"``, ``"append"`` or ``"overwrite"``; see :class:`ShardWriter`.
+        storage_options: passed to fsspec unchanged.
+        progress: show a tqdm progress bar.
+
+    Raises:
+        ValueError: invalid arguments, or an empty dataset.
+        FileExistsError: ``mode="create"`` and a dataset exists at ``url``.
+        SchemaMismatchError: a sample differs from the first one, or from the dataset appended to.
+
+    Examples:
+        >>> samples = [{"x": 1}, {"x": 2}]
+        >>> manifest = write_dataset(samples, "memory://doctest/write_dataset", mode="overwrite", progress=False)
+        >>> manifest.num_samples, manifest.sharding["rule"]
+        (2, 'size')
+    """
+    iterator, total = _iterate(samples)
+    with (
+        ShardWriter(
+            url,
+            sharding=sharding,
+            shard_bytes=shard_bytes,
+            num_shards=num_shards,
+            hash_key=hash_key,
+            mode=mode,
+            storage_options=storage_options,
+        ) as writer,
+        tqdm(iterator, total=total, disable=not progress, unit="sample", desc=f"Writing {url}") as bar,
+    ):
+        write = writer.write
+        for sample in bar:
+            write(sample)
+    assert writer.manifest is not None
+    return writer.manifest

@@ -1,0 +1,114 @@
+"""Read-ahead: fetch the shards a worker will need next in background threads, and let go of old ones.
+
+Network reads and checksums release the GIL, so a small thread pool overlaps downloads with the
+training step even with ``num_workers=0``. Memory stays bounded: at most ``read_ahead`` shards (and
+``read_ahead_bytes``) are requested beyond those in use, and a shard is dropped as soon as the last
+sample the worker needs from it has been yielded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
+
+from lightning_patterns.data.shards.format import ShardReader
+
+__all__ = ["ReadAhead"]
+
+log = logging.getLogger(__name__)
+
+
+class ReadAhead:
+    """Keeps the next shards of a schedule fetched, in order of first use.
+
+    Args:
+        schedule: shard indices in the order the worker first needs them.
+        shard_bytes: size of every shard of the dataset, to bound bytes in flight.
+        load: fetches and decodes one shard (called in a background thread).
+        read_ahead: shards to request beyond the one in use.
+        read_ahead_bytes: bytes to request beyond the shard in use; ``None`` for no byte limit.
+        threads: background threads.
+        timeout: seconds to wait for one shard before failing.
+        describe: names a shard (its URL) in error messages.
+    """
+
+    def __init__(
+        self,
+        schedule: Sequence[int],
+        shard_bytes: Sequence[int],
+        load: Callable[[int], ShardReader],
+        *,
+        read_ahead: int,
+        read_ahead_bytes: int | None,
+        threads: int,
+        timeout: float,
+        describe: Callable[[int], str],
+    ) -> None:
+        self._schedule = list(schedule)
+        self._shard_bytes = shard_bytes
+        self._load = load
+        self._read_ahead = read_ahead
+        self._read_ahead_bytes = read_ahead_bytes
+        self._timeout = timeout
+        self._describe = describe
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lightning-patterns-read")
+        self._futures: dict[int, Future[ShardReader]] = {}
+        self._released: set[int] = set()
+        self._next = 0
+        self.wait_seconds = 0.0
+        self._fill()
+
+    def _bytes_ahead(self) -> int:
+        return sum(self._shard_bytes[shard] for shard in self._futures)
+
+    def _fill(self) -> None:
+        while self._next < len(self._schedule):
+            in_flight = len(self._futures)
+            # Always allow one shard beyond the first, else a single large shard would stall the pipeline.
+            if in_flight > self._read_ahead:
+                break
+            shard = self._schedule[self._next]
+            if (
+                self._read_ahead_bytes is not None
+                and in_flight > 1
+                and self._bytes_ahead() + self._shard_bytes[shard] > self._read_ahead_bytes
+            ):
+                break
+            self._futures[shard] = self._pool.submit(self._load, shard)
+            self._next += 1
+
+    def get(self, shard: int) -> ShardReader:
+        """The decoded shard, waiting for its fetch if needed."""
+        future = self._futures.get(shard)
+        if future is None:
+            # Needed earlier than scheduled (it cannot happen with a consistent schedule; be safe, not stuck).
+            future = self._futures[shard] = self._pool.submit(self._load, shard)
+        if not future.done():
+            started = time.perf_counter()
+            try:
+                future.result(timeout=self._timeout)
+            except FutureTimeoutError:
+                raise TimeoutError(
+                    f"Fetching {self._describe(shard)} took longer than {self._timeout} s. Check the remote, or raise "
+                    "`fetch_timeout` for very large shards on a slow link."
+                ) from None
+            finally:
+                self.wait_seconds += time.perf_counter() - started
+        return future.result()
+
+    def release(self, shard: int) -> None:
+        """The worker needs nothing more from ``shard``: drop it and fetch further ahead."""
+        future = self._futures.pop(shard, None)
+        if future is not None:
+            future.cancel()
+        self._fill()
+
+    def close(self) -> None:
+        """Stop fetching; pending downloads are cancelled."""
+        for future in self._futures.values():
+            future.cancel()
+        self._futures.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)

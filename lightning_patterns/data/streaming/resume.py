@@ -1,0 +1,197 @@
+"""Exact and elastic mid-epoch resumption for streamed data.
+
+A :class:`ResumePoint` says how far one rank got in an epoch: ``batches_yielded`` batches under the plan
+of the topology that saved it. Every rank yields the same number of batches (the assignment guarantees
+it and DDP keeps ranks in step), so one rank's count tells what every rank consumed. From it,
+:func:`remaining_stream` rebuilds the spans not yet yielded by any rank or worker, and the new topology
+(another world size or number of workers) splits exactly those. Resuming on the same topology is the
+special case where the split gives every worker the rest of its own plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lightning_patterns.data.sharding.assignment import Span, WorkerPlan, plan_spans, plan_worker
+from lightning_patterns.data.streaming.topology import Topology
+
+__all__ = [
+    "PlanConfig",
+    "ResumePoint",
+    "batches_per_worker",
+    "plan_for",
+    "remaining_stream",
+    "spans_from_state",
+    "spans_to_state",
+]
+
+RESUME_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Everything besides the topology and epoch that decides which samples a worker yields.
+
+    Args:
+        shard_sizes: samples per shard, in manifest order.
+        batch_size: samples per yielded batch (``1`` when the dataset yields single samples).
+        seed: shared shuffle seed.
+        shuffle: shuffle span order per epoch and samples within windows.
+        drop_last: drop up to ``world_size - 1`` samples instead of padding with repeats.
+        shuffle_window: window of the within-worker shuffle.
+        span_samples: split shards into spans of at most this many samples before shuffling.
+    """
+
+    shard_sizes: tuple[int, ...]
+    batch_size: int
+    seed: int
+    shuffle: bool
+    drop_last: bool
+    shuffle_window: int
+    span_samples: int | None
+
+    def to_state(self) -> dict[str, Any]:
+        """A plain dict of builtins."""
+        state = asdict(self)
+        state["shard_sizes"] = list(self.shard_sizes)
+        return state
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> PlanConfig:
+        """Rebuild from :meth:`to_state`'s dict."""
+        values = dict(state)
+        values["shard_sizes"] = tuple(int(size) for size in values["shard_sizes"])
+        return cls(**values)
+
+
+def plan_for(config: PlanConfig, topology: Topology, epoch: int, stream: Sequence[Span] | None) -> WorkerPlan:
+    """The worker's plan: over the whole epoch, or over ``stream`` when resuming an interrupted epoch."""
+    common: dict[str, Any] = {
+        "world_size": topology.world_size,
+        "rank": topology.rank,
+        "num_workers": topology.num_workers,
+        "worker_id": topology.worker_id,
+        "epoch": epoch,
+        "seed": config.seed,
+        "shuffle": config.shuffle,
+        "drop_last": config.drop_last,
+        "batch_size": config.batch_size,
+        "shuffle_window": config.shuffle_window,
+    }
+    if stream is None:
+        return plan_worker(config.shard_sizes, span_samples=config.span_samples, **common)
+    # The remaining stream already holds the padding it needs: pad again only as the new topology requires.
+    return plan_spans(stream, config.shard_sizes, **common)
+
+
+def batches_per_worker(batch_counts: Sequence[int], batches_yielded: int) -> list[int]:
+    """How many batches each worker had delivered after the DataLoader yielded ``batches_yielded``.
+
+    A DataLoader over an IterableDataset asks its workers in turn, in order, and skips a worker once it
+    is exhausted; so delivery is round-robin over the workers that still have batches.
+
+    >>> batches_per_worker([3, 2], 4)
+    [2, 2]
+    >>> batches_per_worker([3, 1], 4)
+    [3, 1]
+    """
+    total = sum(batch_counts)
+    if not 0 <= batches_yielded <= total:
+        raise ValueError(
+            f"batches_yielded={batches_yielded} is out of range: the workers hold {total} batches in all. "
+            "The state does not belong to this dataset; start the epoch afresh instead of loading it."
+        )
+    delivered = [0] * len(batch_counts)
+    left = batches_yielded
+    while left:
+        active = [w for w, count in enumerate(batch_counts) if delivered[w] < count]
+        rounds = min(left // len(active), min(batch_counts[w] - delivered[w] for w in active))
+        if rounds == 0:
+            for w in active[:left]:
+                delivered[w] += 1
+            break
+        for w in active:
+            delivered[w] += rounds
+        left -= rounds * len(active)
+    return delivered
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """How far one rank got through an epoch, enough to rebuild what every rank still has to yield.
+
+    Args:
+        epoch: the interrupted epoch.
+        batches_yielded: batches this rank's loader delivered in it.
+        world_size: ranks of the job that saved the point.
+        num_workers: DataLoader workers per rank of that job.
+        config: the plan settings of that job.
+        stream: the stream the epoch was planned over, when it was itself a resumed epoch.
+    """
+
+    epoch: int
+    batches_yielded: int
+    world_size: int
+    num_workers: int
+    config: PlanConfig
+    stream: tuple[Span, ...] | None = field(default=None)
+
+    def to_state(self) -> dict[str, Any]:
+        """A plain dict of builtins, safe for ``torch.save`` and checkpoints."""
+        return {
+            "format": RESUME_FORMAT,
+            "epoch": self.epoch,
+            "batches_yielded": self.batches_yielded,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "config": self.config.to_state(),
+            "stream": spans_to_state(self.stream),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> ResumePoint:
+        """Rebuild from :meth:`to_state`'s dict."""
+        if state.get("format") != RESUME_FORMAT:
+            raise ValueError(
+                f"Unknown streaming state format {state.get('format')!r}; this version reads format {RESUME_FORMAT}. "
+                "The state was saved by another version of lightning_patterns: start the epoch afresh."
+            )
+        return cls(
+            epoch=int(state["epoch"]),
+            batches_yielded=int(state["batches_yielded"]),
+            world_size=int(state["world_size"]),
+            num_workers=int(state["num_workers"]),
+            config=PlanConfig.from_state(state["config"]),
+            stream=spans_from_state(state["stream"]),
+        )
+
+
+def spans_to_state(spans: Sequence[Span] | None) -> list[list[int]] | None:
+    """Spans as lists of ints (``None`` stays ``None``), for state dicts."""
+    return None if spans is None else [list(span) for span in spans]
+
+
+def spans_from_state(spans: Sequence[Sequence[int]] | None) -> tuple[Span, ...] | None:
+    """Inverse of :func:`spans_to_state`."""
+    return None if spans is None else tuple((int(a), int(b), int(c)) for a, b, c in spans)
+
+
+def remaining_stream(point: ResumePoint) -> list[Span]:
+    """The spans no rank or worker had yielded at ``point``, rank-major, in each worker's read order."""
+    workers = max(point.num_workers, 1)
+    batch_size = point.config.batch_size
+    remaining: list[Span] = []
+    for rank in range(point.world_size):
+        plans = [
+            plan_for(
+                point.config, Topology(point.world_size, rank, point.num_workers, worker), point.epoch, point.stream
+            )
+            for worker in range(workers)
+        ]
+        counts = [-(-plan.num_samples // batch_size) for plan in plans]
+        delivered = batches_per_worker(counts, point.batches_yielded)
+        for plan, batches in zip(plans, delivered, strict=True):
+            remaining.extend(plan.remaining_spans(min(batches * batch_size, plan.num_samples)))
+    return remaining

@@ -1,0 +1,72 @@
+"""Who am I in the job: rank and world size for a streaming dataset, and which DataLoader worker.
+
+Inside a Trainer the DataModule hands the strategy's ``global_rank`` and ``world_size`` to the dataset.
+Outside one, an initialised ``torch.distributed`` process group answers, then the ``RANK`` /
+``WORLD_SIZE`` environment variables that torchrun and SLURM wrappers set, then a single process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.utils.data import get_worker_info
+
+__all__ = ["Topology", "check_rank", "resolve_rank", "current_worker"]
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where one DataLoader worker sits: ``rank`` of ``world_size``, worker ``worker_id`` of ``num_workers``.
+
+    ``num_workers`` is the DataLoader's setting: ``0`` means the main process alone, as worker ``0``.
+    """
+
+    world_size: int
+    rank: int
+    num_workers: int
+    worker_id: int
+
+
+def check_rank(rank: int, world_size: int, source: str) -> None:
+    """Raise a clear error unless ``0 <= rank < world_size``; ``source`` says where the values came from."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got world_size={world_size} (from {source}).")
+    if not 0 <= rank < world_size:
+        raise ValueError(
+            f"rank must satisfy 0 <= rank < world_size, got rank={rank}, world_size={world_size} (from {source})."
+        )
+
+
+def _env_int(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"The environment variable {name}={value!r} is not an integer.") from None
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """The ``(rank, world_size)`` to shard for: given values, else torch.distributed, else env vars, else ``(0, 1)``."""
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise ValueError(f"Give both rank and world_size or neither, got rank={rank}, world_size={world_size}.")
+        check_rank(rank, world_size, "the arguments")
+        return rank, world_size
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "WORLD_SIZE" in os.environ or "RANK" in os.environ:
+        env_rank = _env_int("RANK") if "RANK" in os.environ else 0
+        env_world = _env_int("WORLD_SIZE") if "WORLD_SIZE" in os.environ else 1
+        check_rank(env_rank, env_world, "the RANK and WORLD_SIZE environment variables")
+        return env_rank, env_world
+    return 0, 1
+
+
+def current_worker() -> tuple[int, int]:
+    """``(num_workers, worker_id)`` of the DataLoader worker running this code; ``(0, 0)`` in the main process."""
+    info = get_worker_info()
+    if info is None:
+        return 0, 0
+    return info.num_workers, info.id

@@ -1,0 +1,155 @@
+"""IDX files served over HTTP (with and without faults) decode exactly as numpy decodes the same bytes."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_patterns.data.streaming.fetch import RetryPolicy
+from lightning_patterns.data.streaming.idx import IDXDataset
+from lightning_patterns.testing.http_server import FaultInjectingHTTPServer, serve_directory
+
+pytestmark = pytest.mark.remote
+
+FAST = RetryPolicy(initial_backoff=0.001, max_backoff=0.02, timeout=0.2)
+
+
+def idx_bytes(array: np.ndarray, dtype_code: int = 0x08) -> bytes:
+    header = struct.pack(">BBBB", 0, 0, dtype_code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_pair(root: Path, stem: str, n: int, *, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    images = idx_bytes(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+    labels = idx_bytes(rng.integers(0, 10, n, dtype=np.uint8))
+    (root / f"{stem}-images-idx3-ubyte").write_bytes(images)
+    (root / f"{stem}-labels-idx1-ubyte").write_bytes(labels)
+    (root / f"{stem}-images-idx3-ubyte.gz").write_bytes(gzip.compress(images))
+    (root / f"{stem}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("idx")
+    write_pair(root, "train", 300)
+    write_pair(root, "large", 5000, seed=1)
+    write_pair(root, "other", 299, seed=2)
+    (root / "bad-images").write_bytes(idx_bytes(np.zeros((3, 28, 28), dtype=np.uint8), dtype_code=0x0D))
+    return root
+
+
+@pytest.fixture
+def server(root: Path) -> Iterator[FaultInjectingHTTPServer]:
+    with serve_directory(root, stall_seconds=0.3) as srv:
+        yield srv
+
+
+def numpy_decode(root: Path, stem: str) -> tuple[np.ndarray, np.ndarray]:
+    images = np.frombuffer((root / f"{stem}-images-idx3-ubyte").read_bytes(), dtype=np.uint8, offset=16)
+    labels = np.frombuffer((root / f"{stem}-labels-idx1-ubyte").read_bytes(), dtype=np.uint8, offset=8)
+    return images.reshape(-1, 28, 28), labels
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+@pytest.mark.parametrize("failure_rate", [0.0, 0.1])
+def test_streamed_idx_equals_numpy_decoding(root: Path, suffix: str, failure_rate: float) -> None:
+    expected_images, expected_labels = numpy_decode(root, "train")
+    with serve_directory(root, failure_rate=failure_rate, stall_seconds=0.3, seed=3) as server:
+        dataset = IDXDataset(
+            server.url_for(f"train-images-idx3-ubyte{suffix}"),
+            server.url_for(f"train-labels-idx1-ubyte{suffix}"),
+            chunk_samples=64,
+            block_size=16 * 1024,
+            retry=FAST,
+        )
+        with dataset:
+            samples = list(dataset)
+            batches = list(dataset.iter_batches(100))
+            assert len(dataset) == 300
+        if failure_rate:
+            assert server.fault_count > 0
+    images = torch.stack([s["image"] for s in samples]).numpy()
+    labels = torch.stack([s["label"] for s in samples]).numpy()
+    assert images.tobytes() == expected_images.tobytes()
+    assert np.array_equal(labels, expected_labels.astype(np.int64))
+    assert torch.cat([b["image"] for b in batches]).numpy().tobytes() == expected_images.tobytes()
+    assert torch.cat([b["label"] for b in batches]).numpy().tolist() == expected_labels.tolist()
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_first_sample_arrives_long_before_the_whole_file_is_read(
+    root: Path, server: FaultInjectingHTTPServer, suffix: str
+) -> None:
+    images_name = f"large-images-idx3-ubyte{suffix}"
+    file_size = (root / images_name).stat().st_size
+    with IDXDataset(
+        server.url_for(images_name),
+        server.url_for(f"large-labels-idx1-ubyte{suffix}"),
+        chunk_samples=16,
+        block_size=32 * 1024,
+    ) as dataset:
+        samples = iter(dataset)
+        first = next(samples)
+        served = sum(r.bytes_sent for r in server.requests_for(images_name))
+        samples.close()  # type: ignore[attr-defined]
+    expected_images, _ = numpy_decode(root, "large")
+    assert np.array_equal(first["image"].numpy(), expected_images[0])
+    assert file_size > 3_000_000
+    assert 0 < served <= 64 * 1024 < file_size // 40
+    assert all(r.range is not None for r in server.requests_for(images_name) if r.method == "GET")
+
+
+def test_bad_magic_is_a_clear_error(server: FaultInjectingHTTPServer) -> None:
+    url = server.url_for("bad-images")
+    with (
+        IDXDataset(url, server.url_for("train-labels-idx1-ubyte")) as dataset,
+        pytest.raises(ValueError, match="not an IDX images file") as info,
+    ):
+        next(iter(dataset))
+    assert url in str(info.value)
+    assert "0x00000d03, expected 0x00000803" in str(info.value)
+
+
+def test_count_mismatch_is_a_clear_error(server: FaultInjectingHTTPServer) -> None:
+    with (
+        IDXDataset(
+            server.url_for("train-images-idx3-ubyte.gz"), server.url_for("other-labels-idx1-ubyte.gz")
+        ) as dataset,
+        pytest.raises(ValueError, match=r"holds 300 samples but the labels file .* holds 299"),
+    ):
+        next(iter(dataset))
+
+
+def test_missing_file_is_not_retried(server: FaultInjectingHTTPServer) -> None:
+    with (
+        IDXDataset(server.url_for("nope-images.gz"), server.url_for("train-labels-idx1-ubyte"), retry=FAST) as dataset,
+        pytest.raises(FileNotFoundError, match=re.escape("nope-images.gz")),
+    ):
+        next(iter(dataset))
+    # fsspec's info() asks with HEAD, then once with GET; neither is retried.
+    assert len(server.requests_for("nope-images.gz")) <= 2
+    assert dataset.stats.retries == 0
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_dataloader_workers_stream_each_sample_once(root: Path, server: FaultInjectingHTTPServer, suffix: str) -> None:
+    _, expected_labels = numpy_decode(root, "train")
+    with IDXDataset(
+        server.url_for(f"train-images-idx3-ubyte{suffix}"),
+        server.url_for(f"train-labels-idx1-ubyte{suffix}"),
+        chunk_samples=32,
+        retry=FAST,
+    ) as dataset:
+        assert len(dataset) == 300  # the parent's connections exist now; the workers must open their own
+        loader = torch.utils.data.DataLoader(dataset, batch_size=50, num_workers=2, multiprocessing_context="fork")
+        labels = torch.cat([batch["label"] for batch in loader])
+    assert sorted(labels.tolist()) == sorted(expected_labels.tolist())
+    assert len(labels) == 300

@@ -1,0 +1,167 @@
+"""Unit tests of the manifest: loading, validation, safe shard paths, missing and corrupt shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+
+from lightning_patterns.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    load_manifest,
+    manifest_exists,
+    publish_manifest,
+    read_shard,
+    shard_url,
+    validate_shard_path,
+    verify_checksum,
+    verify_dataset,
+    write_dataset,
+)
+from lightning_patterns.exceptions import ChecksumMismatchError, ManifestError, ShardNotFoundError, UnsafePathError
+
+
+def _edit_manifest(url: str, edit: Any) -> None:
+    fs, root = fsspec.core.url_to_fs(url)
+    data = json.loads(fs.cat_file(f"{root}/{MANIFEST_NAME}"))
+    edit(data)
+    fs.pipe_file(f"{root}/{MANIFEST_NAME}", json.dumps(data).encode())
+
+
+def test_manifest_json_round_trip(memory_url: str) -> None:
+    manifest = write_dataset([{"x": 1, "s": "a"}] * 3, memory_url, progress=False)
+    text = manifest.to_json()
+    data = json.loads(text)
+    assert data["version"] == FORMAT_VERSION == 1
+    assert data["num_samples"] == 3
+    assert data["schema"] == {"x": {"dtype": "int64", "shape": []}, "s": {"dtype": "str", "shape": None}}
+    assert data["sharding"] == {"rule": "size", "shard_bytes": 32 * 2**20}
+    assert set(data["shards"][0]) == {"path", "num_samples", "num_bytes", "checksum", "bucket"}
+    assert Manifest.from_json(text, memory_url) == manifest
+    assert load_manifest(f"{memory_url}/{MANIFEST_NAME}") == manifest  # the manifest URL itself works too
+    assert manifest_exists(memory_url)
+
+
+def test_missing_manifest(memory_url: str) -> None:
+    with pytest.raises(ManifestError, match=r"No dataset manifest at 'memory://.*/manifest.json'\. Write the dataset"):
+        load_manifest(memory_url)
+    assert not manifest_exists(memory_url)
+
+
+def test_missing_manifest_local_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match=f"{tmp_path}/nothing/manifest.json"):
+        load_manifest(str(tmp_path / "nothing"))
+
+
+def test_unreadable_manifest(memory_url: str) -> None:
+    write_dataset([{"x": 1}], memory_url, progress=False)
+    fs, root = fsspec.core.url_to_fs(memory_url)
+    fs.pipe_file(f"{root}/{MANIFEST_NAME}", b'{"version": 1, "schema": ')
+    with pytest.raises(ManifestError, match=r"Manifest 'memory://.*manifest.json' is not valid JSON .* rewrite"):
+        load_manifest(memory_url)
+
+
+@pytest.mark.parametrize("version", [2, 0, None, "1"])
+def test_unknown_format_version(memory_url: str, version: Any) -> None:
+    write_dataset([{"x": 1}], memory_url, progress=False)
+    _edit_manifest(memory_url, lambda d: d.update(version=version))
+    with pytest.raises(ManifestError, match=rf"has format version {version!r}, but .* reads version 1\. Upgrade"):
+        load_manifest(memory_url)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../escape.lps",
+        "a/../../b.lps",
+        "/etc/passwd",
+        "s3://other/x.lps",
+        "s3://other/..",
+        "a\\b.lps",
+        "",
+        "./a.lps",
+        "a//b.lps",
+        "C:/x.lps",
+        5,
+        None,
+    ],
+)
+def test_unsafe_shard_paths_are_refused_at_load_time(memory_url: str, path: Any) -> None:
+    write_dataset([{"x": 1}], memory_url, progress=False)
+    _edit_manifest(memory_url, lambda d: d["shards"][0].update(path=path))
+    with pytest.raises(UnsafePathError, match=r"lists shard path .* could point outside the dataset root"):
+        load_manifest(memory_url)
+
+
+def test_validate_and_join_shard_paths() -> None:
+    assert validate_shard_path("sub/shard-1.lps") == "sub/shard-1.lps"
+    assert shard_url("s3://bucket/data/", "a.lps") == "s3://bucket/data/a.lps"
+    assert shard_url("/tmp/ds", "b/a.lps") == "/tmp/ds/b/a.lps"
+    with pytest.raises(UnsafePathError):
+        shard_url("s3://bucket/data", "../other/a.lps")
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda d: d["shards"][0].update(num_samples=-1), "malformed shard entry"),
+        (lambda d: d["shards"][0].update(checksum="md5:00"), "malformed shard entry"),
+        (lambda d: d.update(num_samples=99), "says num_samples=99, but its shards hold 1"),
+        (lambda d: d.pop("schema"), "is malformed"),
+        (lambda d: d["shards"].append(dict(d["shards"][0])), "twice"),
+        (lambda d: d.update(sharding="size"), "is malformed"),
+    ],
+)
+def test_malformed_manifests(memory_url: str, edit: Any, match: str) -> None:
+    write_dataset([{"x": 1}], memory_url, progress=False)
+    _edit_manifest(memory_url, edit)
+    with pytest.raises(ManifestError, match=match):
+        load_manifest(memory_url)
+
+
+def test_missing_shard_raises_shard_not_found_with_its_url(memory_url: str) -> None:
+    manifest = write_dataset([{"x": 1}], memory_url, progress=False)
+    fs, root = fsspec.core.url_to_fs(memory_url)
+    fs.rm(f"{root}/{manifest.shards[0].path}")
+    load_manifest(memory_url)  # the manifest itself is fine
+    expected = shard_url(memory_url, manifest.shards[0].path)
+    with pytest.raises(ShardNotFoundError, match=f"Shard '{expected}' listed in the manifest does not exist"):
+        verify_dataset(memory_url)
+    with pytest.raises(FileNotFoundError):
+        read_shard(memory_url, manifest.shards[0])
+
+
+def test_corrupt_shard_raises_checksum_mismatch(memory_url: str) -> None:
+    manifest = write_dataset([{"x": 1}], memory_url, progress=False)
+    fs, root = fsspec.core.url_to_fs(memory_url)
+    path = f"{root}/{manifest.shards[0].path}"
+    data = bytearray(fs.cat_file(path))
+    data[-1] ^= 0xFF
+    fs.pipe_file(path, bytes(data))
+    with pytest.raises(ChecksumMismatchError, match=r"Shard 'memory://.*\.lps' is corrupt: its checksum is sha256:"):
+        verify_dataset(memory_url)
+    read_shard(memory_url, manifest.shards[0], verify=False)  # opt-out reads whatever is there
+
+
+def test_verify_checksum_message_names_url_expected_and_actual() -> None:
+    shard = ShardInfo("a.lps", 1, 3, "sha256:" + "0" * 64)
+    with pytest.raises(ChecksumMismatchError) as info:
+        verify_checksum(b"abc", shard, "s3://b/a.lps")
+    message = str(info.value)
+    assert "s3://b/a.lps" in message
+    assert "sha256:" + "0" * 64 in message
+    assert "sha256:ba7816bf" in message
+
+
+def test_publish_manifest_replaces_atomically(tmp_path: Path) -> None:
+    url = str(tmp_path / "ds")
+    manifest = write_dataset([{"x": 1}], url, progress=False)
+    publish_manifest(manifest, url)
+    assert load_manifest(url) == manifest
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir() if not p.name.endswith(".lps")) == [MANIFEST_NAME]

@@ -1,0 +1,196 @@
+"""Unit tests of `lightning_patterns.data.sharding.assignment`: concrete plans and invalid arguments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lightning_patterns.data.sharding.assignment import (
+    WorkerPlan,
+    epoch_spans,
+    plan_epoch,
+    plan_spans,
+    plan_worker,
+    samples_per_rank,
+)
+
+BASE: dict[str, Any] = {
+    "world_size": 2,
+    "rank": 0,
+    "num_workers": 2,
+    "worker_id": 0,
+    "epoch": 0,
+    "seed": 0,
+    "shuffle": False,
+    "drop_last": False,
+}
+
+
+def _plan(sizes: list[int], **overrides: Any) -> WorkerPlan:
+    return plan_worker(sizes, **{**BASE, **overrides})
+
+
+def test_example_uneven_shards_two_ranks_two_workers() -> None:
+    # 8 samples: shard 0 is 0..2, shard 1 is empty, shard 2 is 3..7. Each rank takes 4, each worker 2.
+    plans = plan_epoch([3, 0, 5], world_size=2, num_workers=2, epoch=0, seed=0, shuffle=False, drop_last=False)
+    assert [[p.indices().tolist() for p in rank] for rank in plans] == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+    assert plans[0][1].spans == ((0, 2, 3), (2, 0, 1))
+    assert plans[0][1].span_offsets == (2, 3)
+    assert plans[0][1].shard_ids == (0, 2)
+    assert plans[0][1].shards_opened == 2
+    assert plans[1][1].spans == ((2, 3, 5),)
+    assert plans[1][1].num_samples == 2
+
+
+def test_example_padding_repeats_the_start_of_the_stream() -> None:
+    # 5 samples on 3 ranks: ceil(5/3) = 2 each, the one extra position wraps to sample 0.
+    plans = plan_epoch([5], world_size=3, num_workers=0, epoch=0, seed=0, shuffle=False, drop_last=False)
+    assert [rank[0].indices().tolist() for rank in plans] == [[0, 1], [2, 3], [4, 0]]
+    assert plans[2][0].spans == ((0, 4, 5), (0, 0, 1))
+
+
+def test_example_drop_last_drops_the_tail() -> None:
+    plans = plan_epoch([5], world_size=3, num_workers=0, epoch=0, seed=0, shuffle=False, drop_last=True)
+    assert [rank[0].indices().tolist() for rank in plans] == [[0], [1], [2]]
+
+
+def test_example_fewer_samples_than_ranks() -> None:
+    plans = plan_epoch([1], world_size=4, num_workers=0, epoch=0, seed=0, shuffle=False, drop_last=False)
+    assert [rank[0].indices().tolist() for rank in plans] == [[0], [0], [0], [0]]
+    dropped = plan_epoch([1], world_size=4, num_workers=0, epoch=0, seed=0, shuffle=False, drop_last=True)
+    assert all(rank[0].num_samples == 0 and rank[0].shards_opened == 0 for rank in dropped)
+
+
+def test_example_workers_get_whole_batches() -> None:
+    # 10 samples, batch 3 -> 4 batches over 3 workers: 2, 1, 1 batches; the last worker's is partial.
+    plans = plan_epoch([10], world_size=1, num_workers=3, epoch=0, seed=0, shuffle=False, drop_last=False, batch_size=3)
+    assert [p.indices().tolist() for p in plans[0]] == [[0, 1, 2, 3, 4, 5], [6, 7, 8], [9]]
+    # More workers than batches: the extra workers get nothing.
+    plans = plan_epoch([4], world_size=1, num_workers=4, epoch=0, seed=0, shuffle=False, drop_last=False, batch_size=2)
+    assert [p.num_samples for p in plans[0]] == [2, 2, 0, 0]
+
+
+def test_empty_manifest_plans_nothing() -> None:
+    for sizes in ([], [0, 0]):
+        plan = _plan(sizes)
+        assert plan.spans == ()
+        assert plan.indices().dtype == np.int64
+        assert plan.indices().size == 0
+
+
+def test_shuffle_is_seeded_by_seed_and_epoch() -> None:
+    sizes = [10] * 20
+    order = [s for s, _, _ in epoch_spans(sizes, epoch=0, seed=1, shuffle=True)]
+    assert sorted(order) == list(range(20))
+    assert order != list(range(20))
+    assert order == [s for s, _, _ in epoch_spans(sizes, epoch=0, seed=1, shuffle=True)]
+    assert order != [s for s, _, _ in epoch_spans(sizes, epoch=1, seed=1, shuffle=True)]
+    assert order != [s for s, _, _ in epoch_spans(sizes, epoch=0, seed=2, shuffle=True)]
+
+
+def test_shuffle_is_the_same_on_every_machine() -> None:
+    # Pinned values: PCG64 + SeedSequence are stable across numpy versions and platforms.
+    assert [s for s, _, _ in epoch_spans([1] * 8, epoch=2, seed=7, shuffle=True)] == [6, 0, 2, 3, 7, 5, 1, 4]
+    plan = plan_worker([8], **{**BASE, "world_size": 1, "num_workers": 0, "shuffle": True}, shuffle_window=4)
+    assert plan.indices().tolist() == [2, 0, 1, 3, 7, 6, 5, 4]
+
+
+def test_span_samples_splits_huge_shards() -> None:
+    assert epoch_spans([0, 7, 2], epoch=0, seed=0, shuffle=False, span_samples=3) == [
+        (1, 0, 3),
+        (1, 3, 6),
+        (1, 6, 7),
+        (2, 0, 2),
+    ]
+
+
+def test_window_shuffle_keeps_samples_in_their_window() -> None:
+    plan = plan_worker([100], **{**BASE, "world_size": 1, "num_workers": 0, "shuffle": True}, shuffle_window=10)
+    yielded = plan.indices()
+    assert not np.array_equal(yielded, np.arange(100))
+    assert np.array_equal(np.sort(yielded.reshape(10, 10), axis=1), np.arange(100).reshape(10, 10))
+    no_window = plan_worker([100], **{**BASE, "world_size": 1, "num_workers": 0, "shuffle": True}, shuffle_window=0)
+    assert np.array_equal(no_window.indices(), no_window.span_indices())
+
+
+def test_plan_spans_replans_remaining_spans() -> None:
+    # Samples 0..3 of a 10-sample shard were consumed; re-plan the other 6 on 4 ranks.
+    plans = [plan_spans([(0, 4, 10)], [10], **{**BASE, "world_size": 4, "rank": r, "num_workers": 0}) for r in range(4)]
+    assert [p.indices().tolist() for p in plans] == [[4, 5], [6, 7], [8, 9], [4, 5]]
+
+
+def test_samples_per_rank() -> None:
+    assert samples_per_rank(10, 3, drop_last=False) == 4
+    assert samples_per_rank(10, 3, drop_last=True) == 3
+    assert samples_per_rank(0, 3, drop_last=False) == 0
+    assert samples_per_rank(2, 3, drop_last=True) == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"world_size": 0}, r"world_size >= 1, got world_size=0"),
+        ({"world_size": -2, "rank": 0}, r"world_size >= 1, got world_size=-2"),
+        ({"rank": 2}, r"0 <= rank < world_size, got rank=2 with world_size=2"),
+        ({"rank": -1}, r"0 <= rank < world_size, got rank=-1"),
+        ({"num_workers": -1}, r"num_workers >= 0, got num_workers=-1"),
+        ({"worker_id": 2}, r"0 <= worker_id < max\(num_workers, 1\), got worker_id=2 with num_workers=2"),
+        ({"worker_id": -1}, r"got worker_id=-1"),
+        ({"num_workers": 0, "worker_id": 1}, r"got worker_id=1 with num_workers=0"),
+        ({"batch_size": 0}, r"batch_size >= 1, got batch_size=0"),
+        ({"shuffle_window": -1}, r"shuffle_window >= 0, got shuffle_window=-1"),
+        ({"span_samples": 0}, r"span_samples >= 1 or None, got span_samples=0"),
+        ({"epoch": -1}, r"epoch >= 0, got epoch=-1"),
+        ({"seed": -5}, r"seed >= 0, got seed=-5"),
+        ({"shard_sizes": [3, -1, 2]}, r"shard sizes >= 0, got shard_sizes\[1\]=-1"),
+    ],
+)
+def test_invalid_arguments(overrides: dict[str, Any], match: str) -> None:
+    kwargs = {**BASE, **overrides}
+    sizes = kwargs.pop("shard_sizes", [3, 0, 5])
+    with pytest.raises(ValueError, match=match):
+        plan_worker(sizes, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: samples_per_rank(-1, 2, drop_last=False), r"total >= 0 samples, got total=-1"),
+        (lambda: samples_per_rank(5, 0, drop_last=False), r"world_size >= 1, got world_size=0"),
+        (
+            lambda: plan_epoch([1], world_size=1, num_workers=-3, epoch=0, seed=0, shuffle=False, drop_last=False),
+            r"num_workers >= 0, got num_workers=-3",
+        ),
+        (lambda: epoch_spans([1, -4], epoch=0, seed=0, shuffle=False), r"shard_sizes\[1\]=-4"),
+        (lambda: plan_spans([(0, 2, 1)], [3], **BASE), r"got spans\[0\]=\(0, 2, 1\)"),
+        (lambda: plan_spans([(0, 0, 1), (1, 0, 4)], [3, 3], **BASE), r"got spans\[1\]=\(1, 0, 4\)"),
+        (lambda: plan_spans([(2, 0, 1)], [3, 3], **BASE), r"0 <= shard < 2"),
+        (lambda: plan_spans([(0, 0, 1)], [], **BASE), r"0 <= shard < 0"),
+    ],
+)
+def test_invalid_arguments_of_helpers(call: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_remaining_spans_without_shuffle() -> None:
+    plan = plan_worker([3, 0, 5], **{**BASE, "world_size": 1, "num_workers": 0})
+    assert plan.remaining_spans(0) == [(0, 0, 3), (2, 0, 5)]
+    assert plan.remaining_spans(4) == [(2, 1, 5)]
+    assert plan.remaining_spans(8) == []
+
+
+def test_remaining_spans_in_a_shuffled_window() -> None:
+    plan = plan_worker([8], **{**BASE, "world_size": 1, "num_workers": 0, "shuffle": True}, shuffle_window=4)
+    assert plan.indices().tolist() == [2, 0, 1, 3, 7, 6, 5, 4]
+    # Yielded 2 and 0: the window's 1 and 3 remain, then the next window whole.
+    assert plan.remaining_spans(2) == [(0, 1, 2), (0, 3, 4), (0, 4, 8)]
+
+
+@pytest.mark.parametrize("consumed", [-1, 9])
+def test_remaining_spans_rejects_consumed_out_of_range(consumed: int) -> None:
+    plan = plan_worker([8], **{**BASE, "world_size": 1, "num_workers": 0})
+    with pytest.raises(ValueError, match=rf"0 <= consumed <= num_samples, got consumed={consumed} with num_samples=8"):
+        plan.remaining_spans(consumed)
