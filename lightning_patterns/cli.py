@@ -102,6 +102,15 @@ def _print_recipes(argv: list[str]) -> int:
 _TOOLS: dict[str, Callable[[list[str]], int]] = {"recipes": _print_recipes}
 
 
+def _shards(argv: list[str]) -> int:
+    from lightning_patterns.data.shards.cli import run_shards_command
+
+    return run_shards_command(argv)
+
+
+_TOOLS["shards"] = _shards
+
+
 def register_tool(name: str, run: Callable[[list[str]], int]) -> None:
     """Add a non-training subcommand (``lightning-patterns NAME ...``)."""
     _TOOLS[name] = run

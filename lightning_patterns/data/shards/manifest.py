@@ -32,6 +32,7 @@ __all__ = [
     "load_manifest",
     "manifest_exists",
     "manifest_url",
+    "missing_manifest_error",
     "publish_manifest",
     "read_shard",
     "shard_url",
@@ -277,11 +278,16 @@ def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None) ->
     try:
         text = fs.cat_file(_join(root_path, MANIFEST_NAME))
     except FileNotFoundError:
-        raise ManifestError(
-            f"No dataset manifest at {where!r}. Write the dataset first with "
-            f"`write_dataset(samples, {root!r})`, or check the URL and `storage_options`."
-        ) from None
+        raise missing_manifest_error(root) from None
     return Manifest.from_json(text, where)
+
+
+def missing_manifest_error(root: str) -> ManifestError:
+    """The error for a dataset root that has no manifest."""
+    return ManifestError(
+        f"No dataset manifest at {manifest_url(root)!r}. Write the dataset first with "
+        f"`write_dataset(samples, {root!r})`, or check the URL and `storage_options`."
+    )
 
 
 def manifest_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:

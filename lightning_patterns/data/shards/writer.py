@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
 from lightning_patterns.data.sharding import SHARDERS, Sharder
@@ -44,7 +45,8 @@ class ShardWriter:
 
     Args:
         url: the dataset root: any writable fsspec URL or local path.
-        sharding: registry name of the sharding rule (``"size"`` or ``"hash"``); ``None`` means ``"size"`` for a new
+        sharding: registry name of the sharding rule (``"size"`` or ``"hash"``); ``None`` means ``"hash"`` when
+            ``num_shards`` or ``hash_key`` is given, else ``"size"``, for a new
             dataset and the recorded rule when appending.
         shard_bytes: target bytes per shard file; ``None`` means 32 MiB (or the recorded target of a ``"size"``
             dataset being appended to).
@@ -127,7 +129,9 @@ class ShardWriter:
         hash_key: str | None,
     ) -> Sharder:
         if previous is None:
-            cls = SHARDERS.get(sharding or "size")
+            # `num_shards` (and `hash_key`) only make sense for hash sharding: asking for them chooses it.
+            implied = "hash" if num_shards is not None or hash_key is not None else "size"
+            cls = SHARDERS.get(sharding or implied)
             return cls.from_arguments(shard_bytes=shard_bytes, num_shards=num_shards, hash_key=hash_key)
         recorded = previous.sharding
         rule = recorded["rule"]
@@ -272,6 +276,13 @@ class ShardWriter:
             self.abort()
 
 
+def _len_or_none(samples: Any) -> int | None:
+    try:
+        return len(samples)
+    except TypeError:
+        return None
+
+
 def _iterate(samples: Any) -> tuple[Iterator[Any], int | None]:
     if isinstance(samples, Mapping):
         raise TypeError(
@@ -279,6 +290,9 @@ def _iterate(samples: Any) -> tuple[Iterator[Any], int | None]:
         )
     if isinstance(samples, (list, tuple)):
         return iter(samples), len(samples)
+    if isinstance(samples, IterableDataset):
+        # torch's IterableDataset inherits a __getitem__ that raises: it is an iterable, not map-style.
+        return iter(samples), _len_or_none(samples)
     if hasattr(samples, "__len__") and hasattr(samples, "__getitem__"):
         n = len(samples)
         return (samples[i] for i in range(n)), n

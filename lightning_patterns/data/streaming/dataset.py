@@ -12,7 +12,7 @@ another world size or number of workers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,13 @@ from torch.utils.data import IterableDataset
 from lightning_patterns.data.caching import EpochCache, make_cache
 from lightning_patterns.data.sharding.assignment import Span, WorkerPlan, samples_per_rank
 from lightning_patterns.data.shards.format import ShardReader
-from lightning_patterns.data.shards.manifest import Manifest, load_manifest, shard_url
+from lightning_patterns.data.shards.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    manifest_url,
+    missing_manifest_error,
+    shard_url,
+)
 from lightning_patterns.data.streaming.fetch import FetchStatsSnapshot, RemoteReader, RetryPolicy
 from lightning_patterns.data.streaming.metrics import StreamCounters
 from lightning_patterns.data.streaming.pipeline import ReadAhead
@@ -35,6 +41,7 @@ from lightning_patterns.data.streaming.resume import (
     spans_to_state,
 )
 from lightning_patterns.data.streaming.topology import Topology, current_worker, resolve_rank
+from lightning_patterns.exceptions import ShardNotFoundError
 
 __all__ = ["StreamingDataset"]
 
@@ -118,8 +125,8 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         self.read_threads = read_threads
         self.fetch_timeout = fetch_timeout
         self.verify_checksums = verify_checksums
-        self.manifest: Manifest = load_manifest(self.url, self.storage_options)
         self._reader = RemoteReader(self.url, self.storage_options, retry=retry)
+        self.manifest: Manifest = self._read_manifest()
         resolve_rank(rank, world_size)  # validate now, so a bad rank fails at construction
         self._rank, self._world_size = rank, world_size
         self._offsets = np.concatenate([[0], np.cumsum([s.num_samples for s in self.manifest.shards])]).astype(np.int64)
@@ -136,6 +143,14 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         self._iterated = False
         self._units_yielded = 0
         self._current_stream: tuple[Span, ...] | None = None
+
+    def _read_manifest(self) -> Manifest:
+        # Through the reader, so a transient fault on the manifest is retried like one on a shard.
+        try:
+            text = self._reader.fetch(MANIFEST_NAME)
+        except ShardNotFoundError:
+            raise missing_manifest_error(self.url) from None
+        return Manifest.from_json(text, manifest_url(self.url))
 
     # ------------------------------------------------------------------ topology and planning
 
@@ -236,18 +251,31 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         self._resume_pending = True
         self._iterated = False
 
-    def resume(self, point: ResumePoint) -> None:
-        """Continue the epoch of ``point``, yielding each of its remaining samples once on this topology."""
+    def resume(self, point: ResumePoint, stream: Sequence[Span] | None = None) -> None:
+        """Continue the epoch of ``point``, yielding each of its remaining samples once on this topology.
+
+        Args:
+            point: where every rank stood.
+            stream: ``remaining_stream(point)`` if the caller has computed it already.
+        """
         if point.config != self.plan_config:
             raise ValueError(
                 "The resume point was saved with other dataset settings (batch size, seed, shuffle, drop_last, window "
                 "or shards differ): construct the dataset with the settings of the saved run."
             )
         self.epoch = point.epoch
-        self._resume_stream = tuple(remaining_stream(point))
+        self._resume_stream = tuple(remaining_stream(point) if stream is None else stream)
         self._resume_units = 0
         self._resume_pending = True
         self._iterated = False
+
+    def batches_in(self, stream: Sequence[Span] | None) -> int:
+        """Batches (units) each rank yields over ``stream`` (``None``: a whole epoch)."""
+        if stream is None:
+            return len(self)
+        total = sum(stop - start for _, start, stop in stream)
+        per_rank = samples_per_rank(total, self.rank_and_world_size[1], self.drop_last)
+        return -(-per_rank // self.batch_size) if self.batch_size else per_rank
 
     # ------------------------------------------------------------------ reading
 
@@ -294,6 +322,9 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         schedule = firsts[np.argsort(first_pos)].tolist()
         lasts, last_rev = np.unique(shard_of[::-1], return_index=True)
         release_at = dict(zip(lasts.tolist(), (order.size - 1 - last_rev).tolist(), strict=True))
+        # Snapshot the counters before the read-ahead threads start, so their first fetches are counted.
+        fetched = self._reader.stats.snapshot()
+        cache_seen = self.cache.stats() if self.cache is not None else (0, 0)
         pipeline = ReadAhead(
             schedule,
             [shard.num_bytes for shard in self.manifest.shards],
@@ -305,8 +336,6 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
             describe=self._describe,
         )
         step = self.batch_size or _SAMPLE_CHUNK
-        fetched = self._reader.stats.snapshot()
-        cache_seen = self.cache.stats() if self.cache is not None else (0, 0)
         waited = 0.0
         try:
             for begin in range(0, order.size, step):

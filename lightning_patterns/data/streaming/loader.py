@@ -10,17 +10,22 @@ world size or number of workers yields each remaining sample of the epoch once.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lightning_patterns.data.sharding.assignment import Span
 from lightning_patterns.data.streaming.dataset import StreamingDataset
 from lightning_patterns.data.streaming.resume import ResumePoint, remaining_stream
 
 __all__ = ["StreamingDataLoader"]
 
 _STATE_KEY = "lightning_patterns"
+
+# torchdata 0.11 calls `torch.set_vital`, deprecated in torch 2.13: noise for our users, not theirs to fix.
+warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated.*")
 
 
 class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
@@ -55,8 +60,12 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
         self._epoch = dataset.epoch
         self._started = False
         self._batches_yielded = 0
-        self._stream: tuple[tuple[int, int, int], ...] | None = None
+        self._stream: tuple[Span, ...] | None = None
+        self._batches_before = 0
         self._pending: ResumePoint | None = None
+        self._pending_stream: list[Span] = []
+        # When a trainer reports the batches it consumed, the state counts those, not the ones prefetched.
+        self._batches_consumed: int | None = None
         self.wait_seconds = 0.0
 
     @property
@@ -74,17 +83,34 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
         dataset: StreamingDataset = self.dataset
         if self._pending is not None:
             point, self._pending = self._pending, None
-            dataset.resume(point)
+            dataset.resume(point, self._pending_stream)
             self._epoch = point.epoch
-            self._stream = dataset._resume_stream
+            self._stream = tuple(self._pending_stream)
+            self._batches_before = point.batches_done
         else:
             if self._started:
                 self._epoch += 1
             dataset.set_epoch(self._epoch)
             self._stream = None
+            self._batches_before = 0
         self._started = True
         self._batches_yielded = 0
+        if self._batches_consumed is not None:
+            self._batches_consumed = 0
         return self._counted(super().__iter__())
+
+    def track_consumption(self) -> None:
+        """Save the batches reported through :meth:`mark_consumed` instead of the batches delivered.
+
+        Lightning fetches one batch ahead of the one it trains on; a checkpoint taken mid-epoch must
+        resume at the first batch not trained on, not after the prefetched one.
+        """
+        self._batches_consumed = 0
+
+    def mark_consumed(self) -> None:
+        """One more delivered batch went into training (see :meth:`track_consumption`)."""
+        if self._batches_consumed is not None:
+            self._batches_consumed = min(self._batches_consumed + 1, self._batches_yielded)
 
     def _counted(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         while True:
@@ -101,7 +127,9 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
     def resume_point(self, batches_consumed: int | None = None) -> ResumePoint:
         """Where this rank stands: ``batches_consumed`` (default: all delivered) batches into the epoch."""
         dataset: StreamingDataset = self.dataset
-        consumed = self._batches_yielded if batches_consumed is None else batches_consumed
+        if batches_consumed is None:
+            batches_consumed = self._batches_yielded if self._batches_consumed is None else self._batches_consumed
+        consumed = batches_consumed
         if not 0 <= consumed <= self._batches_yielded:
             raise ValueError(
                 f"batches_consumed={consumed} must lie between 0 and the {self._batches_yielded} batches delivered."
@@ -113,7 +141,21 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
             num_workers=self.num_workers,
             config=dataset.plan_config,
             stream=self._stream,
+            batches_before=self._batches_before,
         )
+
+    def __len__(self) -> int:
+        """Batches of the epoch being read, those delivered before an interruption included.
+
+        A Trainer resuming mid-epoch counts the batches it trained before the checkpoint; with the batches
+        that remain (re-planned for this topology) the count is the epoch's length as this rank sees it.
+        """
+        dataset: StreamingDataset = self.dataset
+        if self._pending is not None:
+            return self._pending.batches_done + dataset.batches_in(self._pending_stream)
+        if self._stream is not None:
+            return self._batches_before + dataset.batches_in(self._stream)
+        return len(dataset)
 
     def state_dict(self) -> dict[str, Any]:
         """The resume point, as builtins: safe to put in a Lightning checkpoint."""
@@ -129,12 +171,13 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
                 "a stream. Load it into the loader type that saved it, or start the epoch afresh."
             )
         point = ResumePoint.from_state(state_dict[_STATE_KEY])
-        if not remaining_stream(point):
+        stream = remaining_stream(point)
+        if not stream:
             # The saved epoch was complete: carry on with the next one.
             self.set_epoch(point.epoch)
             self._started = True
             return
-        self._pending = point
+        self._pending, self._pending_stream = point, stream
         self._epoch = point.epoch
 
     def metrics(self) -> dict[str, float]:

@@ -129,6 +129,8 @@ class ResumePoint:
         num_workers: DataLoader workers per rank of that job.
         config: the plan settings of that job.
         stream: the stream the epoch was planned over, when it was itself a resumed epoch.
+        batches_before: batches of the epoch each rank delivered before ``stream`` began (when resumed), so
+            that the epoch's batch count stays what a Trainer counted before the interruption.
     """
 
     epoch: int
@@ -137,6 +139,12 @@ class ResumePoint:
     num_workers: int
     config: PlanConfig
     stream: tuple[Span, ...] | None = field(default=None)
+    batches_before: int = 0
+
+    @property
+    def batches_done(self) -> int:
+        """Batches of the epoch each rank delivered, counting from the epoch's start."""
+        return self.batches_before + self.batches_yielded
 
     def to_state(self) -> dict[str, Any]:
         """A plain dict of builtins, safe for ``torch.save`` and checkpoints."""
@@ -148,6 +156,7 @@ class ResumePoint:
             "num_workers": self.num_workers,
             "config": self.config.to_state(),
             "stream": spans_to_state(self.stream),
+            "batches_before": self.batches_before,
         }
 
     @classmethod
@@ -165,6 +174,7 @@ class ResumePoint:
             num_workers=int(state["num_workers"]),
             config=PlanConfig.from_state(state["config"]),
             stream=spans_from_state(state["stream"]),
+            batches_before=int(state.get("batches_before", 0)),
         )
 
 

@@ -212,7 +212,7 @@ def test_sample_larger_than_the_target_gets_its_own_shard_with_a_warning(memory_
         ({"sharding": "hash"}, ValueError, "needs `num_shards`"),
         ({"sharding": "hash", "num_shards": 0}, ValueError, "num_shards=0"),
         ({"shard_bytes": 0}, ValueError, r"`shard_bytes` must be a positive int .* shard_bytes=0"),
-        ({"num_shards": 2}, ValueError, "only applies to sharding='hash'"),
+        ({"sharding": "size", "num_shards": 2}, ValueError, "only applies to sharding='hash'"),
         (
             {"mode": "replace"},
             ValueError,
@@ -241,3 +241,18 @@ def test_write_speed_smoke(tmp_path: Path, mnist_like: Samples) -> None:
     manifest = write_dataset(mnist_like(20_000), str(tmp_path / "ds"), shard_bytes=4 * 2**20, progress=False)
     assert manifest.num_samples == 20_000
     assert len(manifest.shards) == 4
+
+
+def test_writes_from_an_iterable_dataset(memory_url: str) -> None:
+    from torch.utils.data import IterableDataset
+
+    from lightning_patterns.data.shards import load_manifest
+
+    class Stream(IterableDataset):  # type: ignore[type-arg]
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for i in range(5):
+                yield {"x": np.int64(i)}
+
+    manifest = write_dataset(Stream(), memory_url, progress=False)
+    assert manifest.num_samples == 5
+    assert load_manifest(memory_url).num_samples == 5

@@ -1,0 +1,170 @@
+"""``DataMetricsCallback``: how the data pipeline did, logged to any Lightning logger and summarised after ``fit``.
+
+Per training epoch it logs, for this rank: samples per second, the fraction of the epoch spent waiting
+for data, bytes read from the remote, the cache hit rate, and the samples each rank yielded. At the
+end of ``fit`` rank zero prints one screen with a line per epoch.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+
+__all__ = ["DataMetricsCallback", "EpochDataMetrics"]
+
+
+@dataclass(frozen=True)
+class EpochDataMetrics:
+    """What the data pipeline did in one training epoch (per rank, except ``samples_per_rank``)."""
+
+    epoch: int
+    seconds: float
+    samples: int
+    samples_per_second: float
+    wait_fraction: float
+    remote_bytes: int
+    cache_hit_rate: float | None
+    retries: int
+    samples_per_rank: tuple[int, ...]
+
+
+def _streaming_loader(trainer: pl.Trainer) -> Any:
+    """The training loader if it reports streaming metrics (has ``metrics()``), else ``None``."""
+    loader = trainer.train_dataloader
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if len(loader) == 1 else None
+    elif isinstance(loader, dict):
+        loader = next(iter(loader.values())) if len(loader) == 1 else None
+    return loader if callable(getattr(loader, "metrics", None)) else None
+
+
+class DataMetricsCallback(pl.Callback):
+    """Logs data-pipeline metrics each training epoch and prints a summary at the end of ``fit``.
+
+    Works with any loader that has a ``metrics()`` method returning counters (as
+    :class:`~lightning_patterns.data.streaming.StreamingDataLoader` does); with another loader it
+    still reports samples per second and wait time, measured around the loader.
+
+    Args:
+        prefix: prefix of the logged metric names.
+        print_summary: print the one-screen summary from rank zero at the end of ``fit``.
+    """
+
+    def __init__(self, prefix: str = "data/", print_summary: bool = True) -> None:
+        self.prefix = prefix
+        self.print_summary = print_summary
+        self.epochs: list[EpochDataMetrics] = []
+        self._start: dict[str, float] = {}
+        self._epoch_started = 0.0
+        self._batch_requested = 0.0
+        self._wait = 0.0
+        self._samples = 0
+        self._validation_started = 0.0
+        self._validation_seconds = 0.0
+
+    def _counters(self, trainer: pl.Trainer) -> dict[str, float]:
+        loader = _streaming_loader(trainer)
+        return dict(loader.metrics()) if loader is not None else {}
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Snapshot the counters."""
+        self._start = self._counters(trainer)
+        self._epoch_started = self._batch_requested = time.perf_counter()
+        self._wait = 0.0
+        self._samples = 0
+        self._validation_seconds = 0.0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Validation inside a training epoch is not training time."""
+        self._validation_started = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Add this validation run to the time left out of the epoch."""
+        if trainer.training or trainer.state.fn == "fit":
+            self._validation_seconds += time.perf_counter() - self._validation_started
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Time since the previous step ended is time spent waiting for this batch."""
+        self._wait += time.perf_counter() - self._batch_requested
+        self._samples += _batch_len(batch)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Start timing the wait for the next batch."""
+        self._batch_requested = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log this epoch's metrics."""
+        seconds = max(time.perf_counter() - self._epoch_started - self._validation_seconds, 1e-9)
+        now = self._counters(trainer)
+        delta = {name: now.get(name, 0.0) - self._start.get(name, 0.0) for name in now}
+        samples = int(delta["samples"]) if "samples" in delta else self._samples
+        wait = delta.get("loader_wait_seconds", self._wait)
+        lookups = delta.get("cache_hits", 0.0) + delta.get("cache_misses", 0.0)
+        per_rank = trainer.strategy.all_gather(torch.tensor([samples], dtype=torch.int64))
+        metrics = EpochDataMetrics(
+            epoch=trainer.current_epoch,
+            seconds=seconds,
+            samples=samples,
+            samples_per_second=samples / seconds,
+            wait_fraction=min(wait / seconds, 1.0),
+            remote_bytes=int(delta.get("remote_bytes", 0)),
+            cache_hit_rate=delta["cache_hits"] / lookups if lookups else None,
+            retries=int(delta.get("retries", 0)),
+            samples_per_rank=tuple(int(n) for n in per_rank.reshape(-1).tolist()),
+        )
+        self.epochs.append(metrics)
+        logged = {
+            "samples_per_second": metrics.samples_per_second,
+            "wait_fraction": metrics.wait_fraction,
+            "remote_bytes": float(metrics.remote_bytes),
+            "retries": float(metrics.retries),
+            "samples": float(metrics.samples),
+            "samples_per_rank_min": float(min(metrics.samples_per_rank)),
+            "samples_per_rank_max": float(max(metrics.samples_per_rank)),
+        }
+        if metrics.cache_hit_rate is not None:
+            logged["cache_hit_rate"] = metrics.cache_hit_rate
+        # Per-rank values, averaged over ranks (the per-rank minimum and maximum of samples are logged too).
+        pl_module.log_dict({self.prefix + name: value for name, value in logged.items()}, sync_dist=True)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Print the summary."""
+        if self.print_summary and self.epochs:
+            self._print_summary(trainer)
+
+    @rank_zero_only
+    def _print_summary(self, trainer: pl.Trainer) -> None:
+        lines = ["", "Data pipeline (rank 0; samples/s and bytes per rank)"]
+        lines.append(
+            f"{'epoch':>5}  {'samples/s':>11}  {'waiting':>7}  {'remote bytes':>14}  {'cache hits':>10}  retries"
+        )
+        for m in self.epochs:
+            hits = "-" if m.cache_hit_rate is None else f"{m.cache_hit_rate:.0%}"
+            lines.append(
+                f"{m.epoch:>5}  {m.samples_per_second:>11,.0f}  {m.wait_fraction:>7.1%}  {m.remote_bytes:>14,}  "
+                f"{hits:>10}  {m.retries:>7}"
+            )
+        last = self.epochs[-1]
+        lines.append(f"samples per rank in the last epoch: {', '.join(f'{n:,}' for n in last.samples_per_rank)}")
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+
+
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, dict) and batch:
+        first = next(iter(batch.values()))
+    elif isinstance(batch, (list, tuple)) and batch:
+        first = batch[0]
+    else:
+        return 0
+    return len(first) if hasattr(first, "__len__") else 0

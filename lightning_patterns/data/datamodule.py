@@ -1,0 +1,247 @@
+"""``ShardedStreamingDataModule``: sharding, streaming and caching behind one LightningDataModule.
+
+Give it the URLs of datasets written by :func:`~lightning_patterns.data.shards.write_dataset` and it
+serves them to any ``Trainer``: one process, DDP, or the parameter-server strategy (whose
+``distributed_sampler_kwargs`` name the workers only, so data never goes to servers). Every rank yields
+the same number of batches, and the train loader's position is saved in Lightning checkpoints, so
+``trainer.fit(ckpt_path=...)`` resumes mid-epoch exactly, even on another number of devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import pytorch_lightning as pl
+
+from lightning_patterns.data.streaming.dataset import StreamingDataset
+from lightning_patterns.data.streaming.loader import StreamingDataLoader
+from lightning_patterns.data.streaming.topology import resolve_rank
+from lightning_patterns.demo.embedded import EmbeddedFashionMNIST, prepare_embedded_dataset
+from lightning_patterns.demo.server import LocalHTTPServer
+
+__all__ = ["ShardedStreamingDataModule"]
+
+# Lightning warns that an IterableDataset's __len__ may be wrong with several workers. Ours is exact per rank
+# whatever the number of workers (the assignment gives every rank the same count), so the warning is noise.
+warnings.filterwarnings("ignore", message=r".*Your `IterableDataset` has `__len__` defined.*")
+
+log = logging.getLogger(__name__)
+
+_SPLITS = ("train", "val", "test", "predict")
+
+
+class ShardedStreamingDataModule(pl.LightningDataModule):
+    """Streams sharded datasets from any fsspec URL, split evenly across the ranks of the Trainer.
+
+    Args:
+        train_url: dataset root of the training split (local path, ``s3://``, ``gs://``, ``http(s)://``...).
+        val_url: dataset root of the validation split.
+        test_url: dataset root of the test split.
+        predict_url: dataset root of the prediction split.
+        batch_size: samples per training batch, on each rank.
+        eval_batch_size: samples per batch for validation, test and predict (default: ``batch_size``).
+        num_workers: DataLoader worker processes per rank.
+        shuffle: shuffle the training data every epoch (two levels: span order, then windows).
+        seed: shuffle seed, the same on every rank.
+        drop_last: drop up to ``world_size - 1`` training samples per epoch instead of repeating as many.
+        shuffle_window: samples per window of the within-worker shuffle.
+        read_ahead: shards fetched ahead of the one in use.
+        read_threads: background threads fetching shards, per worker.
+        cache: ``"memory"``, ``"disk"`` or ``None``: keep shards so epochs after the first skip the remote.
+        cache_dir: folder of the disk cache; the ranks and workers of a machine may share it.
+        cache_limit: bytes the cache may hold.
+        storage_options: passed unchanged to fsspec (credentials, ``client_kwargs={"endpoint_url": ...}``).
+        verify_checksums: check every shard against its manifest checksum.
+        embedded: instead of URLs, generate this dataset, serve it over HTTP from a process started on
+            127.0.0.1 by global rank zero, and stream it from there (the main job's embedded default).
+    """
+
+    def __init__(
+        self,
+        train_url: str | None = None,
+        val_url: str | None = None,
+        test_url: str | None = None,
+        predict_url: str | None = None,
+        batch_size: int = 256,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        shuffle_window: int = 1024,
+        read_ahead: int = 2,
+        read_threads: int = 4,
+        cache: str | None = None,
+        cache_dir: str | None = None,
+        cache_limit: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+        verify_checksums: bool = True,
+        embedded: EmbeddedFashionMNIST | None = None,
+    ) -> None:
+        super().__init__()
+        if embedded is not None and (train_url is not None or val_url is not None):
+            raise ValueError(
+                "Give either `embedded` (a generated dataset served from 127.0.0.1) or `train_url`/`val_url`, not both."
+            )
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be at least 1, got batch_size={batch_size!r}.")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"`eval_batch_size` must be at least 1, got eval_batch_size={eval_batch_size!r}.")
+        if num_workers < 0:
+            raise ValueError(f"`num_workers` must be >= 0, got num_workers={num_workers!r}.")
+        self.urls = {"train": train_url, "val": val_url, "test": test_url, "predict": predict_url}
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.shuffle_window = shuffle_window
+        self.read_ahead = read_ahead
+        self.read_threads = read_threads
+        self.cache = cache
+        self.cache_dir = cache_dir
+        self.cache_limit = cache_limit
+        self.storage_options = storage_options
+        self.verify_checksums = verify_checksums
+        self.embedded = embedded
+        self._server: LocalHTTPServer | None = None
+        self.datasets: dict[str, StreamingDataset] = {}
+        self.loaders: dict[str, StreamingDataLoader] = {}
+        self._train_state: dict[str, Any] | None = None
+
+    def rank_and_world_size(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of the data-parallel replicas: from the Trainer's strategy when attached."""
+        trainer = self.trainer
+        if trainer is not None:
+            kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
+            if kwargs:
+                return int(kwargs["rank"]), int(kwargs["num_replicas"])
+            return 0, 1
+        return resolve_rank(None, None)
+
+    def _make_dataset(self, split: str) -> StreamingDataset:
+        url = self.urls[split]
+        if url is None:
+            raise ValueError(
+                f"`{split}_url` is not set, but the Trainer asked for the {split} data. Pass "
+                f"`ShardedStreamingDataModule({split}_url=...)` (or the `data.init_args.{split}_url` key of the recipe)."
+            )
+        rank, world_size = self.rank_and_world_size()
+        training = split == "train"
+        return StreamingDataset(
+            url,
+            batch_size=self.batch_size if training else self.eval_batch_size,
+            shuffle=self.shuffle and training,
+            seed=self.seed,
+            drop_last=self.drop_last and training,
+            shuffle_window=self.shuffle_window,
+            read_ahead=self.read_ahead,
+            read_threads=self.read_threads,
+            storage_options=self.storage_options,
+            verify_checksums=self.verify_checksums,
+            cache=self.cache,
+            cache_dir=self.cache_dir,
+            cache_limit=self.cache_limit,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def prepare_data(self) -> None:
+        """Write the embedded dataset's shards (once per machine; later runs reuse them)."""
+        if self.embedded is not None:
+            prepare_embedded_dataset(self.embedded)
+
+    def _serve_embedded(self) -> None:
+        assert self.embedded is not None
+        trainer = self.trainer
+        is_zero = trainer is None or trainer.is_global_zero
+        url = None
+        if is_zero and self._server is None:
+            self._server = LocalHTTPServer(prepare_embedded_dataset(self.embedded, progress=False))
+            url = self._server.start()
+        elif self._server is not None:
+            url = self._server.url
+        if trainer is not None:
+            url = trainer.strategy.broadcast(url, src=0)
+        self.urls["train"], self.urls["val"] = f"{url}/train", f"{url}/val"
+        self.urls["test"] = self.urls["predict"] = self.urls["val"]
+
+    def setup(self, stage: str) -> None:
+        """Open the manifests of the splits this stage needs (each rank opens its own, no communication)."""
+        if self.embedded is not None:
+            self._serve_embedded()
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        for split in wanted.get(stage, _SPLITS):
+            if split in self.datasets or (split == "val" and self.urls["val"] is None):
+                continue
+            self.datasets[split] = self._make_dataset(split)
+
+    def _loader(self, split: str) -> StreamingDataLoader:
+        if split not in self.datasets:
+            self.datasets[split] = self._make_dataset(split)
+        if split not in self.loaders:
+            loader = StreamingDataLoader(self.datasets[split], num_workers=self.num_workers)
+            if split == "train":
+                loader.track_consumption()
+                if self._train_state is not None:
+                    # Before Lightning measures the epoch (len), so a resumed epoch has its true length.
+                    loader.load_state_dict(self._train_state)
+                    self._train_state = None
+            self.loaders[split] = loader
+        return self.loaders[split]
+
+    def train_dataloader(self) -> StreamingDataLoader:
+        """The training stream of this rank."""
+        return self._loader("train")
+
+    def val_dataloader(self) -> StreamingDataLoader | list[Any]:
+        """The validation stream of this rank (none when ``val_url`` is unset)."""
+        return self._loader("val") if self.urls["val"] is not None else []
+
+    def test_dataloader(self) -> StreamingDataLoader:
+        """The test stream of this rank."""
+        return self._loader("test")
+
+    def predict_dataloader(self) -> StreamingDataLoader:
+        """The prediction stream of this rank."""
+        return self._loader("predict")
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training batches that reach the model, so checkpoints resume after exactly those."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training and "train" in self.loaders:
+            self.loaders["train"].mark_consumed()
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        """Stop the embedded server, once every rank is done reading from it."""
+        if self.embedded is None:
+            return
+        if self.trainer is not None:
+            self.trainer.strategy.barrier("lightning_patterns.embedded_teardown")
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        self.datasets.clear()
+        self.loaders.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position, saved in Lightning checkpoints with the datamodule."""
+        loader = self.loaders.get("train")
+        return {"train": loader.state_dict()} if loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the training stream's position when its loader is created.
+
+        Lightning also restores the loader itself (from the fit loop's copy), but only after it has
+        measured the epoch's length; applying the state when the loader is created makes that length
+        right when the run resumes on another world size.
+        """
+        self._train_state = state_dict.get("train")
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """This rank's streaming counters for every split that was read."""
+        return {split: loader.metrics() for split, loader in self.loaders.items()}
