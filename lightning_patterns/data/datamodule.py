@@ -54,6 +54,9 @@ class ShardedStreamingDataModule(pl.LightningDataModule):
         cache_limit: bytes the cache may hold.
         storage_options: passed unchanged to fsspec (credentials, ``client_kwargs={"endpoint_url": ...}``).
         verify_checksums: check every shard against its manifest checksum.
+        min_per_class: make every training batch hold at least this many samples of each class.
+        label_field: the field holding integer class labels (for ``min_per_class``).
+        num_classes: number of classes (default: read from the labels).
         embedded: instead of URLs, generate this dataset, serve it over HTTP from a process started on
             127.0.0.1 by global rank zero, and stream it from there (the main job's embedded default).
     """
@@ -78,6 +81,9 @@ class ShardedStreamingDataModule(pl.LightningDataModule):
         cache_limit: int | None = None,
         storage_options: dict[str, Any] | None = None,
         verify_checksums: bool = True,
+        min_per_class: int | None = None,
+        label_field: str = "label",
+        num_classes: int | None = None,
         embedded: EmbeddedFashionMNIST | None = None,
     ) -> None:
         super().__init__()
@@ -107,6 +113,9 @@ class ShardedStreamingDataModule(pl.LightningDataModule):
         self.storage_options = storage_options
         self.verify_checksums = verify_checksums
         self.embedded = embedded
+        self.min_per_class = min_per_class
+        self.label_field = label_field
+        self.num_classes = num_classes
         self._server: LocalHTTPServer | None = None
         self.datasets: dict[str, StreamingDataset] = {}
         self.loaders: dict[str, StreamingDataLoader] = {}
@@ -131,6 +140,13 @@ class ShardedStreamingDataModule(pl.LightningDataModule):
             )
         rank, world_size = self.rank_and_world_size()
         training = split == "train"
+        balancing: dict[str, Any] = {}
+        if training and self.min_per_class is not None:
+            balancing = {
+                "min_per_class": self.min_per_class,
+                "label_field": self.label_field,
+                "num_classes": self.num_classes,
+            }
         return StreamingDataset(
             url,
             batch_size=self.batch_size if training else self.eval_batch_size,
@@ -147,6 +163,7 @@ class ShardedStreamingDataModule(pl.LightningDataModule):
             cache_limit=self.cache_limit,
             rank=rank,
             world_size=world_size,
+            **balancing,
         )
 
     def prepare_data(self) -> None:

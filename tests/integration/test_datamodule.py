@@ -92,3 +92,19 @@ def test_mid_epoch_checkpoint_resumes_exactly_with_workers(uneven_dataset: str, 
     after = _records(second)[0]["seen"]
     seen = Counter(trained_before + after)  # type: ignore[operator]
     assert seen == Counter(range(N))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_class_balanced_batches_under_ddp(tmp_path: Path) -> None:
+    url = str(tmp_path / "balanced")
+    write_dataset(_Samples(), url, num_shards=4, progress=False)
+    _run(url, str(tmp_path), "2", "--min-per-class", "1")
+    records = _records(tmp_path)
+    assert records[0]["batches_per_epoch"] == records[1]["batches_per_epoch"]
+    for record in records:
+        counts = record["min_class_counts"]
+        # Batches of 16 over 10 classes: every batch but a documented tail (the last) holds each class.
+        assert all(count >= 1 for count in counts[:-1]), counts  # type: ignore[index]
+    seen = Counter(i for record in records for i in record["seen"])  # type: ignore[attr-defined]
+    assert set(seen) == set(range(N))

@@ -21,7 +21,7 @@ import json
 import math
 import struct
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ __all__ = [
     "ShardFormatError",
     "ShardReader",
     "encode_shard",
+    "read_column",
 ]
 
 MAGIC = b"LPSHRD01"
@@ -593,6 +594,13 @@ class ShardReader:
                 out[name] = torch.from_numpy(rows if self._writable else rows.copy())
         return out
 
+    def read_field(self, field: str, indices: np.ndarray) -> np.ndarray:
+        """The values of one fixed-size ``field`` at ``indices``, as a numpy array (no other field decoded)."""
+        column = self._columns[field]
+        if column.index is not None:
+            raise ValueError(f"Field {field!r} has variable length; read_field reads fixed-size fields only.")
+        return self._rows(column, 0, self.num_samples)[np.asarray(indices, dtype=np.int64)]
+
     def read_batch(self, indices: np.ndarray | Sequence[int]) -> dict[str, Any]:
         """Decode the samples at ``indices`` (any order, repeats allowed) as a batch, like :meth:`read_range`."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -619,3 +627,31 @@ def _shape(value: Any) -> tuple[int, ...] | None:
     if not isinstance(value, list) or not all(isinstance(d, int) for d in value):
         raise TypeError(f"shape {value!r} is not a list of ints")
     return tuple(value)
+
+
+def read_column(read_range: Callable[[int, int], bytes], field: str) -> np.ndarray:
+    """One fixed-size field of a shard, read through byte ranges: the header, then that column only.
+
+    The columnar layout lets a reader learn, say, every label of a remote shard without fetching its
+    images: two small range requests instead of the whole file.
+
+    Args:
+        read_range: returns bytes ``[start, end)`` of the shard file.
+        field: a fixed-size field of the schema.
+
+    Returns:
+        The column, shape ``(num_samples, *shape)``.
+    """
+    prefix = read_range(0, _PREFIX.size)
+    if len(prefix) < _PREFIX.size or prefix[:8] != MAGIC:
+        raise ShardFormatError(f"Not a lightning_patterns shard: it starts with {prefix[:8]!r}, expected {MAGIC!r}.")
+    _, header_len = _PREFIX.unpack(prefix)
+    header = json.loads(read_range(_PREFIX.size, _PREFIX.size + header_len))
+    entry = header["fields"].get(field)
+    if entry is None:
+        raise KeyError(f"The shard has no field {field!r}; its fields are {sorted(header['fields'])}.")
+    if entry["shape"] is None:
+        raise ValueError(f"Field {field!r} has variable length; read_column reads fixed-size fields only.")
+    dtype = np.dtype(entry["dtype"]).newbyteorder("<")
+    data = read_range(entry["offset"], entry["offset"] + entry["nbytes"])
+    return np.frombuffer(data, dtype=dtype).reshape(header["num_samples"], *entry["shape"])

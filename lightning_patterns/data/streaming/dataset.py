@@ -11,6 +11,7 @@ another world size or number of workers.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -19,9 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from lightning_patterns.data.batching import ClassBalancer, check_class_counts
 from lightning_patterns.data.caching import EpochCache, make_cache
 from lightning_patterns.data.sharding.assignment import Span, WorkerPlan, samples_per_rank
-from lightning_patterns.data.shards.format import ShardReader
+from lightning_patterns.data.shards.format import ShardReader, read_column
 from lightning_patterns.data.shards.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -29,12 +31,14 @@ from lightning_patterns.data.shards.manifest import (
     missing_manifest_error,
     shard_url,
 )
+from lightning_patterns.data.streaming.batches import BatchPositions, ShardUse
 from lightning_patterns.data.streaming.fetch import FetchStatsSnapshot, RemoteReader, RetryPolicy
 from lightning_patterns.data.streaming.metrics import StreamCounters
 from lightning_patterns.data.streaming.pipeline import ReadAhead
 from lightning_patterns.data.streaming.resume import (
     PlanConfig,
     ResumePoint,
+    batches_per_worker,
     plan_for,
     remaining_stream,
     spans_from_state,
@@ -80,6 +84,13 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
             :class:`~lightning_patterns.data.caching.EpochCache`, or ``None`` (every epoch reads the remote).
         cache_dir: folder of the disk cache; ranks and workers on one machine may share it.
         cache_limit: bytes the cache may hold (``None``: as much as the dataset).
+        min_per_class: make every batch hold at least this many samples of each class (needs ``batch_size``).
+            Each sample is still yielded once per epoch; a batch may fall short only in a documented tail
+            (a class running out near the end of a worker's samples, see
+            :class:`~lightning_patterns.data.batching.ClassBalancer`).
+        label_field: the field holding integer class labels ``0 .. num_classes - 1``.
+        num_classes: number of classes (default: read from the label column of every shard).
+        balance_lookahead: samples beyond a batch that class balancing may draw from.
     """
 
     def __init__(
@@ -104,6 +115,10 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         cache: str | EpochCache | None = None,
         cache_dir: str | None = None,
         cache_limit: int | None = None,
+        min_per_class: int | None = None,
+        label_field: str = "label",
+        num_classes: int | None = None,
+        balance_lookahead: int = 4096,
     ) -> None:
         super().__init__()
         _check_positive(batch_size=batch_size, read_threads=read_threads, span_samples=span_samples)
@@ -130,6 +145,10 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         resolve_rank(rank, world_size)  # validate now, so a bad rank fails at construction
         self._rank, self._world_size = rank, world_size
         self._offsets = np.concatenate([[0], np.cumsum([s.num_samples for s in self.manifest.shards])]).astype(np.int64)
+        self.label_field = label_field
+        self.min_per_class = min_per_class
+        self._balancer = self._make_balancer(min_per_class, num_classes, balance_lookahead)
+        self._resume_skip: ResumePoint | None = None
         self.cache = make_cache(cache, cache_dir=cache_dir, cache_limit=cache_limit)
         if self.cache is not None:
             self.cache.bind(self.manifest)
@@ -151,6 +170,47 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         except ShardNotFoundError:
             raise missing_manifest_error(self.url) from None
         return Manifest.from_json(text, manifest_url(self.url))
+
+    def _make_balancer(
+        self, min_per_class: int | None, num_classes: int | None, lookahead: int
+    ) -> ClassBalancer | None:
+        if min_per_class is None:
+            return None
+        if self.batch_size is None:
+            raise ValueError(
+                f"min_per_class={min_per_class} balances whole batches: construct the dataset with `batch_size=N`."
+            )
+        if self.label_field not in self.manifest.schema:
+            raise ValueError(
+                f"min_per_class needs the label field {self.label_field!r}, but the dataset's fields are "
+                f"{sorted(self.manifest.schema)}: pass `label_field=` naming the field with class labels."
+            )
+        counts = self.class_counts()
+        classes = num_classes if num_classes is not None else len(counts)
+        balancer = ClassBalancer(self.batch_size, min_per_class, classes, lookahead=lookahead)
+        world_size = self.rank_and_world_size[1]
+        check_class_counts(
+            np.pad(counts, (0, max(0, classes - len(counts)))),
+            num_batches=world_size * len(self),
+            min_per_class=min_per_class,
+        )
+        return balancer
+
+    def class_counts(self) -> np.ndarray:
+        """Samples per class over the whole dataset, from the label column alone (two range reads per shard)."""
+        total = np.zeros(0, dtype=np.int64)
+        for shard in self.manifest.shards:
+            labels = read_column(functools.partial(self._reader.read_range, shard.path), self.label_field)
+            if labels.size and int(labels.min()) < 0:
+                raise ValueError(
+                    f"Class labels must be >= 0, but {shard_url(self.url, shard.path)} holds {int(labels.min())} in "
+                    f"{self.label_field!r}: map the labels to 0 .. num_classes - 1 before writing."
+                )
+            counts = np.bincount(labels.reshape(-1).astype(np.int64))
+            if counts.size > total.size:
+                total = np.pad(total, (0, counts.size - total.size))
+            total[: counts.size] += counts
+        return total
 
     # ------------------------------------------------------------------ topology and planning
 
@@ -263,8 +323,29 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
                 "The resume point was saved with other dataset settings (batch size, seed, shuffle, drop_last, window "
                 "or shards differ): construct the dataset with the settings of the saved run."
             )
+        if self._balancer is not None:
+            self._resume_balanced(point)
+            return
         self.epoch = point.epoch
         self._resume_stream = tuple(remaining_stream(point) if stream is None else stream)
+        self._resume_units = 0
+        self._resume_pending = True
+        self._iterated = False
+
+    def _resume_balanced(self, point: ResumePoint) -> None:
+        # Balanced batches regroup samples across a look-ahead, so what was consumed is known only by replaying
+        # the same plan: possible on the same topology, where each worker skips the batches it delivered.
+        world_size = self.rank_and_world_size[1]
+        if point.world_size != world_size or point.num_workers != self._num_workers_hint or point.stream is not None:
+            raise ValueError(
+                f"Resuming class-balanced batches (min_per_class={self.min_per_class}) needs the topology that saved "
+                f"the state: world_size={point.world_size}, num_workers={point.num_workers} (this run has "
+                f"world_size={world_size}, num_workers={self._num_workers_hint}). Resume on that topology, or start "
+                "the epoch afresh."
+            )
+        self.epoch = point.epoch
+        self._resume_skip = point
+        self._resume_stream = None
         self._resume_units = 0
         self._resume_pending = True
         self._iterated = False
@@ -306,22 +387,48 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         self._iterated = True
         topology = self.topology()
         plan = plan_for(self.plan_config, topology, self.epoch, stream)
+        if self._resume_skip is not None:
+            point, self._resume_skip = self._resume_skip, None
+            skip = self._delivered_by_worker(point, topology)
         self._current_stream = stream
         self._units_yielded = skip
         return self._generate(plan, skip, topology.worker_id + 1 if topology.num_workers else 0)
 
-    def _generate(self, plan: WorkerPlan, skip_units: int, slot: int) -> Iterator[dict[str, Any]]:
+    def _delivered_by_worker(self, point: ResumePoint, topology: Topology) -> int:
+        workers = max(topology.num_workers, 1)
         unit = self.batch_size or 1
-        order = plan.indices()[skip_units * unit :]
+        counts = [
+            -(
+                -plan_for(
+                    self.plan_config,
+                    Topology(topology.world_size, topology.rank, topology.num_workers, worker),
+                    point.epoch,
+                    None,
+                ).num_samples
+                // unit
+            )
+            for worker in range(workers)
+        ]
+        return batches_per_worker(counts, point.batches_yielded)[topology.worker_id]
+
+    def _generate(self, plan: WorkerPlan, skip_units: int, slot: int) -> Iterator[dict[str, Any]]:
+        order = plan.indices()
         if order.size == 0:
             return
         shard_of = np.searchsorted(self._offsets, order, side="right") - 1
         local = order - self._offsets[shard_of]
-        # Shards in order of first use, and the position after which each is no longer needed.
-        firsts, first_pos = np.unique(shard_of, return_index=True)
+        unit = self.batch_size or 1
+        positions = BatchPositions(
+            order.size,
+            self.batch_size or _SAMPLE_CHUNK,
+            first_position=skip_units * unit,
+            skip_batches=skip_units,
+            balancer=self._balancer,
+            read_labels=lambda begin, end: self._read_labels(pipeline, shard_of[begin:end], local[begin:end]),
+        )
+        balanced = self._balancer is not None
+        firsts, first_pos = np.unique(shard_of[positions.first_needed :], return_index=True)
         schedule = firsts[np.argsort(first_pos)].tolist()
-        lasts, last_rev = np.unique(shard_of[::-1], return_index=True)
-        release_at = dict(zip(lasts.tolist(), (order.size - 1 - last_rev).tolist(), strict=True))
         # Snapshot the counters before the read-ahead threads start, so their first fetches are counted.
         fetched = self._reader.stats.snapshot()
         cache_seen = self.cache.stats() if self.cache is not None else (0, 0)
@@ -335,26 +442,35 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
             timeout=self.fetch_timeout,
             describe=self._describe,
         )
-        step = self.batch_size or _SAMPLE_CHUNK
+        gathered_from = None if balanced else np.arange(positions.first_position, order.size, dtype=np.int64)
+        use = ShardUse(shard_of, gathered_from, len(self.manifest.shards), balanced, pipeline.release)
+        positions.on_labels = use.labels_read
         waited = 0.0
         try:
-            for begin in range(0, order.size, step):
-                end = min(begin + step, order.size)
-                batch = self._gather(pipeline, shard_of[begin:end], local[begin:end])
-                for shard in {int(s) for s in np.unique(shard_of[begin:end])}:
-                    if release_at[shard] < end:
-                        pipeline.release(shard)
-                fetched, waited = self._record(slot, fetched, waited, pipeline.wait_seconds, end - begin)
+            for batch_positions, skipped in positions:
+                if skipped:
+                    use.gathered(batch_positions)
+                    continue
+                batch = self._gather(pipeline, shard_of[batch_positions], local[batch_positions])
+                use.gathered(batch_positions)
+                fetched, waited = self._record(slot, fetched, waited, pipeline.wait_seconds, batch_positions.size)
                 cache_seen = self._record_cache(slot, cache_seen)
                 if self.batch_size:
                     self._units_yielded += 1
                     yield batch
                 else:
-                    for row in range(end - begin):
+                    for row in range(batch_positions.size):
                         self._units_yielded += 1
                         yield {name: value[row] for name, value in batch.items()}
         finally:
             pipeline.close()
+
+    def _read_labels(self, pipeline: ReadAhead, shards: np.ndarray, local: np.ndarray) -> np.ndarray:
+        labels = np.empty(shards.size, dtype=np.int64)
+        for shard in np.unique(shards).tolist():
+            mask = shards == shard
+            labels[mask] = pipeline.get(shard).read_field(self.label_field, local[mask]).reshape(-1)
+        return labels
 
     def _record(
         self, slot: int, fetched: FetchStatsSnapshot, waited: float, wait_total: float, samples: int

@@ -81,12 +81,19 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset: StreamingDataset = self.dataset
+        self._batches_yielded = 0
         if self._pending is not None:
             point, self._pending = self._pending, None
             dataset.resume(point, self._pending_stream)
             self._epoch = point.epoch
-            self._stream = tuple(self._pending_stream)
-            self._batches_before = point.batches_done
+            if dataset.min_per_class is None:
+                self._stream = tuple(self._pending_stream)
+                self._batches_before = point.batches_done
+            else:
+                # Replayed, not re-planned: the epoch keeps its plan, and this loader counts from its start.
+                self._stream = None
+                self._batches_before = 0
+                self._batches_yielded = point.batches_yielded
         else:
             if self._started:
                 self._epoch += 1
@@ -94,9 +101,8 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
             self._stream = None
             self._batches_before = 0
         self._started = True
-        self._batches_yielded = 0
         if self._batches_consumed is not None:
-            self._batches_consumed = 0
+            self._batches_consumed = self._batches_yielded
         return self._counted(super().__iter__())
 
     def track_consumption(self) -> None:
@@ -152,6 +158,8 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
         """
         dataset: StreamingDataset = self.dataset
         if self._pending is not None:
+            if dataset.min_per_class is not None:
+                return len(dataset)
             return self._pending.batches_done + dataset.batches_in(self._pending_stream)
         if self._stream is not None:
             return self._batches_before + dataset.batches_in(self._stream)
@@ -171,6 +179,11 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
                 "a stream. Load it into the loader type that saved it, or start the epoch afresh."
             )
         point = ResumePoint.from_state(state_dict[_STATE_KEY])
+        dataset: StreamingDataset = self.dataset
+        if dataset.min_per_class is not None:
+            # Balanced batches resume by replaying the plan on the same topology (see StreamingDataset.resume).
+            self._pending, self._pending_stream, self._epoch = point, [], point.epoch
+            return
         stream = remaining_stream(point)
         if not stream:
             # The saved epoch was complete: carry on with the next one.

@@ -25,9 +25,11 @@ class Recorder(pl.LightningModule):
         self.linear = torch.nn.Linear(16, 10)
         self.seen: list[int] = []
         self.batches_per_epoch: dict[int, int] = {}
+        self.min_class_counts: list[int] = []
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self.seen += batch["index"].tolist()
+        self.min_class_counts.append(int(torch.bincount(batch["label"], minlength=10).min()))
         epoch = self.current_epoch
         self.batches_per_epoch[epoch] = self.batches_per_epoch.get(epoch, 0) + 1
         logits = self.linear(batch["image"].float().flatten(1))
@@ -56,6 +58,7 @@ def main() -> int:
     parser.add_argument("--save-every", type=int)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--min-per-class", type=int)
     args = parser.parse_args()
     torch.set_num_threads(1)
     callbacks: list[pl.Callback] = []
@@ -75,10 +78,17 @@ def main() -> int:
         callbacks=callbacks,
     )
     model = Recorder()
-    data = ShardedStreamingDataModule(args.url, batch_size=16, seed=5, num_workers=args.num_workers)
+    data = ShardedStreamingDataModule(
+        args.url, batch_size=16, seed=5, num_workers=args.num_workers, min_per_class=args.min_per_class
+    )
     trainer.fit(model, data, ckpt_path=args.ckpt)
     rank = trainer.global_rank
-    record = {"seen": model.seen, "batches_per_epoch": model.batches_per_epoch, "global_step": trainer.global_step}
+    record = {
+        "seen": model.seen,
+        "batches_per_epoch": model.batches_per_epoch,
+        "global_step": trainer.global_step,
+        "min_class_counts": model.min_class_counts,
+    }
     Path(args.out, f"seen-rank{rank}.json").write_text(json.dumps(record))
     return 0
 
