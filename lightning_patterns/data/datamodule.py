@@ -136,7 +136,7 @@ class ShardedStreamingDataModule(pl.LightningDataModule):
         if url is None:
             raise ValueError(
                 f"`{split}_url` is not set, but the Trainer asked for the {split} data. Pass "
-                f"`ShardedStreamingDataModule({split}_url=...)` (or the `data.init_args.{split}_url` key of the recipe)."
+                f"`ShardedStreamingDataModule({split}_url=...)` (or set `data.init_args.{split}_url` in the recipe)."
             )
         rank, world_size = self.rank_and_world_size()
         training = split == "train"
