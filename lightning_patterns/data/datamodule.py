@@ -10,11 +10,11 @@ the same number of batches, and the train loader's position is saved in Lightnin
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
 import pytorch_lightning as pl
 
+from lightning_patterns._warnings import silence_known_noise
 from lightning_patterns.data.streaming.dataset import StreamingDataset
 from lightning_patterns.data.streaming.loader import StreamingDataLoader
 from lightning_patterns.data.streaming.topology import resolve_rank
@@ -23,9 +23,7 @@ from lightning_patterns.demo.server import LocalHTTPServer
 
 __all__ = ["ShardedStreamingDataModule"]
 
-# Lightning warns that an IterableDataset's __len__ may be wrong with several workers. Ours is exact per rank
-# whatever the number of workers (the assignment gives every rank the same count), so the warning is noise.
-warnings.filterwarnings("ignore", message=r".*Your `IterableDataset` has `__len__` defined.*")
+silence_known_noise()
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ import urllib.parse
 from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 
-__all__ = ["PROXY_FAULTS", "FaultInjectingProxy", "ProxyRecord", "fault_proxy"]
+__all__ = ["FaultInjectingProxy", "PROXY_FAULTS", "ProxyRecord", "fault_proxy"]
 
 PROXY_FAULTS: tuple[str, ...] = ("reset", "500", "503", "truncate", "stall")
 _COPY_CHUNK = 64 * 1024

@@ -153,3 +153,31 @@ def test_dataloader_workers_stream_each_sample_once(root: Path, server: FaultInj
         labels = torch.cat([batch["label"] for batch in loader])
     assert sorted(labels.tolist()) == sorted(expected_labels.tolist())
     assert len(labels) == 300
+
+
+def test_idx_datamodule_trains_from_http(root: Path, server: FaultInjectingHTTPServer) -> None:
+    import pytorch_lightning as pl
+
+    from lightning_patterns.data.idx_datamodule import IDXDataModule
+    from lightning_patterns.models import MLPClassifier
+
+    datamodule = IDXDataModule(
+        server.url_for("large-images-idx3-ubyte.gz"),
+        server.url_for("large-labels-idx1-ubyte.gz"),
+        server.url_for("train-images-idx3-ubyte"),
+        server.url_for("train-labels-idx1-ubyte"),
+        batch_size=500,
+    )
+    trainer = pl.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(MLPClassifier(hidden_dim=8), datamodule)
+    assert trainer.global_step == 10
+    assert "val_acc" in trainer.callback_metrics
+
+
+def test_idx_datamodule_needs_both_validation_urls() -> None:
+    from lightning_patterns.data.idx_datamodule import IDXDataModule
+
+    with pytest.raises(ValueError, match="Give both `val_images_url` and `val_labels_url`"):
+        IDXDataModule("a", "b", val_images_url="c")

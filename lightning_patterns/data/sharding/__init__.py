@@ -10,6 +10,7 @@ Third parties register more through the ``lightning_patterns.sharders`` entry-po
 from __future__ import annotations
 
 from lightning_patterns._registry import Registry
+from lightning_patterns.data.sharding.assignment import WorkerPlan, plan_epoch, plan_worker, samples_per_rank
 from lightning_patterns.data.sharding.base import DEFAULT_SHARD_BYTES, Sharder
 from lightning_patterns.data.sharding.hashed import HashSharder, bucket_of, stable_hash
 from lightning_patterns.data.sharding.sized import SizeSharder
@@ -20,7 +21,11 @@ __all__ = [
     "SHARDERS",
     "Sharder",
     "SizeSharder",
+    "WorkerPlan",
     "bucket_of",
+    "plan_epoch",
+    "plan_worker",
+    "samples_per_rank",
     "stable_hash",
 ]
 

@@ -10,12 +10,12 @@ world size or number of workers yields each remaining sample of the epoch once.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lightning_patterns._warnings import silence_known_noise
 from lightning_patterns.data.sharding.assignment import Span
 from lightning_patterns.data.streaming.dataset import StreamingDataset
 from lightning_patterns.data.streaming.resume import ResumePoint, remaining_stream
@@ -24,8 +24,7 @@ __all__ = ["StreamingDataLoader"]
 
 _STATE_KEY = "lightning_patterns"
 
-# torchdata 0.11 calls `torch.set_vital`, deprecated in torch 2.13: noise for our users, not theirs to fix.
-warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated.*")
+silence_known_noise()
 
 
 class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.utils.data import get_worker_info
 
-__all__ = ["Topology", "check_rank", "resolve_rank", "current_worker"]
+__all__ = ["Topology", "check_rank", "current_worker", "resolve_rank"]
 
 
 @dataclass(frozen=True)
