@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from lightning_patterns.data.streaming.dataset import StreamingDataset
 from lightning_patterns.data.streaming.fetch import (
     FetchStats,
     FetchStatsSnapshot,
@@ -17,7 +18,6 @@ from lightning_patterns.data.streaming.fetch import (
     is_transient_error,
     open_url,
 )
-from lightning_patterns.data.streaming.dataset import StreamingDataset
 from lightning_patterns.data.streaming.idx import IDXDataset, IDXHeader, read_idx_header
 from lightning_patterns.data.streaming.loader import StreamingDataLoader
 from lightning_patterns.data.streaming.resume import ResumePoint
