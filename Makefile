@@ -19,8 +19,8 @@ demo: $(STAMP)
 	$(BIN)/lightning-patterns fit --recipe fashion_mnist
 
 lint: $(STAMP)
-	$(BIN)/ruff check lightning_patterns tests benchmarks
-	$(BIN)/ruff format --check lightning_patterns tests benchmarks
+	$(BIN)/ruff check lightning_patterns tests $(wildcard benchmarks)
+	$(BIN)/ruff format --check lightning_patterns tests $(wildcard benchmarks)
 	$(BIN)/mypy
 
 test: lint

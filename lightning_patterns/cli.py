@@ -108,7 +108,14 @@ def _shards(argv: list[str]) -> int:
     return run_shards_command(argv)
 
 
+def _cache(argv: list[str]) -> int:
+    from lightning_patterns.data.caching.cli import run_cache_command
+
+    return run_cache_command(argv)
+
+
 _TOOLS["shards"] = _shards
+_TOOLS["cache"] = _cache
 
 
 def register_tool(name: str, run: Callable[[list[str]], int]) -> None:

@@ -15,10 +15,10 @@ from typing import Any
 import pytorch_lightning as pl
 
 from lightning_patterns._warnings import silence_known_noise
+from lightning_patterns.data.embedded import EmbeddedFashionMNIST, prepare_embedded_dataset
 from lightning_patterns.data.streaming.dataset import StreamingDataset
 from lightning_patterns.data.streaming.loader import StreamingDataLoader
 from lightning_patterns.data.streaming.topology import resolve_rank
-from lightning_patterns.demo.embedded import EmbeddedFashionMNIST, prepare_embedded_dataset
 from lightning_patterns.demo.server import LocalHTTPServer
 
 __all__ = ["ShardedStreamingDataModule"]

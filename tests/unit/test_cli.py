@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,12 @@ SHORT_RUN = [
     "--trainer.limit_val_batches=1",
     "--trainer.enable_progress_bar=false",
     "--trainer.logger=false",
-    "--data.init_args.train_samples=64",
-    "--data.init_args.val_samples=32",
-    "--data.init_args.batch_size=16",
+]
+# The default recipe streams its embedded dataset: make it small.
+SMALL_DATA = [
+    "--data.init_args.embedded.train_samples=256",
+    "--data.init_args.embedded.val_samples=64",
+    "--data.init_args.batch_size=32",
 ]
 
 
@@ -73,9 +77,10 @@ def test_wrong_key_in_a_config_file_names_the_key(tmp_path: Path, capsys: pytest
 
 
 def test_fit_overrides_from_the_command_line_and_prints_accuracy(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    code = main(["fit", "--recipe", "fashion_mnist", f"--trainer.default_root_dir={tmp_path}", *SHORT_RUN])
+    monkeypatch.setenv("LIGHTNING_PATTERNS_CACHE", str(tmp_path / "cache"))
+    code = main(["fit", "--recipe", "fashion_mnist", f"--trainer.default_root_dir={tmp_path}", *SHORT_RUN, *SMALL_DATA])
     assert code == 0
     out = capsys.readouterr().out
     assert "validation accuracy: " in out
@@ -89,12 +94,22 @@ def test_console_script_and_module_entry_point(tmp_path: Path) -> None:
     listed = subprocess.run([str(script), "recipes"], capture_output=True, text=True, timeout=120, check=True)
     assert "fashion_mnist" in listed.stdout
     fitted = subprocess.run(
-        [sys.executable, "-m", "lightning_patterns", "validate", "--recipe", "fashion_mnist", *SHORT_RUN[3:]],
+        [
+            sys.executable,
+            "-m",
+            "lightning_patterns",
+            "validate",
+            "--recipe",
+            "fashion_mnist",
+            *SHORT_RUN[2:],
+            *SMALL_DATA,
+        ],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
         cwd=tmp_path,
+        env={**os.environ, "LIGHTNING_PATTERNS_CACHE": str(tmp_path / "cache")},
     )
     assert fitted.returncode == 0, fitted.stderr[-2000:]
     assert "validation accuracy: " in fitted.stdout

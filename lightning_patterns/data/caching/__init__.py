@@ -1,17 +1,80 @@
 """Epoch caching: keep the shards read in epoch 1 so later epochs never touch the remote.
 
-PLACEHOLDER: the caching implementation (issue 5) lands here; ``make_cache`` returns no cache until then.
+Caches by registry name:
+
+- ``"memory"`` (:class:`MemoryEpochCache`): one shared-memory copy per rank, read by all its DataLoader workers.
+- ``"disk"`` (:class:`DiskEpochCache`): verified files in ``cache_dir``, shared by every process of a machine and
+  reused by later runs, also after a crash.
+
+Third parties register more through the ``lightning_patterns.caches`` entry-point group, or with
+``CACHES.register(name, cls)``; a cache class subclasses :class:`EpochCache`.
 """
 
 from __future__ import annotations
 
-from lightning_patterns.data.caching.base import EpochCache
+from lightning_patterns._registry import Registry
+from lightning_patterns.data.caching.base import EpochCache, check_cache_limit
+from lightning_patterns.data.caching.disk import CacheEntryCorruptWarning, DiskEpochCache
+from lightning_patterns.data.caching.layout import CacheInfo, cache_info, clear_cache, default_cache_dir
+from lightning_patterns.data.caching.locks import CacheLockTimeoutError
+from lightning_patterns.data.caching.memory import MemoryEpochCache
 
-__all__ = ["EpochCache", "make_cache"]
+__all__ = [
+    "CACHES",
+    "CacheEntryCorruptWarning",
+    "CacheInfo",
+    "CacheLockTimeoutError",
+    "DiskEpochCache",
+    "EpochCache",
+    "MemoryEpochCache",
+    "cache_info",
+    "clear_cache",
+    "default_cache_dir",
+    "make_cache",
+]
+
+CACHES: Registry[type[EpochCache]] = Registry("cache", entry_point_group="lightning_patterns.caches")
+for _cls in (MemoryEpochCache, DiskEpochCache):
+    CACHES.register(_cls.name, _cls)
+del _cls
 
 
 def make_cache(cache: str | EpochCache | None, *, cache_dir: str | None, cache_limit: int | None) -> EpochCache | None:
-    """The cache a dataset asked for by name or instance; ``None`` for no cache."""
+    """The cache a dataset asked for by name or instance; ``None`` for no cache.
+
+    Args:
+        cache: a registry name (``"memory"``, ``"disk"``), an :class:`EpochCache`, or ``None``.
+        cache_dir: folder of a disk cache (required by ``"disk"``).
+        cache_limit: bytes the cache may hold (``None``: as much as the dataset).
+
+    Raises:
+        ValueError: an unknown name, ``"disk"`` without ``cache_dir``, a negative ``cache_limit``, or options given
+            that the chosen cache would ignore.
+
+    Examples:
+        >>> make_cache("memory", cache_dir=None, cache_limit=2**20)
+        MemoryEpochCache(cache_limit=1048576, capacity=0)
+        >>> make_cache(None, cache_dir=None, cache_limit=None) is None
+        True
+    """
+    check_cache_limit(cache_limit)
     if cache is None or isinstance(cache, EpochCache):
+        given = [
+            f"{name}={value!r}"
+            for name, value in (("cache_dir", cache_dir), ("cache_limit", cache_limit))
+            if value is not None
+        ]
+        if given:
+            fix = (
+                "pass cache='disk' (or 'memory') to cache, or drop them"
+                if cache is None
+                else f"set them on the {type(cache).__name__} instance instead"
+            )
+            raise ValueError(f"{', '.join(given)} given with cache={cache!r}, which would ignore them: {fix}.")
         return cache
-    raise ValueError(f"Unknown cache {cache!r}; caching is not implemented yet.")
+    if not isinstance(cache, str) or cache not in CACHES:
+        raise ValueError(
+            f"Unknown cache {cache!r}. Expected one of: {', '.join(repr(n) for n in CACHES.names())}, an EpochCache "
+            "instance, or None for no cache."
+        )
+    return CACHES.get(cache).from_options(cache_dir=cache_dir, cache_limit=cache_limit)

@@ -1,14 +1,27 @@
-"""The contract every epoch cache keeps."""
+"""The contract every epoch cache keeps, and small helpers the implementations share."""
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from lightning_patterns.data.shards.manifest import Manifest
 
-__all__ = ["EpochCache"]
+__all__ = ["EpochCache", "check_cache_limit"]
+
+
+def check_cache_limit(cache_limit: int | None) -> int | None:
+    """Return ``cache_limit`` if it is ``None`` or a non-negative number of bytes, else raise ``ValueError``."""
+    if cache_limit is None:
+        return None
+    if isinstance(cache_limit, bool) or not isinstance(cache_limit, int) or cache_limit < 0:
+        raise ValueError(
+            f"`cache_limit` must be a number of bytes >= 0 or None (as much as the dataset), got "
+            f"cache_limit={cache_limit!r}. For example `cache_limit=20 * 2**30` for 20 GiB."
+        )
+    return cache_limit
 
 
 class EpochCache(ABC):
@@ -16,9 +29,23 @@ class EpochCache(ABC):
 
     A dataset calls :meth:`bind` once in its constructor (in the main process, before any DataLoader
     worker starts), then :meth:`get_or_fetch` from any worker process and any of its threads.
+
+    Subclasses declare their registry key as ``name`` and may override :meth:`from_options`, which
+    :func:`~lightning_patterns.data.caching.make_cache` calls with the dataset's ``cache_dir`` and
+    ``cache_limit``.
     """
 
     name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._counts_lock = threading.Lock()
+        self._hits = 0
+        self._misses = 0
+
+    @classmethod
+    def from_options(cls, *, cache_dir: str | None, cache_limit: int | None) -> EpochCache:
+        """Build the cache from the dataset's ``cache_dir`` and ``cache_limit`` arguments."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built by name; pass an instance as `cache=`.")
 
     @abstractmethod
     def bind(self, manifest: Manifest) -> None:
@@ -28,6 +55,18 @@ class EpochCache(ABC):
     def get_or_fetch(self, shard: int, fetch: Callable[[], bytes]) -> Any:
         """The bytes of shard ``shard`` (index into ``manifest.shards``): cached, else ``fetch()``-ed and kept."""
 
-    @abstractmethod
     def stats(self) -> tuple[int, int]:
         """``(hits, misses)`` counted in this process."""
+        with self._counts_lock:
+            return self._hits, self._misses
+
+    def _count(self, *, hit: bool) -> None:
+        with self._counts_lock:
+            if hit:
+                self._hits += 1
+            else:
+                self._misses += 1
+
+    def _reset_after_pickle(self) -> None:
+        """Give an unpickled copy its own counters and lock (locks do not pickle)."""
+        EpochCache.__init__(self)

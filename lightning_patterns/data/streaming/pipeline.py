@@ -71,6 +71,10 @@ class ReadAhead:
             if in_flight > self._read_ahead:
                 break
             shard = self._schedule[self._next]
+            if shard in self._futures or shard in self._released:
+                # Already requested out of turn (a shuffle window reached it early), or done with.
+                self._next += 1
+                continue
             if (
                 self._read_ahead_bytes is not None
                 and in_flight > 1
@@ -104,6 +108,7 @@ class ReadAhead:
         future = self._futures.pop(shard, None)
         if future is not None:
             future.cancel()
+        self._released.add(shard)
         self._fill()
 
     def close(self) -> None:

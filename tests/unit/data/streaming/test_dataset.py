@@ -156,3 +156,13 @@ def test_loader_refuses_settings_the_dataset_owns(make_dataset: Callable[..., st
         StreamingDataLoader(StreamingDataset(url, batch_size=4), batch_size=4, shuffle=True)
     with pytest.raises(TypeError, match="needs a StreamingDataset"):
         StreamingDataLoader(np.arange(3))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_each_shard_is_fetched_once_per_epoch(make_dataset: Callable[..., str], shuffle: bool) -> None:
+    # Small shards and a window spanning several of them: shards are reached out of turn, never fetched twice.
+    url = make_dataset(5000, num_shards=13)
+    loader = StreamingDataLoader(StreamingDataset(url, batch_size=64, shuffle=shuffle, shuffle_window=1024))
+    for _ in range(2):
+        list(loader)
+    assert loader.metrics()["remote_requests"] == 2 * 13

@@ -1,0 +1,64 @@
+"""``lightning-patterns cache info|clear`` through run_cache_command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cache_helpers import CountingSource
+
+from lightning_patterns.data.caching import DiskEpochCache, cache_info
+from lightning_patterns.data.caching.cli import run_cache_command
+from lightning_patterns.data.caching.layout import store_root
+
+
+def _fill(cache_dir: Path, source: CountingSource, shards: int) -> None:
+    cache = DiskEpochCache(cache_dir, min_free_bytes=0)
+    cache.bind(source.manifest)
+    for shard in range(shards):
+        cache.get_or_fetch(shard, source.fetcher(shard))
+
+
+def test_info_counts_entries_bytes_and_datasets(
+    source: CountingSource, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fill(tmp_path / "c", source, 4)
+    expected_bytes = sum(s.num_bytes for s in source.manifest.shards[:4])
+    assert run_cache_command(["info", "--cache-dir", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "entries: 4\n" in out
+    assert f"bytes: {expected_bytes} " in out
+    assert "datasets: 1\n" in out
+    assert f"4/{len(source.manifest.shards)} shards cached" in out
+
+
+def test_info_uses_the_environment_default(
+    source: CountingSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LIGHTNING_PATTERNS_CACHE", str(tmp_path / "env"))
+    _fill(tmp_path / "env", source, 2)
+    assert run_cache_command(["info"]) == 0
+    assert "entries: 2\n" in capsys.readouterr().out
+
+
+def test_clear_removes_only_the_cache_files(
+    source: CountingSource, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fill(tmp_path / "c", source, 3)
+    keep = [tmp_path / "c" / "user.txt", store_root(tmp_path / "c") / "entries" / "notes.lps.txt"]
+    for path in keep:
+        path.write_text("mine")
+    assert run_cache_command(["clear", "--cache-dir", str(tmp_path / "c")]) == 0
+    assert "removed 7 files" in capsys.readouterr().out  # 3 entries, 3 locks, 1 dataset record
+    info = cache_info(tmp_path / "c")
+    assert (info.entries, info.num_bytes, info.datasets) == (0, 0, ())
+    assert all(path.read_text() == "mine" for path in keep)
+    # The cache works again after a clear.
+    _fill(tmp_path / "c", source, 1)
+    assert cache_info(tmp_path / "c").entries == 1
+
+
+def test_usage_errors_return_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cache_command(["shrink"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert run_cache_command([]) == 2
