@@ -71,18 +71,19 @@ def test_epoch_two_reads_nothing_from_the_remote(
     assert metrics["cache_hits"] >= len(manifest.shards)
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("cache", ["memory", "disk"])
 def test_a_smaller_cache_bounds_what_later_epochs_read(
-    served: tuple[FaultInjectingHTTPServer, Manifest], tmp_path: Path, cache: str
+    served: tuple[FaultInjectingHTTPServer, Manifest], tmp_path: Path, cache: str, shuffle: bool
 ) -> None:
-    """One process, no shuffle: the loader reads each shard once per epoch, so the bound is exact."""
+    """One process reads each shard once per epoch, shuffled or not, so the bound is exact."""
     server, manifest = served
     limit = int(manifest.num_bytes * 0.45)
     largest = max(shard.num_bytes for shard in manifest.shards)
     options: dict[str, Any] = {"cache_limit": limit}
     if cache == "disk":
         options["cache_dir"] = str(tmp_path / "cache")
-    loader = StreamingDataLoader(_dataset(server, cache=cache, **options))
+    loader = StreamingDataLoader(_dataset(server, cache=cache, shuffle=shuffle, seed=3, **options))
     first, _, count = _epoch(loader, server)
     assert first == manifest.num_bytes
     for _ in range(2):
@@ -95,9 +96,8 @@ def test_a_smaller_cache_bounds_what_later_epochs_read(
 def test_a_smaller_cache_saves_its_size_with_shuffle_and_workers(
     served: tuple[FaultInjectingHTTPServer, Manifest], tmp_path: Path, cache: str
 ) -> None:
-    """With shuffle and 2 workers the loader itself reads some shards twice an epoch (a worker boundary, a split
-    span), so compare with the same loader without a cache: every later epoch reads at least
-    ``cache_limit - one shard`` less."""
+    """With 2 workers a shard on the boundary between them is read by both when it is not cached, so compare
+    with the same loader without a cache: every later epoch reads at least ``cache_limit - one shard`` less."""
     server, manifest = served
     limit = int(manifest.num_bytes * 0.45)
     largest = max(shard.num_bytes for shard in manifest.shards)
