@@ -1,0 +1,494 @@
+"""``ParameterServerStrategy``: the parameter-server pattern as a Lightning strategy.
+
+Workers are Lightning's processes (``devices × num_nodes``, global ranks ``0 .. W-1``) and form
+Lightning's default process group, so Lightning's own collectives (``barrier``, ``broadcast``,
+``self.log(..., sync_dist=True)``, torchmetrics) involve workers only. Workers and ``num_servers``
+server processes (ranks ``W .. W+S-1``) also join a second, gloo group of ``W + S`` ranks created from the
+same rendezvous store; parameter-server messages are point-to-point sends and receives on it.
+Parameters are partitioned over the servers in byte-balanced chunks; each step a worker pushes its
+gradient chunks and pulls the updated parameters.
+
+Gradient clipping (``gradient_clip_val``) runs on each worker's local, accumulated gradient before the
+push, so sync mode averages clipped gradients, whereas DDP clips the average. Without clipping, sync mode
+equals single-process training on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import multiprocessing.process
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning_fabric.strategies.registry import _StrategyRegistry
+from lightning_fabric.utilities.distributed import (
+    _all_gather_ddp_if_available,
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning_fabric.utilities.optimizer import _optimizers_to_device
+from lightning_fabric.utilities.rank_zero import rank_zero_only
+from lightning_fabric.utilities.seed import reset_seed
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from pytorch_lightning.core.optimizer import LightningOptimizer
+from pytorch_lightning.plugins.precision import Precision
+from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from pytorch_lightning.strategies.parallel import ParallelStrategy
+from pytorch_lightning.strategies.strategy import TBroadcast
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torch import Tensor
+from torch.distributed.distributed_c10d import ReduceOp
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_patterns.exceptions import PeerLostError
+from lightning_patterns.strategies.parameter_server.client import WorkerClient
+from lightning_patterns.strategies.parameter_server.launcher import servers_on_node, start_servers, stop_servers
+from lightning_patterns.strategies.parameter_server.messages import P2PGroup, connect_group
+from lightning_patterns.strategies.parameter_server.server import JOIN_TIMEOUT_S, ServerConfig
+from lightning_patterns.strategies.parameter_server.telemetry import ParameterServerTelemetry
+
+__all__ = ["ParameterServerStrategy"]
+
+log = logging.getLogger(__name__)
+
+_START_METHODS = ("popen", "spawn", "fork", "forkserver")
+_GROUPS_CREATED = 0  # worker-and-server groups this process has joined
+
+
+def _raise_on_local_sigterm(trainer: pl.Trainer) -> None:
+    if getattr(trainer, "received_sigterm", False):
+        raise SIGTERMException()
+
+
+class ParameterServerStrategy(ParallelStrategy):
+    """Train an unchanged LightningModule with parameter servers.
+
+    Args:
+        num_servers: number of server processes. Server ``s`` runs on node ``s % num_nodes``.
+        mode: ``"sync"`` averages all workers' gradients before each update (equal to single-process
+            training on the concatenated batch); ``"async"`` applies each worker's push on arrival (scaled by
+            ``1 / num_workers``), bounded by ``max_staleness``.
+        max_staleness: for ``"async"``: no worker runs more than this many steps ahead of the slowest
+            (stale-synchronous parallel). ``0`` is exactly ``"sync"``; ``None`` is fully asynchronous.
+        timeout: seconds any wait may take; a peer silent for longer while it should talk, or one whose
+            connection drops, stops every process with :class:`~lightning_patterns.exceptions.PeerLostError`.
+            It must exceed the longest gap between two optimizer steps of the slowest worker.
+        chunk_bytes: the most bytes in one partition chunk (``None``: chunks end only at tensor and server
+            boundaries).
+        process_group_backend: backend of the workers' group: ``"gloo"`` (default on CPU) or ``"nccl"`` (default
+            on GPU). Parameter-server messages always travel on gloo, from CPU buffers.
+        start_method: how Lightning starts the workers on one machine, as for ``DDPStrategy``.
+        accelerator: set by the Trainer.
+        parallel_devices: set by the Trainer.
+        cluster_environment: set by the Trainer (torchrun, SLURM, ...).
+        checkpoint_io: set by the Trainer.
+        precision_plugin: set by the Trainer.
+    """
+
+    strategy_name = "parameter_server"
+
+    def __init__(
+        self,
+        num_servers: int = 1,
+        mode: Literal["sync", "async"] = "sync",
+        max_staleness: int | None = 0,
+        timeout: float = 60.0,
+        chunk_bytes: int | None = None,
+        process_group_backend: str | None = None,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        if isinstance(num_servers, bool) or not isinstance(num_servers, int) or num_servers < 1:
+            raise ValueError(f"`num_servers` must be an integer >= 1, got num_servers={num_servers!r}.")
+        if mode not in ("sync", "async"):
+            raise ValueError(f"`mode` must be 'sync' or 'async', got mode={mode!r}.")
+        if max_staleness is not None and (not isinstance(max_staleness, int) or max_staleness < 0):
+            raise ValueError(
+                f"`max_staleness` must be None or an integer >= 0, got max_staleness={max_staleness!r}. "
+                "Use 0 for synchronous steps, None for fully asynchronous training."
+            )
+        if not timeout > 0:
+            raise ValueError(f"`timeout` must be a positive number of seconds, got timeout={timeout!r}.")
+        if chunk_bytes is not None and chunk_bytes < 1:
+            raise ValueError(f"`chunk_bytes` must be None or >= 1, got chunk_bytes={chunk_bytes!r}.")
+        if start_method not in _START_METHODS:
+            raise ValueError(f"`start_method` must be one of {_START_METHODS}, got start_method={start_method!r}.")
+        self.num_servers = num_servers
+        self.mode = mode
+        self.max_staleness = max_staleness
+        self.timeout = float(timeout)
+        self.chunk_bytes = chunk_bytes
+        self._process_group_backend = process_group_backend
+        self._start_method = start_method
+        self._num_nodes = 1
+        self._servers: list[multiprocessing.process.BaseProcess] = []
+        self._client: WorkerClient | None = None
+        self._ps_group: P2PGroup | None = None
+        self._telemetry: ParameterServerTelemetry | None = None
+
+    # -- topology ----------------------------------------------------------------------------------------
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        """Number of machines."""
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        """Workers per node."""
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def num_workers(self) -> int:
+        """Workers in all (``num_nodes × devices``)."""
+        return self.num_nodes * self.num_processes
+
+    @property
+    def is_distributed(self) -> bool:
+        """Always: the Trainer must shard data over the workers."""
+        return True
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.num_workers, "rank": self.global_rank}
+
+    @property
+    def process_group_backend(self) -> str | None:
+        """The ``torch.distributed`` backend in use."""
+        return self._process_group_backend
+
+    @property
+    def telemetry(self) -> ParameterServerTelemetry | None:
+        """This worker's communication counters of the current or last fit (``None`` before the first)."""
+        return self._telemetry
+
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self._start_method == "popen":
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
+
+    # -- process group -----------------------------------------------------------------------------------
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self.setup_distributed()
+
+    def set_world_ranks(self) -> None:
+        """Workers keep Lightning's ranks; servers come after them."""
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
+
+    def _get_process_group_backend(self) -> str:
+        return self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+
+    def setup_distributed(self) -> None:
+        """Start this node's servers, join Lightning's workers-only group, then the workers-and-servers group."""
+        reset_seed()
+        self.set_world_ranks()
+        self._process_group_backend = self._get_process_group_backend()
+        assert self.cluster_environment is not None
+        fitting = self.lightning_module is None or self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        address, port = self.cluster_environment.main_address, self.cluster_environment.main_port
+        global _GROUPS_CREATED
+        # Every process runs the same sequence of fits, so this names the same group everywhere.
+        prefix = f"lightning_patterns/parameter_server/{_GROUPS_CREATED}"
+        _GROUPS_CREATED += 1
+        # Only fitting needs servers; evaluation runs on the workers alone.
+        if fitting and self.local_rank == 0:
+            config = ServerConfig(
+                server_index=0,
+                num_workers=self.num_workers,
+                num_servers=self.num_servers,
+                main_address=address,
+                main_port=port,
+                prefix=prefix,
+                timeout=self.timeout,
+                mode=self.mode,
+                max_staleness=self.max_staleness,
+            )
+            self._servers = start_servers(config, servers_on_node(self.num_servers, self.num_nodes, self.node_rank))
+        # Joining waits for every process to start, which takes longer than a step: give it at least two minutes.
+        join_timeout = max(self.timeout, JOIN_TIMEOUT_S)
+        _init_dist_connection(
+            self.cluster_environment, self._process_group_backend, timeout=datetime.timedelta(seconds=join_timeout)
+        )
+        if fitting:
+            try:
+                self._ps_group = connect_group(
+                    address, port, self.global_rank, self.num_workers + self.num_servers, prefix, join_timeout
+                )
+            except RuntimeError as error:
+                dead = [(p.name, p.exitcode) for p in self._servers if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(
+                        f"Server processes this node started exited while joining: {dead}. Their log is above; a "
+                        "script that starts training must guard it with `if __name__ == '__main__':`, because "
+                        "servers are started with the 'spawn' method, which re-imports the main module."
+                    ) from error
+                raise
+        log.info(
+            "rank %d: %d workers (%s) and %d servers (gloo)",
+            self.global_rank,
+            self.num_workers,
+            self._process_group_backend,
+            self.num_servers if fitting else 0,
+        )
+
+    # -- model and optimizer -----------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        assert self.model is not None
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+            self._connect()
+
+    def _connect(self) -> None:
+        if len(self.optimizers) != 1:
+            raise ValueError(
+                f"ParameterServerStrategy supports exactly one optimizer, got {len(self.optimizers)}. "
+                "Return a single optimizer from `configure_optimizers`."
+            )
+        assert self.lightning_module is not None
+        if not self.lightning_module.automatic_optimization:
+            raise ValueError(
+                "ParameterServerStrategy needs automatic optimization; set `self.automatic_optimization = True`."
+            )
+        if self._ps_group is None:
+            raise RuntimeError("ParameterServerStrategy: fitting needs servers, but none joined the process group.")
+        self._client = WorkerClient(
+            self._ps_group,
+            self._unwrap(self.optimizers[0]),
+            num_workers=self.num_workers,
+            num_servers=self.num_servers,
+            global_rank=self.global_rank,
+            chunk_bytes=self.chunk_bytes,
+            timeout=self.timeout,
+        )
+        self._telemetry = self._client.telemetry
+        self._client.connect()
+
+    @staticmethod
+    def _unwrap(optimizer: Any) -> Optimizer:
+        return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run forward, backward and clipping on the worker, then push the gradient and pull parameters.
+
+        The worker's optimizer never steps, so it holds no state.
+        """
+        if self._client is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        model = model or self.lightning_module
+        assert isinstance(model, pl.LightningModule)
+        optimizer = self._unwrap(optimizer)
+        # `_wrap_closure` runs the closure, `on_before_optimizer_step` and gradient clipping (on the local
+        # gradient, as the precision plugin's `optimizer.step(closure)` would).
+        result = self.precision_plugin._wrap_closure(model, optimizer, closure)
+        self._client.push_pull()
+        # What torch's LR-scheduler wrapper of `optimizer.step` records; schedulers check it.
+        optimizer._opt_called = True  # type: ignore[attr-defined]
+        self._log_telemetry()
+        return result
+
+    def _log_telemetry(self) -> None:
+        assert self._client is not None
+        model = self.lightning_module
+        if model is None or self.global_rank != 0:
+            return
+        trainer = model.trainer
+        step = self._client.telemetry.steps
+        if step % max(int(getattr(trainer, "log_every_n_steps", 50)), 1) != 0:
+            return
+        metrics = self._client.telemetry.metrics()
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:
+        """On rank 0, the whole optimizer state gathered from the servers, laid out as one process's."""
+        if self._client is not None and not self._client.shut_down and self.global_rank == 0:
+            return self._client.gather_state()
+        return super().optimizer_state(optimizer)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Keep hyperparameters on the workers and send the state to the servers (any number of them)."""
+        for optimizer, state_dict in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            self._unwrap(optimizer).load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+            if self._client is not None and self.global_rank == 0:
+                self._client.load_state(state_dict)
+        if self._client is not None:
+            # No worker may push before the servers hold the restored state (async servers apply pushes at once).
+            self.barrier("parameter_server_load_optimizer_state")
+
+    # -- Lightning's collectives, on the workers only -----------------------------------------------------
+    def _collective_failed(self, what: str, error: BaseException) -> PeerLostError:
+        others = [r for r in range(self.num_workers) if r != self.global_rank]
+        lost = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {others}"
+        return PeerLostError(
+            f"Worker rank {self.global_rank} lost {lost} during {what}: {str(error).splitlines()[0]}. "
+            f"Check the log of {lost}; if it is only slow, raise `ParameterServerStrategy(timeout=...)`."
+        )
+
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        if not _distributed_is_initialized():
+            return
+        try:
+            if self._process_group_backend == "gloo":
+                # A barrier may legitimately wait for a slow rank (rank 0 saving a checkpoint): join-length bound.
+                timeout = datetime.timedelta(seconds=max(self.timeout, JOIN_TIMEOUT_S))
+                dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
+            else:
+                dist.barrier()
+        except RuntimeError as error:
+            raise self._collective_failed("a barrier", error) from error
+
+    @override
+    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        try:
+            dist.broadcast_object_list(box, src)
+        except RuntimeError as error:
+            raise self._collective_failed("a broadcast", error) from error
+        return box[0]
+
+    @override
+    def reduce(
+        self, tensor: Tensor | Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
+    ) -> Tensor | Any:
+        """Reduce over the workers (never the servers)."""
+        if not isinstance(tensor, Tensor):
+            return tensor
+        try:
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        except RuntimeError as error:
+            raise self._collective_failed("a reduction", error) from error
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        try:
+            return _all_gather_ddp_if_available(tensor, group=group, sync_grads=sync_grads)
+        except RuntimeError as error:
+            raise self._collective_failed("an all-gather", error) from error
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    @override
+    def on_train_start(self) -> None:
+        if self._client is None or (self.mode == "sync" or self.max_staleness == 0):
+            return
+        assert self.lightning_module is not None
+        trainer = self.lightning_module.trainer
+        loop = trainer.fit_loop.epoch_loop
+        if hasattr(loop, "_broadcast_sigterm_tensor"):
+            # Lightning broadcasts a SIGTERM flag from rank 0 before every batch, which would hold every worker in
+            # step with rank 0 and defeat asynchronous training. Check this worker's own flag instead; a worker
+            # that stops is then seen by the others as a lost peer.
+            loop._broadcast_sigterm_tensor = partial(_raise_on_local_sigterm, trainer)  # type: ignore[method-assign]
+
+    @override
+    def on_validation_start(self) -> None:
+        if self._client is not None and self._client.initialized and not self._client.shut_down:
+            self._client.pause()
+
+    @override
+    def on_train_end(self) -> None:
+        if self._client is not None and not self._client.shut_down:
+            # In async mode workers may hold slightly different parameters: end on the servers' values.
+            self._client.pull()
+            self._client.shutdown(self.timeout)
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        self._stop(grace=0.0)
+
+    def _stop(self, grace: float) -> None:
+        if self._client is not None and grace > 0:
+            self._client.shutdown(min(grace, self.timeout))
+        if self._servers:
+            codes = stop_servers(self._servers, grace)
+            self._servers = []
+            failed = [c for c in codes if c not in (0, None)]
+            if failed and grace > 0:
+                log.warning("rank %d: server processes exited with codes %s", self.global_rank, codes)
+
+    @override
+    def teardown(self) -> None:
+        self._stop(grace=min(self.timeout, 10.0))
+        self._client = None
+        self._ps_group = None
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        if "parameter_server" in strategy_registry:
+            return
+        strategy_registry.register(
+            "parameter_server", cls, description="Parameter servers, synchronous (`ParameterServerStrategy`)"
+        )
+        strategy_registry.register(
+            "parameter_server_async",
+            cls,
+            description="Parameter servers, fully asynchronous (`ParameterServerStrategy(mode='async')`)",
+            mode="async",
+            max_staleness=None,
+        )

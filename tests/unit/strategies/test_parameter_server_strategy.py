@@ -1,0 +1,98 @@
+"""Single-process tests of ParameterServerStrategy: registration, arguments, messages, telemetry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.strategies import StrategyRegistry
+
+import lightning_patterns.strategies as strategies
+from lightning_patterns.strategies import ParameterServerStrategy
+from lightning_patterns.strategies.parameter_server.launcher import servers_on_node
+from lightning_patterns.strategies.parameter_server.messages import BASE_FIELDS, Header, Kind
+from lightning_patterns.strategies.parameter_server.telemetry import ParameterServerTelemetry
+
+
+def test_registered_with_lightning() -> None:
+    assert "parameter_server" in StrategyRegistry
+    assert "parameter_server_async" in StrategyRegistry
+    # Importing twice (or registering again) must not raise.
+    ParameterServerStrategy.register_strategies(StrategyRegistry)
+    assert strategies.__all__ == sorted(strategies.__all__)
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "max_staleness"), [("parameter_server", "sync", 0), ("parameter_server_async", "async", None)]
+)
+def test_trainer_accepts_the_registered_names(name: str, mode: str, max_staleness: int | None) -> None:
+    trainer = pl.Trainer(strategy=name, devices=2, accelerator="cpu", logger=False, enable_checkpointing=False)
+    strategy = trainer.strategy
+    assert isinstance(strategy, ParameterServerStrategy)
+    assert (strategy.mode, strategy.max_staleness, strategy.num_servers) == (mode, max_staleness, 1)
+    assert strategy.num_workers == 2
+    assert strategy.world_size == 2  # Lightning's world: the workers; servers come after them
+    assert strategy.distributed_sampler_kwargs == {"num_replicas": 2, "rank": 0}
+    assert strategy.is_distributed
+    assert type(strategy.launcher).__name__ == "_SubprocessScriptLauncher"
+
+
+def test_spawn_start_method_uses_the_multiprocessing_launcher() -> None:
+    trainer = pl.Trainer(
+        strategy=ParameterServerStrategy(start_method="spawn"), devices=2, accelerator="cpu", logger=False
+    )
+    assert type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_servers": 0}, "num_servers"),
+        ({"num_servers": 1.5}, "num_servers"),
+        ({"num_servers": True}, "num_servers"),
+        ({"mode": "hogwild"}, "mode"),
+        ({"max_staleness": -1}, "max_staleness"),
+        ({"max_staleness": 1.0}, "max_staleness"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": -5.0}, "timeout"),
+        ({"chunk_bytes": 0}, "chunk_bytes"),
+        ({"start_method": "thread"}, "start_method"),
+    ],
+)
+def test_invalid_arguments(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ParameterServerStrategy(**kwargs)
+
+
+def test_header_round_trip() -> None:
+    header = Header(Kind.PUSH, step=7, version=3, numel=1234, lost=-1, lrs=(0.1, 0.025))
+    tensor = header.to_tensor(2)
+    assert tensor.dtype == torch.float64
+    assert tensor.numel() == BASE_FIELDS + 2
+    assert Header.from_tensor(tensor) == header
+    # Learning rates survive exactly: float64 on the wire.
+    assert Header.from_tensor(Header(Kind.PUSH, lrs=(0.1 / 3,)).to_tensor(1)).lrs == (0.1 / 3,)
+
+
+def test_servers_spread_round_robin_over_nodes() -> None:
+    assert servers_on_node(3, 1, 0) == [0, 1, 2]
+    assert servers_on_node(3, 2, 0) == [0, 2]
+    assert servers_on_node(3, 2, 1) == [1]
+    assert servers_on_node(1, 4, 3) == []
+
+
+def test_telemetry_records_steps_and_names_metrics() -> None:
+    telemetry = ParameterServerTelemetry(num_servers=2, partition_bytes=[300, 100])
+    telemetry.record_step([10, 20], [30, 40], comm_seconds=0.5, compute_seconds=1.5, staleness=2)
+    telemetry.record_step([10, 20], [30, 40], comm_seconds=0.5, compute_seconds=1.5, staleness=0)
+    assert (telemetry.steps, telemetry.bytes_pushed, telemetry.bytes_pulled) == (2, 30, 70)
+    assert telemetry.total_bytes_pushed == 60
+    assert telemetry.max_staleness_seen == 2
+    assert telemetry.mean_staleness == 1.0
+    assert telemetry.load_imbalance == pytest.approx(0.5)  # max 300 over mean 200
+    metrics = telemetry.metrics()
+    assert metrics["ps/comm_fraction"] == pytest.approx(0.25)
+    assert metrics["ps/server1/bytes_pulled"] == 40.0
+    assert ParameterServerTelemetry(num_servers=1).load_imbalance == 0.0
