@@ -38,20 +38,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import http.client
-import http.server
-import random
-import socket
-import struct
-import threading
-import time
+import io
 import urllib.parse
-from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
+
+from lightning_patterns.testing._faults import FAULTS, _FaultHandler, _FaultInjectingServer
 
 __all__ = ["FaultInjectingProxy", "PROXY_FAULTS", "ProxyRecord", "fault_proxy"]
 
-PROXY_FAULTS: tuple[str, ...] = ("reset", "500", "503", "truncate", "stall")
-_COPY_CHUNK = 64 * 1024
+# The same faults as the file server's, under the name this module has always exported.
+PROXY_FAULTS: tuple[str, ...] = FAULTS
 # Connection-level headers (RFC 9110 section 7.6.1) that describe one hop, never forwarded.
 _HOP_BY_HOP = frozenset(
     {
@@ -98,7 +94,7 @@ class ProxyRecord:
     fault: str | None = None
 
 
-class FaultInjectingProxy(http.server.ThreadingHTTPServer):
+class FaultInjectingProxy(_FaultInjectingServer[ProxyRecord]):
     """A threading reverse proxy to ``upstream_url`` that injects faults and logs every request.
 
     Prefer :func:`fault_proxy`, which starts and stops it.
@@ -112,9 +108,8 @@ class FaultInjectingProxy(http.server.ThreadingHTTPServer):
         upstream_timeout: Seconds to wait for the upstream server before answering ``502``.
     """
 
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
+    _thread_prefix = "fault-proxy"
+    _noun = "proxy"
 
     def __init__(
         self,
@@ -132,154 +127,21 @@ class FaultInjectingProxy(http.server.ThreadingHTTPServer):
                 f"FaultInjectingProxy(upstream_url={upstream_url!r}) must be a plain http:// base URL, "
                 "e.g. 'http://127.0.0.1:5000'."
             )
-        if not 0.0 <= failure_rate <= 1.0:
-            raise ValueError(f"FaultInjectingProxy(failure_rate={failure_rate!r}) must be in [0, 1].")
-        _check_faults(faults)
-        if failure_rate > 0 and not faults:
-            raise ValueError(f"FaultInjectingProxy(failure_rate={failure_rate!r}) needs at least one fault.")
-        if stall_seconds < 0:
-            raise ValueError(f"FaultInjectingProxy(stall_seconds={stall_seconds!r}) must be >= 0.")
         if not upstream_timeout > 0:
             raise ValueError(f"FaultInjectingProxy(upstream_timeout={upstream_timeout!r}) must be > 0 seconds.")
         self.upstream_host = parts.hostname
         self.upstream_port = parts.port or 80
         self.upstream_prefix = parts.path.rstrip("/")
-        self.failure_rate = failure_rate
-        self.faults = tuple(faults)
-        self.stall_seconds = stall_seconds
         self.upstream_timeout = upstream_timeout
-        self._rng = random.Random(seed)
-        self._lock = threading.Lock()
-        self._log: list[ProxyRecord] = []
-        self._scheduled: defaultdict[str, deque[str]] = defaultdict(deque)
-        self._thread: threading.Thread | None = None
-        super().__init__(("127.0.0.1", 0), _ProxyHandler)
-
-    # ------------------------------------------------------------------ addresses
-
-    @property
-    def port(self) -> int:
-        """The port the proxy listens on."""
-        return int(self.server_address[1])
-
-    @property
-    def url(self) -> str:
-        """The proxy's base URL, ``http://127.0.0.1:<port>``; use it as the client's endpoint."""
-        return f"http://127.0.0.1:{self.port}"
-
-    # ------------------------------------------------------------------ faults
-
-    def inject(self, path: str, *faults: str) -> None:
-        """Make the next requests for ``path`` meet ``faults``, one fault per request, in order.
-
-        Args:
-            path: The URL path as the client sends it, e.g. ``"/bucket/key"`` (a missing leading ``/`` is added).
-            *faults: Faults from the module docstring, e.g. ``inject("/bucket/key", "truncate", "500")``.
-        """
-        _check_faults(faults)
-        with self._lock:
-            self._scheduled["/" + path.lstrip("/")].extend(faults)
-
-    def _choose_fault(self, path: str) -> str | None:
-        with self._lock:
-            scheduled = self._scheduled.get(path)
-            if scheduled:
-                return scheduled.popleft()
-            if self.failure_rate > 0 and self._rng.random() < self.failure_rate:
-                return self._rng.choice(self.faults)
-            return None
-
-    # ------------------------------------------------------------------ request log
-
-    def _record(self, record: ProxyRecord) -> int:
-        with self._lock:
-            self._log.append(record)
-            return len(self._log) - 1
-
-    def _amend(self, index: int, old: ProxyRecord, new: ProxyRecord) -> None:
-        with self._lock:
-            if index < len(self._log) and self._log[index] is old:  # reset_log() may have run meanwhile
-                self._log[index] = new
-
-    @property
-    def requests(self) -> list[ProxyRecord]:
-        """A copy of the request log, oldest first."""
-        with self._lock:
-            return list(self._log)
-
-    def requests_for(self, path: str) -> list[ProxyRecord]:
-        """The logged requests for one URL path.
-
-        Args:
-            path: e.g. ``"/bucket/key"``.
-
-        Returns:
-            The matching records, oldest first.
-        """
-        path = "/" + path.lstrip("/")
-        return [r for r in self.requests if r.path == path]
-
-    @property
-    def request_count(self) -> int:
-        """How many requests were logged."""
-        with self._lock:
-            return len(self._log)
+        super().__init__(
+            _ProxyHandler, failure_rate=failure_rate, faults=faults, stall_seconds=stall_seconds, seed=seed
+        )
 
     @property
     def bytes_forwarded(self) -> int:
         """Answer body bytes written to clients over all logged requests."""
         with self._lock:
             return sum(r.bytes_forwarded for r in self._log)
-
-    @property
-    def fault_count(self) -> int:
-        """How many logged requests met a fault."""
-        with self._lock:
-            return sum(r.fault is not None for r in self._log)
-
-    def reset_log(self) -> None:
-        """Forget the logged requests (not the scheduled faults)."""
-        with self._lock:
-            self._log.clear()
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def start(self) -> FaultInjectingProxy:
-        """Serve from a daemon thread; returns ``self``."""
-        if self._thread is not None:
-            raise RuntimeError("FaultInjectingProxy.start() was already called; use a new proxy.")
-        self._thread = threading.Thread(
-            target=self.serve_forever, kwargs={"poll_interval": 0.05}, name=f"fault-proxy-{self.port}", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving and close the listening socket.
-
-        Args:
-            timeout: Seconds to wait for the serving thread; after that it is left to die with the process.
-        """
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join(timeout)
-            self._thread = None
-        self.server_close()
-
-    def __enter__(self) -> FaultInjectingProxy:
-        return self.start() if self._thread is None else self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        """Stay quiet: clients that give up (timeouts, resets) make writes fail, and that is expected."""
-
-
-def _check_faults(faults: Sequence[str]) -> None:
-    unknown = [f for f in faults if f not in PROXY_FAULTS]
-    if unknown or isinstance(faults, str):
-        raise ValueError(f"faults={faults!r} has unknown entries {unknown!r}; choose from {PROXY_FAULTS!r}.")
 
 
 def _parse_range(header: str | None) -> tuple[int, int | None] | None:
@@ -311,14 +173,8 @@ class _Request:
     fault: str | None
 
 
-class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+class _ProxyHandler(_FaultHandler):
     server: FaultInjectingProxy
-    protocol_version = "HTTP/1.1"
-    timeout = 30  # an idle keep-alive connection frees its thread eventually
-    disable_nagle_algorithm = True  # headers and body are separate writes: avoid 40 ms delayed-ACK stalls
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Stay quiet (the default logs request lines, whose query strings may carry signatures)."""
 
     def do_GET(self) -> None:
         self._proxy()
@@ -354,16 +210,13 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         fault = self.server._choose_fault(path)
         request = _Request(self.command, path, split.query, _parse_range(self.headers.get("Range")), body, fault)
-        if fault == "reset":
-            self._log(request, 0)
-            self._reset()
+        answered = self._act_out_fault(
+            fault,
+            lambda status: self._log(request, status),
+            lambda status: self._send_error_body(status, path, retry_after=status == 503),
+        )
+        if answered:
             return
-        if fault in ("500", "503"):
-            self._log(request, int(fault))
-            self._send_error_body(int(fault), path, retry_after=fault == "503")
-            return
-        if fault == "stall":
-            time.sleep(self.server.stall_seconds)
         upstream = http.client.HTTPConnection(
             self.server.upstream_host, self.server.upstream_port, timeout=self.server.upstream_timeout
         )
@@ -409,29 +262,16 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             to_send //= 2
             self.close_connection = True
         index, planned = self._log(request, response.status, to_send)
-        sent = 0
-        try:
-            self.send_response(response.status, response.reason)
-            for key, value in response.getheaders():
-                if key.lower() not in _HOP_BY_HOP | {"content-length", "date", "server"}:
-                    self.send_header(key, value)
-            self.send_header("Content-Length", str(length))
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if content is not None:
-                self.wfile.write(content[:to_send])
-                sent = to_send
-            while sent < to_send:
-                chunk = response.read(min(_COPY_CHUNK, to_send - sent))
-                if not chunk:
-                    break
-                self.wfile.write(chunk)
-                sent += len(chunk)
-            self.wfile.flush()
-        except OSError:
-            # The client went away (e.g. it timed out during a stall), or upstream broke off.
-            self.close_connection = True
+        self.send_response(response.status, response.reason)
+        for key, value in response.getheaders():
+            if key.lower() not in _HOP_BY_HOP | {"content-length", "date", "server"}:
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(length))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        # nullcontext: the response belongs to the upstream connection, which _proxy closes.
+        body = response if content is None else io.BytesIO(content)
+        sent = self._send_body(contextlib.nullcontext(body), to_send)
         if sent != to_send:
             self.server._amend(index, planned, dataclasses.replace(planned, bytes_forwarded=sent))
 
@@ -449,13 +289,6 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
         except OSError:
             self.close_connection = True
-
-    def _reset(self) -> None:
-        """Abort the connection with a TCP reset (SO_LINGER 0), as a crashing server or load balancer would."""
-        self.close_connection = True
-        with contextlib.suppress(OSError):
-            self.wfile.flush()
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 @contextlib.contextmanager
