@@ -52,7 +52,7 @@ class EpochCache(ABC):
         """Prepare for the dataset described by ``manifest`` (its content keys the entries)."""
 
     @abstractmethod
-    def get_or_fetch(self, shard: int, fetch: Callable[[], bytes]) -> Any:
+    def get_or_fetch(self, shard: int, fetch: Callable[[], bytes | memoryview]) -> Any:
         """The bytes of shard ``shard`` (index into ``manifest.shards``): cached, else ``fetch()``-ed and kept."""
 
     def stats(self) -> tuple[int, int]:

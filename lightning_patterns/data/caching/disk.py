@@ -202,7 +202,7 @@ class DiskEpochCache(EpochCache):
     def _entry_path(self, digest: str) -> Path:
         return self.root / "entries" / f"{digest}.lps"
 
-    def get_or_fetch(self, shard: int, fetch: Callable[[], bytes]) -> Any:
+    def get_or_fetch(self, shard: int, fetch: Callable[[], bytes | memoryview]) -> Any:
         """The shard's entry, memory-mapped read-only; on a miss ``fetch()`` it (once per machine) and store it.
 
         Raises:
@@ -289,7 +289,7 @@ class DiskEpochCache(EpochCache):
 
     # ------------------------------------------------------------------ writing
 
-    def _store(self, shard: int, data: bytes) -> None:
+    def _store(self, shard: int, data: bytes | memoryview) -> None:
         """Add ``data`` as the shard's entry if the policy admits it; failures only log (training goes on)."""
         digest = self._digests[shard]
         entries_dir = self.root / "entries"
@@ -322,7 +322,7 @@ class DiskEpochCache(EpochCache):
                 err,
             )
 
-    def _write_entry(self, shard: int, digest: str, data: bytes) -> None:
+    def _write_entry(self, shard: int, digest: str, data: bytes | memoryview) -> None:
         entries_dir = self.root / "entries"
         temp = entries_dir / f"{digest}.lps.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

@@ -185,7 +185,7 @@ class MemoryEpochCache(EpochCache):
         offset = self._offsets[shard]
         return memoryview(self._region)[offset : offset + self._manifest.shards[shard].num_bytes].toreadonly()
 
-    def get_or_fetch(self, shard: int, fetch: Callable[[], bytes]) -> Any:
+    def get_or_fetch(self, shard: int, fetch: Callable[[], bytes | memoryview]) -> Any:
         """The shard from the shared region; on the first read ``fetch()`` it, once per rank, and keep it.
 
         Raises:

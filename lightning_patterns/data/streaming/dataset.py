@@ -363,9 +363,9 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
     def _describe(self, shard: int) -> str:
         return shard_url(self.url, self.manifest.shards[shard].path)
 
-    def _fetch(self, shard: int) -> bytes:
+    def _fetch(self, shard: int) -> memoryview:
         info = self.manifest.shards[shard]
-        return self._reader.fetch(
+        return self._reader.fetch_buffer(
             info.path, size=info.num_bytes, checksum=info.checksum if self.verify_checksums else None
         )
 

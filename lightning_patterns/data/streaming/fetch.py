@@ -428,7 +428,23 @@ class RemoteReader:
     # ------------------------------------------------------------------ public reads
 
     def fetch(self, url: str, *, size: int | None = None, checksum: str | None = None) -> bytes:
+        """Read a whole object as ``bytes``; see :meth:`fetch_buffer`, which avoids the copy.
+
+        Args:
+            url: The object's URL, absolute or relative to this reader's ``url``.
+            size: The object's size in bytes if known.
+            checksum: ``"<algorithm>:<hex digest>"`` to verify the bytes against.
+
+        Returns:
+            The object's bytes.
+        """
+        return bytes(self.fetch_buffer(url, size=size, checksum=checksum))
+
+    def fetch_buffer(self, url: str, *, size: int | None = None, checksum: str | None = None) -> memoryview:
         """Read a whole object, retrying transient faults and resuming from the offset reached.
+
+        The bytes are returned as a read-only view of the buffer they were received into: no second copy
+        of a large shard is ever made.
 
         Args:
             url: The object's URL, absolute or relative to this reader's ``url``.
@@ -437,7 +453,7 @@ class RemoteReader:
                 On a mismatch the object is fetched once more before giving up.
 
         Returns:
-            The object's bytes.
+            A read-only view of the object's bytes.
 
         Raises:
             ShardNotFoundError: The object does not exist (never retried).
@@ -451,11 +467,11 @@ class RemoteReader:
         expected = _parse_checksum(checksum) if checksum is not None else None
         data = self._read(url, 0, size, missing=ShardNotFoundError)
         if expected is None:
-            return data
+            return memoryview(data).toreadonly()
         algorithm, digest = expected
         actual = hashlib.new(algorithm, data).hexdigest()
         if actual == digest:
-            return data
+            return memoryview(data).toreadonly()
         log.warning(
             "Checksum mismatch for %s (expected %s:%s, got %s:%s); fetching it once more",
             _redact(url),
@@ -473,7 +489,7 @@ class RemoteReader:
                 f"({len(data)} bytes) on two fetches in a row. The remote object is corrupt or the manifest is "
                 "stale: write the shard again, or regenerate the manifest from the data you trust."
             )
-        return data
+        return memoryview(data).toreadonly()
 
     def read_range(self, url: str, start: int = 0, end: int | None = None) -> bytes:
         """Read bytes ``[start, end)`` of an object with retries; ``end=None`` reads to its end.
@@ -492,7 +508,7 @@ class RemoteReader:
         """
         if start < 0 or (end is not None and end < start):
             raise ValueError(f"read_range(start={start!r}, end={end!r}) needs 0 <= start <= end.")
-        return self._read(self.resolve(url), start, end, missing=FileNotFoundError)
+        return bytes(self._read(self.resolve(url), start, end, missing=FileNotFoundError))
 
     def size(self, url: str) -> int | None:
         """The object's size in bytes (``None`` if the backend cannot tell), looked up with retries.
@@ -559,14 +575,16 @@ class RemoteReader:
 
     # ------------------------------------------------------------------ retry machinery
 
-    def _read(self, url: str, start: int, end: int | None, *, missing: type[FileNotFoundError]) -> bytes:
+    def _read(self, url: str, start: int, end: int | None, *, missing: type[FileNotFoundError]) -> bytearray:
         started = time.perf_counter()
         try:
             return self._read_with_retries(url, start, end, missing=missing)
         finally:
             self.stats.record(seconds=time.perf_counter() - started)
 
-    def _read_with_retries(self, url: str, start: int, end: int | None, *, missing: type[FileNotFoundError]) -> bytes:
+    def _read_with_retries(
+        self, url: str, start: int, end: int | None, *, missing: type[FileNotFoundError]
+    ) -> bytearray:
         fs = self.fs
         http = _is_http(fs)
         path = url if http else fs._strip_protocol(url)
@@ -600,7 +618,7 @@ class RemoteReader:
                 failures = 0  # progress was made: only consecutive fruitless attempts count
             failures += 1
             self._after_failure(url, error, failures, offset=start + len(buf))
-        return bytes(buf)
+        return buf
 
     def _generic_read_into(self, fs: Any, path: str, offset: int, end: int | None, buf: bytearray) -> None:
         stop = end if end is None else min(end, offset + self.chunk_size)
