@@ -106,13 +106,19 @@ class WorkerPlan:
 
     def span_indices(self) -> _IntArray:
         """Global sample indices in read order, before the window shuffle."""
-        if not self.spans:
+        return self.read_indices(0, self.num_samples)
+
+    def read_indices(self, lo: int, hi: int) -> _IntArray:
+        """Global sample indices of read positions ``[lo, hi)`` (before the window shuffle), by span arithmetic."""
+        if hi <= lo or not self.spans:
             return np.zeros(0, dtype=np.int64)
         lengths = np.fromiter((stop - start for _, start, stop in self.spans), np.int64, len(self.spans))
+        ends = np.cumsum(lengths)
         firsts = np.asarray(self.span_offsets, dtype=np.int64)
-        # Within span j, output position p holds firsts[j] + (p - start of span j in the output).
-        out_starts = np.cumsum(lengths) - lengths
-        return np.repeat(firsts - out_starts, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+        positions = np.arange(lo, hi, dtype=np.int64)
+        span = np.searchsorted(ends, positions, side="right")
+        # Within span j, read position p holds firsts[j] + (p - start of span j in the read order).
+        return firsts[span] + positions - (ends[span] - lengths[span])
 
     def indices(self) -> _IntArray:
         """Global sample indices in the order the worker yields them.
@@ -120,22 +126,48 @@ class WorkerPlan:
         Position ``p`` holds a sample from the same window ``p // shuffle_window`` as in
         :meth:`span_indices`, so the shuffle never moves a sample further than one window.
         """
-        return self.span_indices()[self.yield_order()]
+        return self.indices_between(0, self.num_samples)
+
+    def indices_between(self, lo: int, hi: int) -> _IntArray:
+        """Global sample indices at yield positions ``[lo, hi)``, computing only the windows they touch.
+
+        Memory is proportional to ``hi - lo`` (plus a window), not to the worker's whole plan, so a reader
+        can walk a long plan a window at a time.
+        """
+        hi = min(hi, self.num_samples)
+        if hi <= lo:
+            return np.zeros(0, dtype=np.int64)
+        window = self.shuffle_window
+        if window <= 1:
+            return self.read_indices(lo, hi)
+        first, last = lo // window, (hi - 1) // window
+        base = first * window
+        read = self.read_indices(base, min((last + 1) * window, self.num_samples))
+        order = np.concatenate([self.window_order(k) + (k * window - base) for k in range(first, last + 1)])
+        picked: _IntArray = read[order[lo - base : hi - base]]
+        return picked
+
+    def window_order(self, k: int) -> _IntArray:
+        """Read-order positions of window ``k`` in yield order, relative to the window's start.
+
+        Each window is permuted by its own generator, seeded by ``(window_entropy, k)``, so any window can be
+        computed without the ones before it.
+        """
+        window = self.shuffle_window
+        size = min(window, self.num_samples - k * window) if window > 1 else 1
+        if window <= 1 or size <= 1:
+            return np.arange(max(size, 0), dtype=np.int64)
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([*self.window_entropy, k])))
+        return rng.permutation(size).astype(np.int64)
 
     def yield_order(self) -> _IntArray:
         """Read-order positions in yield order: ``indices() == span_indices()[yield_order()]``."""
         n = self.num_samples
-        order = np.arange(n, dtype=np.int64)
         window = self.shuffle_window
         if window <= 1 or n <= 1:
-            return order
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(self.window_entropy))))
-        full = n - n % window
-        if full:
-            order[:full] = rng.permuted(order[:full].reshape(-1, window), axis=1).reshape(-1)
-        if full < n:
-            order[full:] = rng.permutation(order[full:])
-        return order
+            return np.arange(n, dtype=np.int64)
+        windows = -(-n // window)
+        return np.concatenate([self.window_order(k) + k * window for k in range(windows)])
 
     def remaining_spans(self, consumed: int) -> list[Span]:
         """The spans this worker has not yet yielded after yielding its first ``consumed`` samples.
@@ -165,7 +197,8 @@ class WorkerPlan:
         spans: list[Span] = []
         if boundary > consumed:
             # The window in progress: its not-yet-yielded positions, grouped into consecutive runs.
-            left = np.sort(self.yield_order()[consumed:boundary])
+            k = consumed // window
+            left = np.sort(self.window_order(k)[consumed - k * window : boundary - k * window] + k * window)
             breaks = np.flatnonzero(np.diff(left) != 1) + 1
             for run in np.split(left, breaks):
                 spans.extend(self._slice(ends, int(run[0]), int(run[-1]) + 1))

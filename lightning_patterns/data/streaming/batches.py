@@ -9,66 +9,122 @@ position that needs it has been gathered and, when balancing, its labels have be
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import numpy.typing as npt
 
 from lightning_patterns.data.batching import ClassBalancer
+from lightning_patterns.data.sharding.assignment import WorkerPlan
 
-__all__ = ["BatchPositions", "ShardUse"]
+__all__ = ["BatchPositions", "PlanIndices", "ShardUse", "shard_use_of"]
 
 _IntArray = npt.NDArray[np.int64]
 _LABEL_CHUNK = 1024
+# Positions per cached block of an unshuffled plan (its "windows" are only a unit of computation).
+_UNSHUFFLED_WINDOW = 4096
+_COUNT_CHUNK = 65536
+
+
+class PlanIndices:
+    """Global sample indices of a worker's plan, computed a window at a time and kept only while in use.
+
+    The plan of a worker can be long (its share of an epoch); holding its indices whole would make memory
+    grow with the dataset. Windows of the within-worker shuffle can each be computed alone, so only those
+    around the current batch (and a balancer's look-ahead) are kept.
+
+    Args:
+        plan: the worker's plan.
+        keep: windows kept in memory at most (least recently used ones are dropped and recomputed if needed).
+    """
+
+    def __init__(self, plan: WorkerPlan, keep: int = 16) -> None:
+        self.plan = plan
+        self.window = plan.shuffle_window if plan.shuffle_window > 1 else _UNSHUFFLED_WINDOW
+        self._keep = keep
+        self._windows: OrderedDict[int, _IntArray] = OrderedDict()
+
+    def _window(self, k: int) -> _IntArray:
+        found = self._windows.get(k)
+        if found is None:
+            found = self.plan.indices_between(k * self.window, (k + 1) * self.window)
+            self._windows[k] = found
+            while len(self._windows) > self._keep:
+                self._windows.popitem(last=False)
+        else:
+            self._windows.move_to_end(k)
+        return found
+
+    def at(self, positions: _IntArray) -> _IntArray:
+        """The global indices at yield ``positions`` (any order)."""
+        if positions.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        windows = positions // self.window
+        first, last = int(windows.min()), int(windows.max())
+        if first == last:
+            return self._window(first)[positions - first * self.window]
+        out = np.empty(positions.size, dtype=np.int64)
+        for k in np.unique(windows).tolist():
+            mask = windows == k
+            out[mask] = self._window(k)[positions[mask] - k * self.window]
+        return out
+
+    def between(self, lo: int, hi: int) -> _IntArray:
+        """The global indices at yield positions ``[lo, hi)``."""
+        return self.at(np.arange(lo, hi, dtype=np.int64))
 
 
 class ShardUse:
     """Counts what each shard is still needed for, and releases it when nothing is left.
 
     Args:
-        shard_of: the shard of every position of the plan.
-        gathered_from: the first position that will be gathered (earlier ones were yielded before a resume).
-        num_shards: shards in the dataset.
+        pending: per shard, how many of the plan's positions will still be gathered from it.
+        last_position: per shard, a yield position at or after the last one that needs it (``-1``: unused).
         needs_labels: whether labels are read ahead of gathering (class balancing).
         release: called once per shard when it is no longer needed.
     """
 
     def __init__(
         self,
-        shard_of: _IntArray,
-        gathered_from: _IntArray | None,
-        num_shards: int,
+        pending: _IntArray,
+        last_position: _IntArray,
         needs_labels: bool,
         release: Callable[[int], None],
     ) -> None:
-        self._shard_of = shard_of
-        counted = shard_of if gathered_from is None else shard_of[gathered_from]
-        self._pending = np.bincount(counted, minlength=num_shards)
+        self._pending = pending
+        self._last_position = last_position
         self._release = release
         self._released: set[int] = set()
-        self._labels_read = shard_of.size if not needs_labels else 0
-        reversed_shards, reversed_first = np.unique(shard_of[::-1], return_index=True)
-        self._last_position = np.full(num_shards, -1, dtype=np.int64)
-        self._last_position[reversed_shards] = shard_of.size - 1 - reversed_first
+        self._needs_labels = needs_labels
+        self._labels_read = 0
+        used = np.flatnonzero(last_position >= 0)
+        # Shards in the order their labels are all read, to find those a label read frees.
+        self._by_last = used[np.argsort(last_position[used], kind="stable")]
+        self._next_by_last = 0
 
-    def gathered(self, positions: _IntArray) -> None:
-        """The positions were put into a batch."""
-        shards, counts = np.unique(self._shard_of[positions], return_counts=True)
-        self._pending[shards] -= counts
-        self._check(shards)
+    def gathered(self, shards: _IntArray) -> None:
+        """Positions of these shards were put into a batch (one entry per position)."""
+        touched, counts = np.unique(shards, return_counts=True)
+        self._pending[touched] -= counts
+        self._check(touched.tolist())
 
     def labels_read(self, upto: int) -> None:
         """Labels of positions ``< upto`` have been read."""
-        before, self._labels_read = self._labels_read, upto
-        self._check(np.unique(self._shard_of[before:upto]))
+        self._labels_read = upto
+        freed = []
+        while self._next_by_last < self._by_last.size:
+            shard = int(self._by_last[self._next_by_last])
+            if self._last_position[shard] >= upto:
+                break
+            freed.append(shard)
+            self._next_by_last += 1
+        self._check(freed)
 
-    def _check(self, shards: _IntArray) -> None:
-        for shard in shards.tolist():
-            if (
-                shard not in self._released
-                and self._pending[shard] <= 0
-                and self._last_position[shard] < self._labels_read
-            ):
+    def _check(self, shards: list[int]) -> None:
+        for shard in shards:
+            labels_done = not self._needs_labels or self._last_position[shard] < self._labels_read
+            if shard not in self._released and self._pending[shard] <= 0 and labels_done:
                 self._released.add(shard)
                 self._release(shard)
 
@@ -128,3 +184,40 @@ class BatchPositions:
             labels = self._read_labels(begin, end)
             self.on_labels(end)
             yield labels
+
+
+def shard_use_of(
+    plan: WorkerPlan, num_shards: int, offsets: _IntArray, first_position: int
+) -> tuple[_IntArray, _IntArray, list[int]]:
+    """What each shard is needed for, from the plan's spans alone (no per-sample arrays).
+
+    Returns:
+        ``pending`` (positions at or after ``first_position`` per shard), ``last_position`` (a yield position at
+        or after the last one of each shard, conservatively the end of the window holding its last read
+        position) and the shards in the order they are first read, skipping those only read before
+        ``first_position``.
+    """
+    pending = np.zeros(num_shards, dtype=np.int64)
+    last_position = np.full(num_shards, -1, dtype=np.int64)
+    window = plan.shuffle_window if plan.shuffle_window > 1 else 1
+    n = plan.num_samples
+    read_end = 0
+    for shard, start, stop in plan.spans:
+        pending[shard] += stop - start
+        read_end += stop - start
+        last_position[shard] = min(-(-read_end // window) * window, n) - 1
+    # Positions yielded before a resume are not gathered again: count them out, a chunk at a time.
+    for lo in range(0, first_position, _COUNT_CHUNK):
+        done = plan.indices_between(lo, min(lo + _COUNT_CHUNK, first_position))
+        shards = np.searchsorted(offsets, done, side="right") - 1
+        pending -= np.bincount(shards, minlength=num_shards)
+    first_window_start = (first_position // window) * window
+    read_position = 0
+    schedule: list[int] = []
+    seen: set[int] = set()
+    for shard, start, stop in plan.spans:
+        read_position += stop - start
+        if read_position > first_window_start and shard not in seen and pending[shard] > 0:
+            seen.add(shard)
+            schedule.append(shard)
+    return pending, last_position, schedule

@@ -31,7 +31,7 @@ from lightning_patterns.data.shards.manifest import (
     missing_manifest_error,
     shard_url,
 )
-from lightning_patterns.data.streaming.batches import BatchPositions, ShardUse
+from lightning_patterns.data.streaming.batches import BatchPositions, PlanIndices, ShardUse, shard_use_of
 from lightning_patterns.data.streaming.fetch import FetchStatsSnapshot, RemoteReader, RetryPolicy
 from lightning_patterns.data.streaming.metrics import StreamCounters
 from lightning_patterns.data.streaming.pipeline import ReadAhead
@@ -412,23 +412,22 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         return batches_per_worker(counts, point.batches_yielded)[topology.worker_id]
 
     def _generate(self, plan: WorkerPlan, skip_units: int, slot: int) -> Iterator[dict[str, Any]]:
-        order = plan.indices()
-        if order.size == 0:
+        if plan.num_samples == 0:
             return
-        shard_of = np.searchsorted(self._offsets, order, side="right") - 1
-        local = order - self._offsets[shard_of]
+        indices = PlanIndices(plan)
         unit = self.batch_size or 1
         positions = BatchPositions(
-            order.size,
+            plan.num_samples,
             self.batch_size or _SAMPLE_CHUNK,
             first_position=skip_units * unit,
             skip_batches=skip_units,
             balancer=self._balancer,
-            read_labels=lambda begin, end: self._read_labels(pipeline, shard_of[begin:end], local[begin:end]),
+            read_labels=lambda begin, end: self._read_labels(pipeline, *self._locate(indices.between(begin, end))),
         )
         balanced = self._balancer is not None
-        firsts, first_pos = np.unique(shard_of[positions.first_needed :], return_index=True)
-        schedule = firsts[np.argsort(first_pos)].tolist()
+        pending, last_position, schedule = shard_use_of(
+            plan, len(self.manifest.shards), self._offsets, positions.first_needed
+        )
         # Snapshot the counters before the read-ahead threads start, so their first fetches are counted.
         fetched = self._reader.stats.snapshot()
         cache_seen = self.cache.stats() if self.cache is not None else (0, 0)
@@ -442,17 +441,17 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
             timeout=self.fetch_timeout,
             describe=self._describe,
         )
-        gathered_from = None if balanced else np.arange(positions.first_position, order.size, dtype=np.int64)
-        use = ShardUse(shard_of, gathered_from, len(self.manifest.shards), balanced, pipeline.release)
+        use = ShardUse(pending, last_position, balanced, pipeline.release)
         positions.on_labels = use.labels_read
         waited = 0.0
         try:
             for batch_positions, skipped in positions:
+                shards, local = self._locate(indices.at(batch_positions))
                 if skipped:
-                    use.gathered(batch_positions)
+                    use.gathered(shards)
                     continue
-                batch = self._gather(pipeline, shard_of[batch_positions], local[batch_positions])
-                use.gathered(batch_positions)
+                batch = self._gather(pipeline, shards, local)
+                use.gathered(shards)
                 fetched, waited = self._record(slot, fetched, waited, pipeline.wait_seconds, batch_positions.size)
                 cache_seen = self._record_cache(slot, cache_seen)
                 if self.batch_size:
@@ -464,6 +463,11 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
                         yield {name: value[row] for name, value in batch.items()}
         finally:
             pipeline.close()
+
+    def _locate(self, global_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(shard, index within the shard)`` of global sample indices."""
+        shards = np.searchsorted(self._offsets, global_indices, side="right") - 1
+        return shards, global_indices - self._offsets[shards]
 
     def _read_labels(self, pipeline: ReadAhead, shards: np.ndarray, local: np.ndarray) -> np.ndarray:
         labels = np.empty(shards.size, dtype=np.int64)

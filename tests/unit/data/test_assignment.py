@@ -94,7 +94,7 @@ def test_shuffle_is_the_same_on_every_machine() -> None:
     # Pinned values: PCG64 + SeedSequence are stable across numpy versions and platforms.
     assert [s for s, _, _ in epoch_spans([1] * 8, epoch=2, seed=7, shuffle=True)] == [6, 0, 2, 3, 7, 5, 1, 4]
     plan = plan_worker([8], **{**BASE, "world_size": 1, "num_workers": 0, "shuffle": True}, shuffle_window=4)
-    assert plan.indices().tolist() == [2, 0, 1, 3, 7, 6, 5, 4]
+    assert plan.indices().tolist() == [1, 0, 3, 2, 6, 4, 7, 5]
 
 
 def test_span_samples_splits_huge_shards() -> None:
@@ -184,9 +184,19 @@ def test_remaining_spans_without_shuffle() -> None:
 
 def test_remaining_spans_in_a_shuffled_window() -> None:
     plan = plan_worker([8], **{**BASE, "world_size": 1, "num_workers": 0, "shuffle": True}, shuffle_window=4)
-    assert plan.indices().tolist() == [2, 0, 1, 3, 7, 6, 5, 4]
-    # Yielded 2 and 0: the window's 1 and 3 remain, then the next window whole.
-    assert plan.remaining_spans(2) == [(0, 1, 2), (0, 3, 4), (0, 4, 8)]
+    assert plan.indices().tolist() == [1, 0, 3, 2, 6, 4, 7, 5]
+    # Yielded 1 and 0: the window's 3 and 2 remain (one run), then the next window whole.
+    assert plan.remaining_spans(2) == [(0, 2, 4), (0, 4, 8)]
+    plan = plan_worker([8], **{**BASE, "world_size": 1, "num_workers": 0, "shuffle": True}, shuffle_window=4)
+    # Yielded 1, 0 and 3: only 2 remains of the first window.
+    assert plan.remaining_spans(3) == [(0, 2, 3), (0, 4, 8)]
+
+
+def test_any_window_can_be_computed_alone() -> None:
+    plan = plan_worker([50], **{**BASE, "world_size": 1, "num_workers": 0, "shuffle": True}, shuffle_window=8)
+    whole = plan.indices()
+    for lo, hi in [(0, 50), (3, 11), (16, 24), (45, 50), (7, 8)]:
+        assert np.array_equal(plan.indices_between(lo, hi), whole[lo:hi])
 
 
 @pytest.mark.parametrize("consumed", [-1, 9])
