@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/lightning-patterns fit --recipe fashion_mnist
 
+# Side-by-side benchmarks (peers installed into benchmarks/.venv-bench, never into .venv); about 15 minutes.
+bench:
+	bash benchmarks/run_all.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check lightning_patterns tests $(wildcard benchmarks)
 	$(BIN)/ruff format --check lightning_patterns tests $(wildcard benchmarks)

@@ -1,0 +1,349 @@
+"""Collect ``benchmarks/results/*.json`` into ``benchmarks/results/REPORT.md`` and PNG bar charts.
+
+The data table shows every figure with its ratio to ours: epoch 1 and peak RSS against lightning_patterns
+without cache from S3, epoch 2 against lightning_patterns with the memory cache from S3 (same DataLoader
+workers). The goals of issue 8 are checked against the measured figures and stated as held or not.
+The latest report is also copied into the "Performance" section of ``benchmarks/README.md``.
+
+Run ``python benchmarks/report.py`` (needs matplotlib; without it the report has no plots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+README = HERE / "README.md"
+_START, _END = "<!-- bench-report:start -->", "<!-- bench-report:end -->"
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    if value is None or not reference:
+        return ""
+    return f" ({value / reference:.2f}×)"
+
+
+def _mb(value: float | None) -> str:
+    return "–" if value is None else f"{value / 1e6:,.0f}"
+
+
+def _reference(rows: list[dict[str, Any]], workers: int, cache: str | None) -> dict[str, Any] | None:
+    for row in rows:
+        if (
+            row.get("loader") == "ours"
+            and row.get("source") == "s3"
+            and row.get("cache") == cache
+            and row.get("workers", 0) == workers
+            and "error" not in row
+        ):
+            return row
+    return None
+
+
+def machine_section(machine: dict[str, Any]) -> list[str]:
+    """Markdown lines describing the machine the figures were measured on."""
+    versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items() if v)
+    return [
+        f"- CPU: {machine.get('cpu')} × {machine.get('nproc')} cores; memory {machine.get('memory_gib')} GiB",
+        f"- OS: {machine.get('os')}; Python {machine.get('python')}",
+        f"- Packages: {versions}",
+        f"- Load average (1, 5, 15 min) when the benchmark ended: {machine.get('load_average')}",
+    ]
+
+
+def data_section(doc: dict[str, Any], title: str = "Data loading") -> list[str]:
+    """The data benchmark's table, writes and notes, as Markdown lines."""
+    params, rows = doc["params"], doc["rows"]
+    lines = [
+        f"## {title}",
+        "",
+        f"{params['samples']:,} Fashion-MNIST-shaped samples (uint8 28×28 + int64 label), batch size "
+        f"{params['batch_size']}, no shuffle, {params['shard_bytes'] // 2**20} MiB shards; every figure is the median "
+        f"of {params['runs']} runs, each in a fresh process (epoch 1, then epoch 2 in the same process). Ratios in "
+        "brackets: epoch 1 and RSS against lightning_patterns without cache from S3, epoch 2 against "
+        "lightning_patterns with the memory cache from S3, same workers. Remote MB: bytes read from the remote "
+        "(ours: `loader.metrics()['remote_bytes']`; peers: bytes their cache folder gained; I/O limit: bytes read).",
+        "",
+        "| loader | workers | epoch 1 samples/s | epoch 2 samples/s | remote MB ep. 1 / ep. 2 | peak RSS MB | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        workers = row.get("workers", 0)
+        if "error" in row:
+            lines.append(f"| {row['name']} | {workers} | n/a | n/a | – | n/a | {row['error']} |")
+            continue
+        ref1 = _reference(rows, workers, None)
+        ref2 = _reference(rows, workers, "memory") or ref1
+        e1 = _num(row.get("epoch1_sps")) + _ratio(row.get("epoch1_sps"), ref1 and ref1.get("epoch1_sps"))
+        e2 = _num(row.get("epoch2_sps")) + _ratio(row.get("epoch2_sps"), ref2 and ref2.get("epoch2_sps"))
+        rss = _num(row.get("rss_peak_mb")) + _ratio(row.get("rss_peak_mb"), ref1 and ref1.get("rss_peak_mb"))
+        notes = [row["note"]] if row.get("note") else []
+        if row.get("tree_rss_peak_mb"):
+            notes.append(f"main + workers (sampled sum) {row['tree_rss_peak_mb']:,.0f} MB")
+        if row.get("loader") == "io":
+            mbps = [r["epochs"][0].get("mb_per_s") for r in row.get("runs", [])]
+            mbps = sorted(v for v in mbps if v)
+            if mbps:
+                notes.append(f"{mbps[len(mbps) // 2]:,.0f} MB/s, one request at a time")
+        if row.get("ok") is False:
+            notes.append("**CHECK FAILED** (sample count or label sum)")
+        remote = f"{_mb(row.get('epoch1_remote_bytes'))} / {_mb(row.get('epoch2_remote_bytes'))}"
+        lines.append(f"| {row['name']} | {workers} | {e1} | {e2} | {remote} | {rss} | {'; '.join(notes)} |")
+    writes = doc.get("writes") or []
+    if writes:
+        ours = next((w for w in writes if w["format"] == "ours-s3" and w.get("seconds_median")), None)
+        lines += [
+            "",
+            f"Writers, single process, same samples (median of {params.get('write_runs', 1)} timed writes, each in a "
+            "fresh process; ratio to ours → S3):",
+            "",
+            "| writer | seconds | MB written |",
+            "|---|---|---|",
+        ]
+        for write in writes:
+            if write.get("error"):
+                lines.append(f"| {write['name']} | n/a: {write['error']} | – |")
+                continue
+            seconds = _num(write["seconds_median"], 1) + _ratio(
+                write["seconds_median"], ours and ours["seconds_median"]
+            )
+            lines.append(f"| {write['name']} | {seconds} | {_mb(write.get('bytes'))} |")
+    return lines
+
+
+def memory_section(doc: dict[str, Any]) -> list[str]:
+    """The memory-scaling table as Markdown lines."""
+    params = doc["params"]
+    lines = [
+        "## Memory scaling",
+        "",
+        f"Peak RSS (`VmHWM`) of one epoch, 0 workers, at 1× = {params['samples_1x']:,} and 4× = "
+        f"{params['samples_4x']:,} samples; median of {params['runs']} fresh processes. Goal: {params['goal']}. "
+        "'Growth' is peak RSS minus the RSS after imports, before the dataset is opened.",
+        "",
+        "| option | RSS 1× MB | RSS 4× MB | 4× / 1× | growth 1× / 4× MB | goal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in doc["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['name']} | n/a | n/a | n/a | – | n/a: {row['error']} |")
+            continue
+        goal = "holds" if row["goal_met"] else "**misses**"
+        lines.append(
+            f"| {row['name']} | {row['rss_1x_mb']:,.0f} | {row['rss_4x_mb']:,.0f} | {row['ratio_4x_1x']:.2f} | "
+            f"{row['growth_1x_mb']:,.0f} / {row['growth_4x_mb']:,.0f} | {goal} |"
+        )
+    return lines
+
+
+def goals_section(data: dict[str, Any] | None, memory: dict[str, Any] | None) -> list[str]:
+    """Which of issue 8's goals hold, with the figures."""
+    lines = ["## Goals", ""]
+    if data:
+        rows = [r for r in data["rows"] if "error" not in r and r.get("workers", 0) == 0]
+        ours = [r for r in rows if r["loader"] == "ours" and r.get("cache") is None]
+        peers = [r for r in rows if r["loader"] in ("litdata", "mosaic")]
+        if ours and peers:
+            ours_s3 = next((r for r in ours if r["source"] == "s3"), ours[0])
+            ours_local = next((r for r in ours if r["source"] == "local"), ours_s3)
+            best_peer = max(peers, key=lambda r: r["epoch1_sps"])
+            held = ours_s3["epoch1_sps"] >= best_peer["epoch1_sps"]
+            lines.append(
+                f"- Epoch 1 ≥ best peer: **{'holds' if held else 'misses'}** — ours without cache from S3 "
+                f"{ours_s3['epoch1_sps']:,.0f} samples/s (from local disk {ours_local['epoch1_sps']:,.0f}) against "
+                f"the best peer, {best_peer['name']}, {best_peer['epoch1_sps']:,.0f} samples/s "
+                f"({ours_s3['epoch1_sps'] / best_peer['epoch1_sps']:.2f}×), 0 workers. LitData reads local disk here "
+                "(it cannot reach an http:// S3 endpoint), so ours from S3 is held against a peer reading from disk."
+            )
+        else:
+            lines.append("- Epoch 1 ≥ best peer: not measured (no peer or no lightning_patterns row ran).")
+        tensor = next((r for r in rows if r["loader"] == "tensor"), None)
+        memory_rows = [r for r in rows if r["loader"] == "ours" and r.get("cache") == "memory"]
+        if tensor and memory_rows:
+            parts, held = [], []
+            for row in memory_rows:
+                ratio = row["epoch2_sps"] / tensor["epoch2_sps"]
+                held.append(ratio >= 0.95)
+                parts.append(f"from {row['source']} {row['epoch2_sps']:,.0f} samples/s ({ratio:.2f}×)")
+            verdict = "holds" if all(held) else ("misses" if not any(held) else "holds only in part")
+            lines.append(
+                f"- Epoch 2 with the memory cache ≥ 0.95× the in-memory TensorDataset "
+                f"({tensor['epoch2_sps']:,.0f} samples/s): **{verdict}** — " + "; ".join(parts) + ", 0 workers."
+            )
+        else:
+            lines.append(f"- Epoch 2 with the memory cache: not measured ({data.get('caching')}).")
+    if memory:
+        ours = [r for r in memory["rows"] if r["loader"] == "ours"]
+        parts = []
+        for row in ours:
+            if "error" in row:
+                parts.append(f"{row['name']}: n/a ({row['error']})")
+            else:
+                parts.append(
+                    f"{row['name']}: {row['rss_1x_mb']:,.0f} → {row['rss_4x_mb']:,.0f} MB "
+                    f"({row['ratio_4x_1x']:.2f}×, {'holds' if row['goal_met'] else 'misses'})"
+                )
+        held = bool(ours) and all(r.get("goal_met") for r in ours)
+        lines.append(f"- Peak RSS at 4× ≤ 1.1× at 1×: **{'holds' if held else 'misses'}** — " + "; ".join(parts) + ".")
+    return lines
+
+
+def plot_data(doc: dict[str, Any], path: Path) -> bool:
+    """Bar chart of epoch 1 / epoch 2 samples/s per configuration (log scale); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in doc["rows"] if "error" not in r]
+    if not rows:
+        return False
+    labels = [f"{r['name']} [w={r.get('workers', 0)}]" for r in rows]
+    e1 = [r.get("epoch1_sps") or 0 for r in rows]
+    e2 = [r.get("epoch2_sps") or 0 for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
+    ys = range(len(rows))
+    ax.barh([y - 0.2 for y in ys], e1, height=0.4, label="epoch 1")
+    ax.barh([y + 0.2 for y in ys], e2, height=0.4, label="epoch 2")
+    ax.set_yticks(list(ys), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("samples/s (log scale, higher is better)")
+    ax.set_title(f"Data loading, {doc['params']['samples']:,} samples, batch {doc['params']['batch_size']}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_memory(doc: dict[str, Any], path: Path) -> bool:
+    """Bar chart of peak RSS at 1× and 4× per streaming option; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in doc["rows"] if "error" not in r]
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 4))
+    xs = range(len(rows))
+    ax.bar(
+        [x - 0.2 for x in xs], [r["rss_1x_mb"] for r in rows], width=0.4, label=f"1× ({doc['params']['samples_1x']:,})"
+    )
+    ax.bar(
+        [x + 0.2 for x in xs], [r["rss_4x_mb"] for r in rows], width=0.4, label=f"4× ({doc['params']['samples_4x']:,})"
+    )
+    ax.set_xticks(list(xs), [r["name"].replace(", ", "\n", 1) for r in rows], fontsize=8)
+    ax.set_ylabel("peak RSS, MB (lower is better)")
+    ax.set_title("Peak RSS at 1× and 4× the data, one epoch, 0 workers")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def other_sections(results: Path, known: set[str]) -> list[str]:
+    """Sections for result files written by the other benchmarks (their own ``markdown`` if they give one)."""
+    lines: list[str] = []
+    for path in sorted(results.glob("*.json")):
+        if path.name in known:
+            continue
+        doc = _load(path)
+        if doc is None:
+            continue
+        title = doc.get("title") or doc.get("benchmark") or path.stem
+        lines += ["", f"## {str(title).replace('_', ' ').capitalize()}", ""]
+        markdown = doc.get("markdown") or doc.get("table")
+        if isinstance(markdown, str):
+            lines.append(markdown.strip())
+        else:
+            lines.append(f"See [`{path.name}`]({path.name}) (its keys: {', '.join(sorted(doc)[:12])}).")
+    return lines
+
+
+def build_report(results: Path, command: str | None) -> str:
+    """The Markdown report for the JSON files in ``results`` (plots are written beside it)."""
+    data = _load(results / "data_loading.json")
+    memory = _load(results / "memory_scaling.json")
+    lines = ["# Benchmark report", ""]
+    machine = (data or memory or {}).get("machine")
+    started = (data or memory or {}).get("started")
+    if command:
+        lines.append(f"Command: `{command}`" + (f", started {started}" if started else "") + ".")
+        lines.append("")
+    if machine:
+        lines += ["Machine:", "", *machine_section(machine), ""]
+    lines += goals_section(data, memory)
+    if data:
+        lines += ["", *data_section(data)]
+        if plot_data(data, results / "data_loading.png"):
+            lines += ["", "![samples/s per loader](data_loading.png)"]
+    if memory:
+        lines += ["", *memory_section(memory)]
+        if plot_memory(memory, results / "memory_scaling.png"):
+            lines += ["", "![peak RSS at 1× and 4×](memory_scaling.png)"]
+    extra = sorted(results.glob("data_loading_*.json"))
+    for path in extra:
+        doc = _load(path)
+        if doc:
+            lines += ["", *data_section(doc, f"Data loading ({path.stem.removeprefix('data_loading_')})")]
+    lines += other_sections(results, {"data_loading.json", "memory_scaling.json", *(p.name for p in extra)})
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(report: str, readme: Path) -> None:
+    """Replace the generated part of the README's "Performance" section with ``report``."""
+    if not readme.exists():
+        return
+    text = readme.read_text()
+    if _START not in text or _END not in text:
+        return
+    body = report.replace("# Benchmark report\n", "", 1)
+    # Links in the report are relative to results/; the README sits one folder up.
+    body = re.sub(r"\]\((?!https?:)([^)]+)\)", r"](results/\1)", body)
+    new = text[: text.index(_START) + len(_START)] + "\n" + body.strip() + "\n" + text[text.index(_END) :]
+    readme.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write REPORT.md and the plots from the JSON results."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default=str(RESULTS), help="folder of the JSON results")
+    parser.add_argument("--command", default=None, help="the command that produced the results, for the report")
+    parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    args = parser.parse_args(argv)
+    results = Path(args.results)
+    report = build_report(results, args.command)
+    (results / "REPORT.md").write_text(report)
+    if not args.no_readme:
+        update_readme(report, README)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
