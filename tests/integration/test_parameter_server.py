@@ -278,7 +278,9 @@ def test_a_lost_process_stops_every_other_one_with_peer_lost_error(
     ended = time.time()
     assert result.returncode != 0
     killed_at = float(result.stdout.split("KILLED ")[1].split()[0])
-    assert ended - killed_at < 20.0  # the strategy's timeout; in practice the loss is seen at once
+    # Within the strategy's timeout (20 s; in practice the loss is seen at once), plus the time the launcher
+    # (torchrun or Lightning's) takes to tear the surviving processes down on a loaded 2-core machine.
+    assert ended - killed_at < 20.0 + 15.0
     assert "PeerLostError" in result.stderr
     assert f"rank {lost_rank}" in result.stderr
     if victim == "worker":  # the server saw it first and told worker 0
