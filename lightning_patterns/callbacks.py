@@ -110,7 +110,8 @@ class DataMetricsCallback(pl.Callback):
         samples = int(delta["samples"]) if "samples" in delta else self._samples
         wait = delta.get("loader_wait_seconds", self._wait)
         lookups = delta.get("cache_hits", 0.0) + delta.get("cache_misses", 0.0)
-        per_rank = trainer.strategy.all_gather(torch.tensor([samples], dtype=torch.int64))
+        # On the module's device: NCCL (DDP or the parameter server on GPUs) gathers CUDA tensors only.
+        per_rank = trainer.strategy.all_gather(torch.tensor([samples], dtype=torch.int64, device=pl_module.device))
         metrics = EpochDataMetrics(
             epoch=trainer.current_epoch,
             seconds=seconds,

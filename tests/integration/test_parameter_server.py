@@ -19,76 +19,12 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lightning_patterns.testing.tiny_job import TinyJob, TinyRegressor, single_process_reference
 
 SCRIPT = Path(__file__).resolve()
-STEPS = 4
-BATCH = 4  # per worker
-WORKERS = 2
-
-
-# -- the tiny deterministic job ------------------------------------------------------------------------------
-class TinyRegressor(pl.LightningModule):
-    def __init__(self, optimizer: str = "sgd") -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-        self.optimizer_name = optimizer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)  # type: ignore[no-any-return]
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return F.mse_loss(self(x), y)
-
-    def train_dataloader(self) -> DataLoader[Any]:
-        # Worker r gets samples r, r + 2, ...: step k of both workers covers samples 8k .. 8k + 7 together.
-        data = tiny_data()
-        if self.trainer.max_steps > STEPS:  # the kill test: enough batches to run until killed
-            data = TensorDataset(*(t.repeat(1000, 1) for t in data.tensors))
-        sampler = DistributedSampler(data, num_replicas=self.trainer.world_size, rank=self.global_rank, shuffle=False)
-        return DataLoader(data, batch_size=BATCH, sampler=sampler)
-
-    def configure_optimizers(self) -> Any:
-        if self.optimizer_name == "sgd":
-            return torch.optim.SGD(
-                [
-                    {"params": self.net[0].parameters(), "lr": 0.1},
-                    {"params": self.net[2].parameters(), "lr": 0.05, "weight_decay": 0.01},
-                ],
-                lr=0.1,
-                momentum=0.9,
-            )
-        optimizer = torch.optim.Adam(self.parameters(), lr=0.02)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def tiny_data() -> TensorDataset:
-    generator = torch.Generator().manual_seed(1)
-    n = STEPS * BATCH * WORKERS
-    return TensorDataset(torch.randn(n, 4, generator=generator), torch.randn(n, 2, generator=generator))
-
-
-def single_process_reference(optimizer_name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Plain training on the concatenated batch of both workers: what sync mode must reproduce."""
-    model = TinyRegressor(optimizer_name)
-    config = model.configure_optimizers()
-    optimizer = config["optimizer"] if isinstance(config, dict) else config
-    scheduler = config["lr_scheduler"]["scheduler"] if isinstance(config, dict) else None
-    x, y = tiny_data().tensors
-    per_step = BATCH * WORKERS
-    for step in range(STEPS):
-        xb, yb = x[step * per_step : (step + 1) * per_step], y[step * per_step : (step + 1) * per_step]
-        optimizer.zero_grad()
-        F.mse_loss(model(xb), yb).backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-    return model.state_dict(), optimizer.state_dict()
+JOB = TinyJob(steps=4, batch=4, workers=2)
+STEPS, WORKERS = JOB.steps, JOB.workers
 
 
 # -- scenarios run as scripts ----------------------------------------------------------------------------------
@@ -126,19 +62,25 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _run_script(scenario: str, out: Path, timeout: float, torchrun: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run a scenario with Lightning's own launcher, or under torchrun (Lightning's TorchElasticEnvironment)."""
-    port = str(_free_port())
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONUNBUFFERED": "1"}
+def _clean_env(port: int) -> dict[str, str]:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK", "PL_GLOBAL_SEED"):
         env.pop(key, None)
-    launcher = [sys.executable]
-    if torchrun:
-        run = ["-m", "torch.distributed.run", f"--nproc_per_node={WORKERS}", "--master_addr=127.0.0.1"]
-        launcher += [*run, f"--master_port={port}"]
+    return env
+
+
+def _torchrun(port: int, nproc: int, nnodes: int = 1, node_rank: int = 0) -> list[str]:
+    run = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}"]
+    return [*run, f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+
+
+def _run_script(scenario: str, out: Path, timeout: float, torchrun: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run a scenario with Lightning's own launcher, or under torchrun (Lightning's TorchElasticEnvironment)."""
+    port = _free_port()
+    launcher = _torchrun(port, WORKERS) if torchrun else [sys.executable]
     return subprocess.run(
         [*launcher, str(SCRIPT), scenario, "--out", str(out)],
-        env=env,
+        env=_clean_env(port),
         cwd=out,
         capture_output=True,
         text=True,
@@ -173,7 +115,7 @@ def test_sync_matches_single_process_training(suite: Path, name: str, optimizer:
     ``eq_adam_s1`` runs ``mode="async", max_staleness=0``, which must be exactly sync.
     """
     result = torch.load(suite / f"{name}.pt", weights_only=False)
-    expected_model, expected_optimizer = single_process_reference(optimizer)
+    expected_model, expected_optimizer = single_process_reference(optimizer, JOB)
     _assert_close(result["state_dict"], expected_model)
     # The state gathered from the servers is laid out exactly like the single-process optimizer's.
     gathered = result["optimizer_state"]
@@ -182,6 +124,45 @@ def test_sync_matches_single_process_training(suite: Path, name: str, optimizer:
     for index, state in expected_optimizer["state"].items():
         _assert_close(gathered["state"][index], state)
     assert result["worker_state_len"] == 0, "a worker's optimizer must hold no state"
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_nodes_under_torchrun_match_single_process_training(tmp_path: Path) -> None:
+    """Two torchrun agents as two nodes (one worker and one server each) on 127.0.0.1, as across machines."""
+    port = _free_port()
+    out = tmp_path / "two_nodes.pt"
+    command = [str(SCRIPT), "two_nodes", "--out", str(out)]
+    agents = [
+        subprocess.Popen(
+            [*_torchrun(port, nproc=1, nnodes=2, node_rank=node), *command],
+            env=_clean_env(port),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    logs = []
+    try:
+        for agent in agents:
+            logs.append(agent.communicate(timeout=180)[0])
+    finally:
+        for agent in agents:
+            agent.kill()
+            agent.wait()
+    assert [agent.returncode for agent in agents] == [0, 0], "\n".join(log[-6000:] for log in logs)
+    result = torch.load(out, weights_only=False)
+    expected_model, expected_optimizer = single_process_reference("sgd", JOB)
+    _assert_close(result["state_dict"], expected_model)
+    for index, state in expected_optimizer["state"].items():
+        _assert_close(result["optimizer_state"]["state"][index], state)
+    # Two servers (server s runs on node s % 2) shared the 58 float32 parameters between them.
+    partition = result["telemetry"].partition_bytes
+    assert len(partition) == 2
+    assert min(partition) > 0
+    assert sum(partition) == 58 * 4
 
 
 @pytest.mark.distributed
@@ -303,12 +284,14 @@ def _trainer(strategy: Any, **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(strategy=strategy, **{**defaults, **kwargs})
 
 
-def run_equivalence(out: Path, servers: int, optimizer: str, mode: str = "sync", staleness: int | None = 0) -> None:
+def run_equivalence(
+    out: Path, servers: int, optimizer: str, mode: str = "sync", staleness: int | None = 0, **trainer_kwargs: Any
+) -> None:
     from lightning_patterns.strategies import ParameterServerStrategy
 
     strategy = ParameterServerStrategy(num_servers=servers, mode=mode, max_staleness=staleness, timeout=30.0)
-    trainer = _trainer(strategy, max_steps=STEPS, callbacks=[_Capture(out)])
-    trainer.fit(TinyRegressor(optimizer))
+    trainer = _trainer(strategy, max_steps=STEPS, callbacks=[_Capture(out)], **trainer_kwargs)
+    trainer.fit(TinyRegressor(optimizer, JOB))
 
 
 class _SlowRank1(pl.Callback):
@@ -322,7 +305,7 @@ def run_async(out: Path, servers: int, staleness: int | None) -> None:
 
     strategy = ParameterServerStrategy(num_servers=servers, mode="async", max_staleness=staleness, timeout=30.0)
     trainer = _trainer(strategy, max_steps=STEPS, callbacks=[_Capture(out), _SlowRank1()])
-    trainer.fit(TinyRegressor("sgd"))
+    trainer.fit(TinyRegressor("sgd", JOB))
 
 
 class _Record(pl.Callback):
@@ -397,7 +380,7 @@ def run_kill(victim: str) -> None:
 
     strategy = ParameterServerStrategy(num_servers=1, timeout=20.0)
     trainer = _trainer(strategy, max_steps=10_000, callbacks=[_Kill(victim)])
-    trainer.fit(TinyRegressor("sgd"))
+    trainer.fit(TinyRegressor("sgd", JOB))
 
 
 def run_suite(args: argparse.Namespace) -> None:
@@ -427,6 +410,8 @@ def main() -> None:
         run_suite(args)
     elif args.scenario in ("kill_worker", "kill_server"):
         run_kill(args.scenario.removeprefix("kill_"))
+    elif args.scenario == "two_nodes":  # one worker per node, under torchrun
+        run_equivalence(Path(args.out), 2, "sgd", devices=1, num_nodes=2)
     elif args.scenario == "equivalence":
         run_equivalence(Path(args.out), args.servers, args.optimizer)
 

@@ -230,9 +230,10 @@ class WorkerClient:
             per_chunk = []
             for c in chunks:
                 full = state.get(c.tensor, {})
+                # Servers keep their state in host memory, whichever device the checkpoint was saved from.
                 per_chunk.append(
                     {
-                        key: value.reshape(-1)[c.start : c.stop].clone()
+                        key: value.reshape(-1)[c.start : c.stop].to("cpu", copy=True)
                         if isinstance(value, torch.Tensor) and value.dim() >= 1
                         else value
                         for key, value in full.items()

@@ -378,13 +378,22 @@ class ParameterServerStrategy(ParallelStrategy):
             self.barrier("parameter_server_load_optimizer_state")
 
     # -- Lightning's collectives, on the workers only -----------------------------------------------------
-    def _collective_failed(self, what: str, error: BaseException) -> PeerLostError:
+    def _collective_failed(self, what: str, error: BaseException) -> BaseException:
         others = [r for r in range(self.num_workers) if r != self.global_rank]
+        if not others:  # a lone worker lost no one: the error is the collective's own
+            return error
         lost = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {others}"
         return PeerLostError(
             f"Worker rank {self.global_rank} lost {lost} during {what}: {str(error).splitlines()[0]}. "
             f"Check the log of {lost}; if it is only slow, raise `ParameterServerStrategy(timeout=...)`."
         )
+
+    def _on_backend_device(self, tensor: Tensor) -> Tensor:
+        # NCCL only moves CUDA tensors: a callback's CPU counter would fail with "No backend type associated
+        # with device type cpu", so it travels on this worker's GPU (as Lightning's metrics do).
+        if self._process_group_backend == "nccl" and tensor.device.type == "cpu":
+            return tensor.to(self.root_device)
+        return tensor
 
     @override
     def barrier(self, name: str | None = None) -> None:
@@ -419,14 +428,14 @@ class ParameterServerStrategy(ParallelStrategy):
         if not isinstance(tensor, Tensor):
             return tensor
         try:
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+            return _sync_ddp_if_available(self._on_backend_device(tensor), group, reduce_op=reduce_op)
         except RuntimeError as error:
             raise self._collective_failed("a reduction", error) from error
 
     @override
     def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
         try:
-            return _all_gather_ddp_if_available(tensor, group=group, sync_grads=sync_grads)
+            return _all_gather_ddp_if_available(self._on_backend_device(tensor), group=group, sync_grads=sync_grads)
         except RuntimeError as error:
             raise self._collective_failed("an all-gather", error) from error
 

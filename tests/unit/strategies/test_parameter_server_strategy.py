@@ -96,3 +96,18 @@ def test_telemetry_records_steps_and_names_metrics() -> None:
     assert metrics["ps/comm_fraction"] == pytest.approx(0.25)
     assert metrics["ps/server1/bytes_pulled"] == 40.0
     assert ParameterServerTelemetry(num_servers=1).load_imbalance == 0.0
+
+
+@pytest.mark.parametrize(("backend", "moved"), [("nccl", True), ("gloo", False)])
+def test_collectives_move_cpu_tensors_to_the_worker_device_under_nccl(backend: str, moved: bool) -> None:
+    """NCCL refuses CPU tensors (seen on an H100: a callback's CPU counter failed the all-gather)."""
+    strategy = ParameterServerStrategy(process_group_backend=backend, parallel_devices=[torch.device("meta")])
+    out = strategy._on_backend_device(torch.tensor([3]))
+    assert out.device.type == ("meta" if moved else "cpu")
+
+
+def test_a_lone_worker_reports_a_failed_collective_as_it_is() -> None:
+    """With one worker there is no peer to lose: the collective's own error is not called a lost rank."""
+    strategy = ParameterServerStrategy(parallel_devices=[torch.device("cpu")])
+    error = RuntimeError("No backend type associated with device type cpu")
+    assert strategy._collective_failed("an all-gather", error) is error

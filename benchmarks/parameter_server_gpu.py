@@ -1,0 +1,491 @@
+"""Check ParameterServerStrategy on one GPU: workers train on CUDA (NCCL between workers), servers in host memory.
+
+Run it on a machine with a GPU (it needs no network and writes nothing outside ``--workdir``)::
+
+    python benchmarks/parameter_server_gpu.py --out benchmarks/results/parameter_server_gpu.json
+
+``--accelerator cpu`` runs the same checks on CPU with gloo, to try the script on a machine without a GPU.
+Each check is recorded with its figures and ``ok``; the script exits 1 if any check fails.
+
+1. ``equivalence``: one GPU worker × 1 and × 2 servers, sync, SGD with momentum and two param groups, and Adam with
+   a StepLR stepped every step, against plain single-process training on the same device.
+2. ``dropin``: an unchanged ``MLPClassifier`` with validation, ``sync_dist`` logging (an NCCL all-reduce), gradient
+   accumulation and clipping; bytes per step against the theory; the checkpoint loads into a plain single-device
+   Trainer and resumes under the strategy with another number of servers.
+3. ``async``: ``mode="async", max_staleness=None`` trains and reports its staleness.
+4. ``kill``: the server is killed mid-training; the worker stops with ``PeerLostError`` naming its rank.
+5. ``two_nodes``: two torchrun agents as two nodes on this machine, one worker each on the one GPU, × 2 servers,
+   sync, against single-process training. Workers talk over gloo here: NCCL refuses two ranks on one GPU.
+6. ``recipe``: ``lightning-patterns fit --recipe fashion_mnist_parameter_server`` on the GPU (streaming over HTTP from
+   127.0.0.1, disk cache) beside ``--recipe fashion_mnist`` on the GPU: validation accuracy after 2 epochs.
+7. ``throughput``: steps/s of a ~1M and a ~25M parameter MLP, single device without the strategy beside the
+   parameter server (S = 1, 2 sync; S = 2 async), batch 256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_patterns.data.in_memory import InMemoryDataModule
+from lightning_patterns.exceptions import PeerLostError
+from lightning_patterns.models import MLPClassifier
+from lightning_patterns.strategies import ParameterServerStrategy
+from lightning_patterns.testing.tiny_job import TinyJob, TinyRegressor, single_process_reference
+
+SCRIPT = Path(__file__).resolve()
+ROOT = SCRIPT.parent.parent
+SIZES = {"1m": [784, 1024, 256, 10], "25m": [784, 4096, 4096, 1024, 10]}
+
+
+def _trainer(accelerator: str, strategy: Any, **kwargs: Any) -> pl.Trainer:
+    defaults: dict[str, Any] = {
+        "accelerator": accelerator,
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(strategy=strategy, **{**defaults, **kwargs})
+
+
+def _max_diff(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
+    return max(float((actual[k].float().cpu() - expected[k].float().cpu()).abs().max()) for k in expected)
+
+
+class _Capture(pl.Callback):
+    """After the last step: the model, the optimizer state gathered from the servers, the worker's own state."""
+
+    def __init__(self) -> None:
+        self.result: dict[str, Any] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step != trainer.max_steps:
+            return
+        self.result = {
+            "state_dict": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
+            "optimizer_state": trainer.strategy.optimizer_state(trainer.optimizers[0]),
+            "worker_state_len": len(trainer.optimizers[0].state),
+            "telemetry": trainer.strategy.telemetry,  # type: ignore[attr-defined]
+            "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+            "device": str(pl_module.device),
+        }
+
+
+def check_equivalence(accelerator: str) -> list[dict[str, Any]]:
+    job = TinyJob(steps=6, batch=8, workers=1)
+    device = "cuda" if accelerator == "gpu" else "cpu"
+    rows = []
+    for optimizer, servers in itertools.product(("sgd", "adam"), (1, 2)):
+        capture = _Capture()
+        strategy = ParameterServerStrategy(num_servers=servers, timeout=60.0)
+        _trainer(accelerator, strategy, max_steps=job.steps, callbacks=[capture]).fit(TinyRegressor(optimizer, job))
+        expected_model, expected_optimizer = single_process_reference(optimizer, job, device)
+        model_diff = _max_diff(capture.result["state_dict"], expected_model)
+        state_diff = max(
+            _max_diff(capture.result["optimizer_state"]["state"][i], state)
+            for i, state in expected_optimizer["state"].items()
+        )
+        rows.append(
+            {
+                "check": f"equivalence {optimizer} S={servers}",
+                "backend": capture.result["backend"],
+                "device": capture.result["device"],
+                "max_param_diff": model_diff,
+                "max_optimizer_state_diff": state_diff,
+                "worker_state_len": capture.result["worker_state_len"],
+                "ok": model_diff < 1e-5 and state_diff < 1e-5 and capture.result["worker_state_len"] == 0,
+            }
+        )
+    return rows
+
+
+def _fit_mlp(accelerator: str, workdir: Path, servers: int, max_epochs: int, resume: Path | None) -> pl.Trainer:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0)
+    trainer = _trainer(
+        accelerator,
+        ParameterServerStrategy(num_servers=servers, timeout=60.0),
+        max_epochs=max_epochs,
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.5,
+        log_every_n_steps=1,
+        enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(dirpath=workdir / "dropin_ckpt", save_last=True)],
+    )
+    model = MLPClassifier(hidden_dim=64, num_layers=1, lr=0.01, optimizer="sgd", momentum=0.9)
+    data = InMemoryDataModule(train_samples=2048, val_samples=512, batch_size=64, seed=0)
+    trainer.fit(model, datamodule=data, ckpt_path=resume)
+    return trainer
+
+
+def check_dropin(accelerator: str, workdir: Path) -> list[dict[str, Any]]:
+    first = _fit_mlp(accelerator, workdir, servers=2, max_epochs=1, resume=None)
+    telemetry = first.strategy.telemetry  # type: ignore[attr-defined]
+    params = sum(p.numel() for p in first.lightning_module.parameters())
+    theory = 2 * 4 * params  # one push of float32 gradients, one pull of float32 parameters
+    per_step = telemetry.bytes_pushed + telemetry.bytes_pulled
+    checkpoint = workdir / "dropin_ckpt" / "last.ckpt"
+    saved = torch.load(checkpoint, weights_only=False, map_location="cpu")
+    rows = [
+        {
+            "check": "dropin S=2 (accumulate 2, clip 0.5, validation, sync_dist)",
+            "global_step": first.global_step,
+            "val_acc": float(first.callback_metrics["val_acc"]),
+            "bytes_per_step": per_step,
+            "theory_bytes_per_step": theory,
+            "bytes_vs_theory": per_step / theory - 1,
+            "checkpoint_optimizer_states": len(saved["optimizer_states"][0]["state"]),
+            "ok": first.global_step == 16
+            and abs(per_step / theory - 1) < 0.05
+            and len(saved["optimizer_states"][0]["state"]) == len(saved["state_dict"]),
+        }
+    ]
+    # The checkpoint loads into a plain single-device Trainer, whose optimizer takes over the servers' state.
+    # It accumulates nothing: epoch 2 takes all 32 batches as steps.
+    plain = _trainer(accelerator, "auto", max_epochs=2, limit_val_batches=1)
+    plain.fit(
+        MLPClassifier(hidden_dim=64, num_layers=1, lr=0.01, optimizer="sgd", momentum=0.9),
+        datamodule=InMemoryDataModule(train_samples=2048, val_samples=512, batch_size=64, seed=0),
+        ckpt_path=checkpoint,
+    )
+    plain_state = len(plain.optimizers[0].state)
+    rows.append(
+        {
+            "check": "checkpoint into a plain single-device Trainer",
+            "global_step": plain.global_step,
+            "optimizer_states": plain_state,
+            "ok": plain.global_step == 16 + 32 and plain_state == len(saved["state_dict"]),
+        }
+    )
+    resumed = _fit_mlp(accelerator, workdir, servers=1, max_epochs=2, resume=checkpoint)
+    rows.append(
+        {
+            "check": "resume under the strategy with 1 server (saved with 2)",
+            "global_step": resumed.global_step,
+            "val_acc": float(resumed.callback_metrics["val_acc"]),
+            "ok": resumed.global_step == 32,
+        }
+    )
+    return rows
+
+
+def check_async(accelerator: str) -> list[dict[str, Any]]:
+    capture = _Capture()
+    strategy = ParameterServerStrategy(num_servers=2, mode="async", max_staleness=None, timeout=60.0)
+    job = TinyJob(steps=6, batch=8, workers=1)
+    _trainer(accelerator, strategy, max_steps=job.steps, callbacks=[capture]).fit(TinyRegressor("adam", job))
+    telemetry = capture.result["telemetry"]
+    return [
+        {
+            "check": "async max_staleness=None S=2",
+            "steps": telemetry.steps,
+            "max_staleness_seen": telemetry.max_staleness_seen,
+            "ok": telemetry.steps == job.steps and capture.result["worker_state_len"] == 0,
+        }
+    ]
+
+
+class _KillServer(pl.Callback):
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == 3:
+            server = trainer.strategy._servers[0]  # type: ignore[attr-defined]
+            print(f"KILLED {time.time()}", flush=True)
+            os.kill(server.pid, signal.SIGKILL)
+            server.join()
+
+
+def run_kill(accelerator: str) -> None:
+    strategy = ParameterServerStrategy(num_servers=1, timeout=20.0)
+    trainer = _trainer(accelerator, strategy, max_steps=10_000, callbacks=[_KillServer()])
+    try:
+        trainer.fit(TinyRegressor("sgd", TinyJob(steps=4, batch=8, workers=1)))
+    except PeerLostError as error:
+        print(f"STOPPED {time.time()} {error}", flush=True)
+        raise
+
+
+def check_kill(accelerator: str, workdir: Path) -> list[dict[str, Any]]:
+    proc = _run_self("kill", accelerator, workdir, timeout=120)
+    stopped = proc.stdout.split("STOPPED ")
+    seconds = float(stopped[1].split()[0]) - float(proc.stdout.split("KILLED ")[1].split()[0]) if stopped[1:] else None
+    return [
+        {
+            "check": "kill the server: the worker stops with PeerLostError naming rank 1",
+            "returncode": proc.returncode,
+            "seconds_to_stop": seconds,
+            "message": stopped[1].split(" ", 1)[1].strip()[:300] if stopped[1:] else proc.stdout[-2000:],
+            "ok": proc.returncode != 0 and seconds is not None and seconds < 20 and "rank 1" in stopped[1],
+        }
+    ]
+
+
+def run_two_nodes(accelerator: str, out: Path) -> None:
+    capture = _Capture()
+    job = TinyJob(steps=6, batch=8, workers=2)
+    backend = "gloo"  # two ranks on one GPU: NCCL refuses to share a device between ranks of one group
+    strategy = ParameterServerStrategy(num_servers=2, timeout=60.0, process_group_backend=backend)
+    trainer = _trainer(accelerator, strategy, num_nodes=2, max_steps=job.steps, callbacks=[capture])
+    trainer.fit(TinyRegressor("sgd", job))
+    if trainer.global_rank == 0:
+        torch.save(capture.result, out)
+
+
+def check_two_nodes(accelerator: str, workdir: Path) -> list[dict[str, Any]]:
+    out = workdir / "two_nodes.pt"
+    port = _free_port()
+    env = _clean_env(port)
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=1",
+                "--nnodes=2",
+                f"--node_rank={node}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                str(SCRIPT),
+                "--scenario",
+                "two_nodes",
+                "--accelerator",
+                accelerator,
+                "--workdir",
+                str(workdir),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    logs = []
+    try:
+        logs = [agent.communicate(timeout=240)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+            agent.wait()
+    if any(agent.returncode != 0 for agent in agents) or not out.exists():
+        return [{"check": "two nodes", "ok": False, "log": "\n".join(log[-3000:] for log in logs)}]
+    result = torch.load(out, weights_only=False)
+    expected_model, _ = single_process_reference("sgd", TinyJob(steps=6, batch=8, workers=2))
+    diff = _max_diff(result["state_dict"], expected_model)
+    return [
+        {
+            "check": "two torchrun nodes × 1 worker on the GPU, 2 servers, sync",
+            "device": result["device"],
+            "backend": result["backend"],
+            "max_param_diff": diff,
+            "ok": diff < 1e-5,
+        }
+    ]
+
+
+def _val_acc(metrics_csv: Path) -> float:
+    with metrics_csv.open() as handle:
+        values = [row["val_acc"] for row in csv.DictReader(handle) if row.get("val_acc")]
+    return float(values[-1])
+
+
+def check_recipe(accelerator: str, workdir: Path) -> list[dict[str, Any]]:
+    rows = []
+    accuracies = {}
+    for recipe in ("fashion_mnist", "fashion_mnist_parameter_server"):
+        logs = workdir / recipe
+        command = [
+            sys.executable,
+            "-m",
+            "lightning_patterns",
+            "fit",
+            "--recipe",
+            recipe,
+            f"--trainer.accelerator={accelerator}",
+            "--trainer.devices=1",
+            "--trainer.max_epochs=2",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={logs}",
+            f"--trainer.logger.init_args.save_dir={logs}",
+        ]
+        if recipe.endswith("parameter_server"):
+            # One worker carries the global batch the recipe splits over two.
+            command += ["--data.init_args.batch_size=256", f"--data.init_args.cache_dir={logs}/cache"]
+        started = time.perf_counter()
+        # A port of its own: this process's earlier fits still hold theirs.
+        env = _clean_env(_free_port())
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=workdir, check=False)
+        seconds = time.perf_counter() - started
+        metrics = sorted(logs.rglob("metrics.csv"))
+        if proc.returncode != 0 or not metrics:
+            rows.append({"check": f"recipe {recipe}", "ok": False, "log": proc.stdout[-1500:] + proc.stderr[-3000:]})
+            continue
+        accuracies[recipe] = _val_acc(metrics[-1])
+        rows.append({"check": f"recipe {recipe}", "val_acc": accuracies[recipe], "seconds": seconds, "ok": True})
+    if len(accuracies) == 2:
+        gap = accuracies["fashion_mnist"] - accuracies["fashion_mnist_parameter_server"]
+        rows.append({"check": "parameter server within 1 point of single device", "gap": gap, "ok": gap <= 0.01})
+    return rows
+
+
+class _BenchMLP(pl.LightningModule):
+    def __init__(self, widths: list[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for a, b in itertools.pairwise(widths):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.net = nn.Sequential(*layers[:-1])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class _StepTimer(pl.Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.times: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.warmup:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+
+def check_throughput(accelerator: str, steps: int) -> list[dict[str, Any]]:
+    rows = []
+    for size, widths in SIZES.items():
+        params = sum(a * b + b for a, b in itertools.pairwise(widths))
+        configs: list[tuple[str, Any]] = [("single device, no strategy", "auto")]
+        configs += [
+            (f"PS S={s} {mode}", (s, mode))
+            for s, mode in ((1, "sync"), (2, "sync"), (2, "async"))  # async: one worker, so only overlap changes
+        ]
+        for label, config in configs:
+            torch.manual_seed(0)
+            n = (steps + 3) * 256
+            data = TensorDataset(torch.randn(n, 784), torch.randint(0, 10, (n,)))
+            strategy = config
+            if isinstance(config, tuple):
+                servers, mode = config
+                staleness = 0 if mode == "sync" else None
+                strategy = ParameterServerStrategy(num_servers=servers, mode=mode, max_staleness=staleness)
+            timer = _StepTimer(warmup=3)
+            model = _BenchMLP(widths)
+            _trainer(accelerator, strategy, max_steps=steps + 3, callbacks=[timer]).fit(
+                model, DataLoader(data, batch_size=256)
+            )
+            speed = (len(timer.times) - 1) / (timer.times[-1] - timer.times[0])
+            row = {"check": f"throughput {size} {label}", "params": params, "steps_per_s": speed, "ok": True}
+            if isinstance(strategy, ParameterServerStrategy):
+                t = strategy.telemetry
+                row["bytes_per_step"] = (t.total_bytes_pushed + t.total_bytes_pulled) / max(t.steps, 1)
+                row["comm_fraction"] = t.total_comm_seconds / max(t.total_comm_seconds + t.total_compute_seconds, 1e-9)
+            rows.append(row)
+    return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _clean_env(port: int) -> dict[str, str]:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK", "PL_GLOBAL_SEED"):
+        env.pop(key, None)
+    return env
+
+
+def _run_self(scenario: str, accelerator: str, workdir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(SCRIPT), "--scenario", scenario, "--accelerator", accelerator]
+    return subprocess.run(
+        [*command, "--workdir", str(workdir)],
+        env=_clean_env(_free_port()),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _environment(accelerator: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"torch": torch.__version__, "pytorch_lightning": pl.__version__}
+    if accelerator == "gpu":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    info["cpu_count"] = os.cpu_count()
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--accelerator", choices=("gpu", "cpu"), default="gpu" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--checks", default="equivalence,dropin,async,kill,two_nodes,recipe,throughput")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per throughput row")
+    parser.add_argument("--workdir", default="/tmp/parameter_server_gpu")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--scenario", help=argparse.SUPPRESS)  # the child processes of `kill` and `two_nodes`
+    args = parser.parse_args()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.scenario == "kill":
+        run_kill(args.accelerator)
+        return
+    if args.scenario == "two_nodes":
+        run_two_nodes(args.accelerator, workdir / "two_nodes.pt")
+        return
+    os.environ.update({k: v for k, v in _clean_env(_free_port()).items() if k.startswith("MASTER_")})
+    checks = {
+        "equivalence": lambda: check_equivalence(args.accelerator),
+        "dropin": lambda: check_dropin(args.accelerator, workdir),
+        "async": lambda: check_async(args.accelerator),
+        "kill": lambda: check_kill(args.accelerator, workdir),
+        "two_nodes": lambda: check_two_nodes(args.accelerator, workdir),
+        "recipe": lambda: check_recipe(args.accelerator, workdir),
+        "throughput": lambda: check_throughput(args.accelerator, args.steps),
+    }
+    results: dict[str, Any] = {"environment": _environment(args.accelerator), "rows": []}
+    for name in args.checks.split(","):
+        started = time.perf_counter()
+        try:
+            rows = checks[name]()
+        except Exception as error:  # record the failure and go on with the other checks
+            rows = [{"check": name, "ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}]
+        for row in rows:
+            row["seconds_for_check"] = round(time.perf_counter() - started, 1)
+            print(json.dumps(row, default=str), flush=True)
+        results["rows"] += rows
+        if args.out:  # after every check, so a run stopped early still leaves what it measured
+            Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    failed = [row["check"] for row in results["rows"] if not row["ok"]]
+    print(f"{len(results['rows']) - len(failed)} checks passed; failed: {failed}", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
