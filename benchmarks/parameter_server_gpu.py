@@ -39,8 +39,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from torch import nn
+from parameter_server import SIZES, BenchMLP, StepTimer  # the CPU benchmark's, from this folder
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_patterns.data.in_memory import InMemoryDataModule
@@ -50,8 +49,6 @@ from lightning_patterns.strategies import ParameterServerStrategy
 from lightning_patterns.testing.tiny_job import TinyJob, TinyRegressor, single_process_reference
 
 SCRIPT = Path(__file__).resolve()
-ROOT = SCRIPT.parent.parent
-SIZES = {"1m": [784, 1024, 256, 10], "25m": [784, 4096, 4096, 1024, 10]}
 
 
 def _trainer(accelerator: str, strategy: Any, **kwargs: Any) -> pl.Trainer:
@@ -347,34 +344,6 @@ def check_recipe(accelerator: str, workdir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-class _BenchMLP(pl.LightningModule):
-    def __init__(self, widths: list[int]) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        for a, b in itertools.pairwise(widths):
-            layers += [nn.Linear(a, b), nn.ReLU()]
-        self.net = nn.Sequential(*layers[:-1])
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
-
-
-class _StepTimer(pl.Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.times: list[float] = []
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step >= self.warmup:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
-
-
 def check_throughput(accelerator: str, steps: int) -> list[dict[str, Any]]:
     rows = []
     for size, widths in SIZES.items():
@@ -393,12 +362,12 @@ def check_throughput(accelerator: str, steps: int) -> list[dict[str, Any]]:
                 servers, mode = config
                 staleness = 0 if mode == "sync" else None
                 strategy = ParameterServerStrategy(num_servers=servers, mode=mode, max_staleness=staleness)
-            timer = _StepTimer(warmup=3)
-            model = _BenchMLP(widths)
+            timer = StepTimer(warmup=3)
+            model = BenchMLP(widths)
             _trainer(accelerator, strategy, max_steps=steps + 3, callbacks=[timer]).fit(
                 model, DataLoader(data, batch_size=256)
             )
-            speed = (len(timer.times) - 1) / (timer.times[-1] - timer.times[0])
+            speed = timer.steps_per_second()
             row = {"check": f"throughput {size} {label}", "params": params, "steps_per_s": speed, "ok": True}
             if isinstance(strategy, ParameterServerStrategy):
                 t = strategy.telemetry
@@ -442,6 +411,22 @@ def _environment(accelerator: str) -> dict[str, Any]:
     return info
 
 
+def _figures(row: dict[str, Any]) -> str:
+    skip = {"check", "ok", "log", "seconds_for_check", "message", "error"}
+    return ", ".join(
+        f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
+        for key, value in row.items()
+        if key not in skip
+    )
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The checks as a Markdown table (for ``benchmarks/results/REPORT.md``)."""
+    lines = ["| check | figures | ok |", "|---|---|---|"]
+    lines += [f"| {row['check']} | {_figures(row)} | {'yes' if row['ok'] else '**no**'} |" for row in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--accelerator", choices=("gpu", "cpu"), default="gpu" if torch.cuda.is_available() else "cpu")
@@ -469,7 +454,12 @@ def main() -> None:
         "recipe": lambda: check_recipe(args.accelerator, workdir),
         "throughput": lambda: check_throughput(args.accelerator, args.steps),
     }
-    results: dict[str, Any] = {"environment": _environment(args.accelerator), "rows": []}
+    results: dict[str, Any] = {
+        "benchmark": "parameter_server_gpu",
+        "title": "Parameter server on a GPU",
+        "environment": _environment(args.accelerator),
+        "rows": [],
+    }
     for name in args.checks.split(","):
         started = time.perf_counter()
         try:
@@ -480,6 +470,7 @@ def main() -> None:
             row["seconds_for_check"] = round(time.perf_counter() - started, 1)
             print(json.dumps(row, default=str), flush=True)
         results["rows"] += rows
+        results["markdown"] = markdown_table(results["rows"])
         if args.out:  # after every check, so a run stopped early still leaves what it measured
             Path(args.out).write_text(json.dumps(results, indent=2, default=str))
     failed = [row["check"] for row in results["rows"] if not row["ok"]]

@@ -24,9 +24,14 @@ _START, _END = "<!-- bench-report:start -->", "<!-- bench-report:end -->"
 
 def _load(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _get(row: dict[str, Any] | None, key: str) -> Any:
+    return None if row is None else row.get(key)
 
 
 def _num(value: float | None, digits: int = 0) -> str:
@@ -90,9 +95,9 @@ def data_section(doc: dict[str, Any], title: str = "Data loading") -> list[str]:
             continue
         ref1 = _reference(rows, workers, None)
         ref2 = _reference(rows, workers, "memory") or ref1
-        e1 = _num(row.get("epoch1_sps")) + _ratio(row.get("epoch1_sps"), ref1 and ref1.get("epoch1_sps"))
-        e2 = _num(row.get("epoch2_sps")) + _ratio(row.get("epoch2_sps"), ref2 and ref2.get("epoch2_sps"))
-        rss = _num(row.get("rss_peak_mb")) + _ratio(row.get("rss_peak_mb"), ref1 and ref1.get("rss_peak_mb"))
+        e1 = _num(row.get("epoch1_sps")) + _ratio(row.get("epoch1_sps"), _get(ref1, "epoch1_sps"))
+        e2 = _num(row.get("epoch2_sps")) + _ratio(row.get("epoch2_sps"), _get(ref2, "epoch2_sps"))
+        rss = _num(row.get("rss_peak_mb")) + _ratio(row.get("rss_peak_mb"), _get(ref1, "rss_peak_mb"))
         notes = [row["note"]] if row.get("note") else []
         if row.get("tree_rss_peak_mb"):
             notes.append(f"main + workers (sampled sum) {row['tree_rss_peak_mb']:,.0f} MB")
@@ -127,29 +132,94 @@ def data_section(doc: dict[str, Any], title: str = "Data loading") -> list[str]:
     return lines
 
 
-def memory_section(doc: dict[str, Any]) -> list[str]:
-    """The memory-scaling table as Markdown lines."""
+def _memory_plan(row: dict[str, Any], params: dict[str, Any]) -> tuple[int, int, int]:
+    """1× and 4× samples and runs of a memory-scaling row (results before per-row sizes keep them in params)."""
+    return (
+        row.get("samples_1x", params["samples_1x"]),
+        row.get("samples_4x", params["samples_4x"]),
+        row.get("runs", params["runs"]),
+    )
+
+
+def _sizes(plan: tuple[int, int, int]) -> str:
+    return f"{plan[0]:,} → {plan[1]:,}"
+
+
+def _processes(runs: int) -> str:
+    return "one fresh process" if runs == 1 else f"the median of {runs} fresh processes"
+
+
+def _memory_note(doc: dict[str, Any]) -> str:
+    """Why some rows ran fewer times or at smaller sizes than the header says ('' when none did)."""
+    params = doc["params"]
+    # Library names without the source ("LitData 0.2.76"), once each: the full names hold commas themselves.
+    plans = {row["name"].split(",")[0]: _memory_plan(row, params) for row in doc["rows"]}
+    fewer = [name for name, plan in plans.items() if plan[2] != params["runs"]]
+    smaller = [name for name, plan in plans.items() if plan[:2] != (params["samples_1x"], params["samples_4x"])]
+    if not fewer and not smaller:
+        return ""
+    parts = []
+    if fewer:
+        parts.append(f"{' and '.join(fewer)} ran fewer processes (their peak RSS varied by under 1 MB between runs)")
+    if smaller:
+        parts.append(f"{' and '.join(smaller)} read a smaller dataset")
+    return (
+        " The peers read 5–40× slower than ours (MosaicML Streaming ~5,000 samples/s here), so to keep `make bench` "
+        f"within 15 minutes {'; '.join(parts)}: see the samples and runs columns."
+    )
+
+
+def memory_section(doc: dict[str, Any], title: str = "Memory scaling") -> list[str]:
+    """The memory-scaling table as Markdown lines; rows measured at other sizes or runs say so in their cells."""
     params = doc["params"]
     lines = [
-        "## Memory scaling",
+        f"## {title}",
         "",
         f"Peak RSS (`VmHWM`) of one epoch, 0 workers, at 1× = {params['samples_1x']:,} and 4× = "
-        f"{params['samples_4x']:,} samples; median of {params['runs']} fresh processes. Goal: {params['goal']}. "
-        "'Growth' is peak RSS minus the RSS after imports, before the dataset is opened.",
+        f"{params['samples_4x']:,} samples; {_processes(params['runs'])}. Goal: {params['goal']}. "
+        "'Growth' is peak RSS minus the RSS after imports, before the dataset is opened." + _memory_note(doc),
+    ]
+    lines += [
         "",
-        "| option | RSS 1× MB | RSS 4× MB | 4× / 1× | growth 1× / 4× MB | goal |",
-        "|---|---|---|---|---|---|",
+        "| option | samples 1× → 4× | runs | RSS 1× MB | RSS 4× MB | 4× / 1× | growth 1× / 4× MB | goal |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in doc["rows"]:
+        plan = _memory_plan(row, params)
         if "error" in row:
-            lines.append(f"| {row['name']} | n/a | n/a | n/a | – | n/a: {row['error']} |")
+            lines.append(f"| {row['name']} | {_sizes(plan)} | {plan[2]} | n/a | n/a | n/a | – | n/a: {row['error']} |")
             continue
         goal = "holds" if row["goal_met"] else "**misses**"
         lines.append(
-            f"| {row['name']} | {row['rss_1x_mb']:,.0f} | {row['rss_4x_mb']:,.0f} | {row['ratio_4x_1x']:.2f} | "
-            f"{row['growth_1x_mb']:,.0f} / {row['growth_4x_mb']:,.0f} | {goal} |"
+            f"| {row['name']} | {_sizes(plan)} | {plan[2]} | {row['rss_1x_mb']:,.0f} | {row['rss_4x_mb']:,.0f} | "
+            f"{row['ratio_4x_1x']:.2f} | {row['growth_1x_mb']:,.0f} / {row['growth_4x_mb']:,.0f} | {goal} |"
         )
     return lines
+
+
+def memory_goal(doc: dict[str, Any]) -> str:
+    """The Goals line on memory scaling: held by ours or not, with the sizes; the peers' figures for comparison."""
+    params = doc["params"]
+
+    def figures(row: dict[str, Any]) -> str:
+        if "error" in row:
+            return f"{row['name']}: n/a ({row['error']})"
+        return f"{row['name']}: {row['rss_1x_mb']:,.0f} → {row['rss_4x_mb']:,.0f} MB ({row['ratio_4x_1x']:.2f}×)"
+
+    ours = [r for r in doc["rows"] if r["loader"] == "ours"]
+    peers = [r for r in doc["rows"] if r["loader"] != "ours"]
+    if not ours:
+        return "- Peak RSS at 4× ≤ 1.1× at 1×: not measured (no lightning_patterns row ran)."
+    sizes = sorted({_sizes(_memory_plan(r, params)) for r in ours})
+    held = all(r.get("goal_met") for r in ours)
+    line = (
+        f"- Peak RSS at 4× ≤ 1.1× at 1×, lightning_patterns at {' / '.join(sizes)} samples, one epoch, 0 workers: "
+        f"**{'holds' if held else 'misses'}** — " + "; ".join(figures(r) for r in ours) + "."
+    )
+    if peers:
+        compared = [f"{figures(r)} at {_sizes(_memory_plan(r, params))}" for r in peers]
+        line += " For comparison: " + "; ".join(compared) + "."
+    return line
 
 
 def goals_section(data: dict[str, Any] | None, memory: dict[str, Any] | None) -> list[str]:
@@ -189,18 +259,7 @@ def goals_section(data: dict[str, Any] | None, memory: dict[str, Any] | None) ->
         else:
             lines.append(f"- Epoch 2 with the memory cache: not measured ({data.get('caching')}).")
     if memory:
-        ours = [r for r in memory["rows"] if r["loader"] == "ours"]
-        parts = []
-        for row in ours:
-            if "error" in row:
-                parts.append(f"{row['name']}: n/a ({row['error']})")
-            else:
-                parts.append(
-                    f"{row['name']}: {row['rss_1x_mb']:,.0f} → {row['rss_4x_mb']:,.0f} MB "
-                    f"({row['ratio_4x_1x']:.2f}×, {'holds' if row['goal_met'] else 'misses'})"
-                )
-        held = bool(ours) and all(r.get("goal_met") for r in ours)
-        lines.append(f"- Peak RSS at 4× ≤ 1.1× at 1×: **{'holds' if held else 'misses'}** — " + "; ".join(parts) + ".")
+        lines.append(memory_goal(memory))
     return lines
 
 
@@ -248,15 +307,13 @@ def plot_memory(doc: dict[str, Any], path: Path) -> bool:
     rows = [r for r in doc["rows"] if "error" not in r]
     if not rows:
         return False
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     xs = range(len(rows))
-    ax.bar(
-        [x - 0.2 for x in xs], [r["rss_1x_mb"] for r in rows], width=0.4, label=f"1× ({doc['params']['samples_1x']:,})"
-    )
-    ax.bar(
-        [x + 0.2 for x in xs], [r["rss_4x_mb"] for r in rows], width=0.4, label=f"4× ({doc['params']['samples_4x']:,})"
-    )
-    ax.set_xticks(list(xs), [r["name"].replace(", ", "\n", 1) for r in rows], fontsize=8)
+    ax.bar([x - 0.2 for x in xs], [r["rss_1x_mb"] for r in rows], width=0.4, label="1×")
+    ax.bar([x + 0.2 for x in xs], [r["rss_4x_mb"] for r in rows], width=0.4, label="4×")
+    # Each bar pair is labelled with its own sizes: the peers may run at smaller ones (see memory_section).
+    labels = [f"{r['name'].replace(', ', chr(10), 1)}\n{_sizes(_memory_plan(r, doc['params']))}" for r in rows]
+    ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_ylabel("peak RSS, MB (lower is better)")
     ax.set_title("Peak RSS at 1× and 4× the data, one epoch, 0 workers")
     ax.legend()
@@ -276,8 +333,8 @@ def other_sections(results: Path, known: set[str]) -> list[str]:
         doc = _load(path)
         if doc is None:
             continue
-        title = doc.get("title") or doc.get("benchmark") or path.stem
-        lines += ["", f"## {str(title).replace('_', ' ').capitalize()}", ""]
+        title = doc.get("title") or str(doc.get("benchmark") or path.stem).replace("_", " ").capitalize()
+        lines += ["", f"## {title}", ""]
         markdown = doc.get("markdown") or doc.get("table")
         if isinstance(markdown, str):
             lines.append(markdown.strip())
@@ -286,10 +343,32 @@ def other_sections(results: Path, known: set[str]) -> list[str]:
     return lines
 
 
+def parameter_server_section(doc: dict[str, Any]) -> list[str]:
+    """The parameter-server table (the ``markdown`` that ``parameter_server.py`` wrote) with a line of context."""
+    params = doc.get("params", {})
+    quick = " (a `--quick` run: the 1M model only)" if params.get("quick") else ""
+    lines = [
+        f"## {doc.get('title') or 'Parameter server vs DDP'}",
+        "",
+        "Training speed and traffic of `ParameterServerStrategy` (S servers, sync or async) against Lightning's DDP "
+        f"with the same {params.get('workers', 2)} CPU worker processes and MLP (issue 7), measured by "
+        f"`benchmarks/parameter_server.py` in {doc.get('duration_s', 0):.0f} s{quick}; the servers are extra "
+        "processes on the same cores.",
+        "",
+    ]
+    markdown = doc.get("markdown")
+    if isinstance(markdown, str):
+        lines.append(markdown.strip())
+    else:
+        lines.append("n/a: `parameter_server.json` has no `markdown` table.")
+    return lines
+
+
 def build_report(results: Path, command: str | None) -> str:
     """The Markdown report for the JSON files in ``results`` (plots are written beside it)."""
     data = _load(results / "data_loading.json")
     memory = _load(results / "memory_scaling.json")
+    parameter_server = _load(results / "parameter_server.json")
     lines = ["# Benchmark report", ""]
     machine = (data or memory or {}).get("machine")
     started = (data or memory or {}).get("started")
@@ -303,16 +382,29 @@ def build_report(results: Path, command: str | None) -> str:
         lines += ["", *data_section(data)]
         if plot_data(data, results / "data_loading.png"):
             lines += ["", "![samples/s per loader](data_loading.png)"]
+    # Extra runs saved beside the main ones (e.g. data_loading_workers2.json) follow the main section.
+    data_extra = sorted(results.glob("data_loading_*.json"))
+    for path in data_extra:
+        doc = _load(path)
+        if doc:
+            section = data_section(doc, f"Data loading ({path.stem.removeprefix('data_loading_')})")
+            # Not produced by this command: say when it ran, so its figures are not read as this run's.
+            note = f"A separate run, not part of `make bench`: [`{path.name}`]({path.name}), "
+            note += f"started {doc.get('started')}."
+            lines += ["", section[0], "", note, *section[1:]]
     if memory:
         lines += ["", *memory_section(memory)]
         if plot_memory(memory, results / "memory_scaling.png"):
             lines += ["", "![peak RSS at 1× and 4×](memory_scaling.png)"]
-    extra = sorted(results.glob("data_loading_*.json"))
-    for path in extra:
+    memory_extra = sorted(results.glob("memory_scaling_*.json"))
+    for path in memory_extra:
         doc = _load(path)
         if doc:
-            lines += ["", *data_section(doc, f"Data loading ({path.stem.removeprefix('data_loading_')})")]
-    lines += other_sections(results, {"data_loading.json", "memory_scaling.json", *(p.name for p in extra)})
+            lines += ["", *memory_section(doc, f"Memory scaling ({path.stem.removeprefix('memory_scaling_')})")]
+    if parameter_server:
+        lines += ["", *parameter_server_section(parameter_server)]
+    known = {"data_loading.json", "memory_scaling.json", "parameter_server.json"}
+    lines += other_sections(results, known | {p.name for p in data_extra + memory_extra})
     return "\n".join(lines) + "\n"
 
 
