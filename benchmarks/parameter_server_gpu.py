@@ -30,7 +30,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ from lightning_patterns.data.in_memory import InMemoryDataModule
 from lightning_patterns.exceptions import PeerLostError
 from lightning_patterns.models import MLPClassifier
 from lightning_patterns.strategies import ParameterServerStrategy
+from lightning_patterns.testing.launch import free_port, launch_env, run_nodes
 from lightning_patterns.testing.tiny_job import TinyJob, TinyRegressor, single_process_reference
 
 SCRIPT = Path(__file__).resolve()
@@ -248,43 +248,10 @@ def run_two_nodes(accelerator: str, out: Path) -> None:
 
 def check_two_nodes(accelerator: str, workdir: Path) -> list[dict[str, Any]]:
     out = workdir / "two_nodes.pt"
-    port = _free_port()
-    env = _clean_env(port)
-    agents = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node=1",
-                "--nnodes=2",
-                f"--node_rank={node}",
-                "--master_addr=127.0.0.1",
-                f"--master_port={port}",
-                str(SCRIPT),
-                "--scenario",
-                "two_nodes",
-                "--accelerator",
-                accelerator,
-                "--workdir",
-                str(workdir),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for node in (0, 1)
-    ]
-    logs = []
-    try:
-        logs = [agent.communicate(timeout=240)[0] for agent in agents]
-    finally:
-        for agent in agents:
-            agent.kill()
-            agent.wait()
-    if any(agent.returncode != 0 for agent in agents) or not out.exists():
-        return [{"check": "two nodes", "ok": False, "log": "\n".join(log[-3000:] for log in logs)}]
+    script = [str(SCRIPT), "--scenario", "two_nodes", "--accelerator", accelerator, "--workdir", str(workdir)]
+    nodes = run_nodes(script, nnodes=2, timeout=240)
+    if any(code != 0 for code, _ in nodes) or not out.exists():
+        return [{"check": "two nodes", "ok": False, "log": "\n".join(log[-3000:] for _, log in nodes)}]
     result = torch.load(out, weights_only=False)
     expected_model, _ = single_process_reference("sgd", TinyJob(steps=6, batch=8, workers=2))
     diff = _max_diff(result["state_dict"], expected_model)
@@ -329,7 +296,7 @@ def check_recipe(accelerator: str, workdir: Path) -> list[dict[str, Any]]:
             command += ["--data.init_args.batch_size=256", f"--data.init_args.cache_dir={logs}/cache"]
         started = time.perf_counter()
         # A port of its own: this process's earlier fits still hold theirs.
-        env = _clean_env(_free_port())
+        env = launch_env(free_port())
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=workdir, check=False)
         seconds = time.perf_counter() - started
         metrics = sorted(logs.rglob("metrics.csv"))
@@ -377,24 +344,11 @@ def check_throughput(accelerator: str, steps: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _clean_env(port: int) -> dict[str, str]:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK", "PL_GLOBAL_SEED"):
-        env.pop(key, None)
-    return env
-
-
 def _run_self(scenario: str, accelerator: str, workdir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, str(SCRIPT), "--scenario", scenario, "--accelerator", accelerator]
     return subprocess.run(
         [*command, "--workdir", str(workdir)],
-        env=_clean_env(_free_port()),
+        env=launch_env(free_port()),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -444,7 +398,7 @@ def main() -> None:
     if args.scenario == "two_nodes":
         run_two_nodes(args.accelerator, workdir / "two_nodes.pt")
         return
-    os.environ.update({k: v for k, v in _clean_env(_free_port()).items() if k.startswith("MASTER_")})
+    os.environ.update({k: v for k, v in launch_env(free_port()).items() if k.startswith("MASTER_")})
     checks = {
         "equivalence": lambda: check_equivalence(args.accelerator),
         "dropin": lambda: check_dropin(args.accelerator, workdir),

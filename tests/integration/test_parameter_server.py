@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from lightning_patterns.testing.launch import free_port, launch_env, run_nodes, torchrun_command
 from lightning_patterns.testing.tiny_job import TinyJob, TinyRegressor, single_process_reference
 
 SCRIPT = Path(__file__).resolve()
@@ -56,31 +56,13 @@ class _Capture(pl.Callback):
 
 
 # -- the tests -------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _clean_env(port: int) -> dict[str, str]:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK", "PL_GLOBAL_SEED"):
-        env.pop(key, None)
-    return env
-
-
-def _torchrun(port: int, nproc: int, nnodes: int = 1, node_rank: int = 0) -> list[str]:
-    run = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}"]
-    return [*run, f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
-
-
 def _run_script(scenario: str, out: Path, timeout: float, torchrun: bool = False) -> subprocess.CompletedProcess[str]:
     """Run a scenario with Lightning's own launcher, or under torchrun (Lightning's TorchElasticEnvironment)."""
-    port = _free_port()
-    launcher = _torchrun(port, WORKERS) if torchrun else [sys.executable]
+    port = free_port()
+    launcher = torchrun_command(port, WORKERS) if torchrun else [sys.executable]
     return subprocess.run(
         [*launcher, str(SCRIPT), scenario, "--out", str(out)],
-        env=_clean_env(port),
+        env=launch_env(port),
         cwd=out,
         capture_output=True,
         text=True,
@@ -130,29 +112,9 @@ def test_sync_matches_single_process_training(suite: Path, name: str, optimizer:
 @pytest.mark.slow
 def test_two_nodes_under_torchrun_match_single_process_training(tmp_path: Path) -> None:
     """Two torchrun agents as two nodes (one worker and one server each) on 127.0.0.1, as across machines."""
-    port = _free_port()
     out = tmp_path / "two_nodes.pt"
-    command = [str(SCRIPT), "two_nodes", "--out", str(out)]
-    agents = [
-        subprocess.Popen(
-            [*_torchrun(port, nproc=1, nnodes=2, node_rank=node), *command],
-            env=_clean_env(port),
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for node in (0, 1)
-    ]
-    logs = []
-    try:
-        for agent in agents:
-            logs.append(agent.communicate(timeout=180)[0])
-    finally:
-        for agent in agents:
-            agent.kill()
-            agent.wait()
-    assert [agent.returncode for agent in agents] == [0, 0], "\n".join(log[-6000:] for log in logs)
+    nodes = run_nodes([str(SCRIPT), "two_nodes", "--out", str(out)], nnodes=2, timeout=180, cwd=tmp_path)
+    assert [code for code, _ in nodes] == [0, 0], "\n".join(log[-6000:] for _, log in nodes)
     result = torch.load(out, weights_only=False)
     expected_model, expected_optimizer = single_process_reference("sgd", JOB)
     _assert_close(result["state_dict"], expected_model)
