@@ -263,17 +263,23 @@ def goals_section(data: dict[str, Any] | None, memory: dict[str, Any] | None) ->
     return lines
 
 
-def plot_data(doc: dict[str, Any], path: Path) -> bool:
-    """Bar chart of epoch 1 / epoch 2 samples/s per configuration (log scale); False without matplotlib."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None where matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return None
+    return plt
+
+
+def plot_data(doc: dict[str, Any], path: Path) -> bool:
+    """Bar chart of epoch 1 / epoch 2 samples/s per configuration (log scale); False without matplotlib."""
+    plt = _pyplot()
     rows = [r for r in doc["rows"] if "error" not in r]
-    if not rows:
+    if plt is None or not rows:
         return False
     labels = [f"{r['name']} [w={r.get('workers', 0)}]" for r in rows]
     e1 = [r.get("epoch1_sps") or 0 for r in rows]
@@ -297,15 +303,9 @@ def plot_data(doc: dict[str, Any], path: Path) -> bool:
 
 def plot_memory(doc: dict[str, Any], path: Path) -> bool:
     """Bar chart of peak RSS at 1× and 4× per streaming option; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    plt = _pyplot()
     rows = [r for r in doc["rows"] if "error" not in r]
-    if not rows:
+    if plt is None or not rows:
         return False
     fig, ax = plt.subplots(figsize=(9, 4.5))
     xs = range(len(rows))

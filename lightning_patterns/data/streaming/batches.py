@@ -75,6 +75,16 @@ class PlanIndices:
         return self.at(np.arange(lo, hi, dtype=np.int64))
 
 
+def only_shard(shards: _IntArray) -> int | None:
+    """The one shard all these entries name, or ``None`` if they name several (or none)."""
+    if shards.size == 0:
+        return None
+    first = int(shards[0])
+    if first == int(shards[-1]) and bool(np.all(shards == first)):
+        return first
+    return None
+
+
 class ShardUse:
     """Counts what each shard is still needed for, and releases it when nothing is left.
 
@@ -105,6 +115,11 @@ class ShardUse:
 
     def gathered(self, shards: _IntArray) -> None:
         """Positions of these shards were put into a batch (one entry per position)."""
+        shard = only_shard(shards)
+        if shard is not None:  # the common case, per batch: skip np.unique's sort
+            self._pending[shard] -= shards.size
+            self._check([shard])
+            return
         touched, counts = np.unique(shards, return_counts=True)
         self._pending[touched] -= counts
         self._check(touched.tolist())

@@ -31,14 +31,14 @@ from lightning_patterns.data.shards.manifest import (
     missing_manifest_error,
     shard_url,
 )
-from lightning_patterns.data.streaming.batches import BatchPositions, PlanIndices, ShardUse, shard_use_of
+from lightning_patterns.data.streaming.batches import BatchPositions, PlanIndices, ShardUse, only_shard, shard_use_of
 from lightning_patterns.data.streaming.fetch import FetchStatsSnapshot, RemoteReader, RetryPolicy
 from lightning_patterns.data.streaming.metrics import StreamCounters
 from lightning_patterns.data.streaming.pipeline import ReadAhead
 from lightning_patterns.data.streaming.resume import (
     PlanConfig,
     ResumePoint,
-    batches_per_worker,
+    delivered,
     plan_for,
     remaining_stream,
     spans_from_state,
@@ -255,20 +255,13 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         num_workers, worker_id = current_worker()
         return Topology(world_size, rank, num_workers, worker_id)
 
-    def plan(self, topology: Topology | None = None, epoch: int | None = None) -> WorkerPlan:
-        """The samples a worker yields this epoch (from the resume point's stream when resuming)."""
-        topology = topology or self.topology()
-        epoch = self.epoch if epoch is None else epoch
-        return plan_for(self.plan_config, topology, epoch, self._resume_stream if self._resume_pending else None)
-
     def samples_per_rank(self) -> int:
         """Samples every rank yields in a full epoch."""
         return samples_per_rank(self.manifest.num_samples, self.rank_and_world_size[1], self.drop_last)
 
     def __len__(self) -> int:
         """Batches (or samples, when ``batch_size`` is ``None``) per rank in a full epoch, whatever ``num_workers``."""
-        per_rank = self.samples_per_rank()
-        return -(-per_rank // self.batch_size) if self.batch_size else per_rank
+        return self.batches_in(None)
 
     # ------------------------------------------------------------------ state
 
@@ -352,9 +345,7 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
 
     def batches_in(self, stream: Sequence[Span] | None) -> int:
         """Batches (units) each rank yields over ``stream`` (``None``: a whole epoch)."""
-        if stream is None:
-            return len(self)
-        total = sum(stop - start for _, start, stop in stream)
+        total = self.manifest.num_samples if stream is None else sum(stop - start for _, start, stop in stream)
         per_rank = samples_per_rank(total, self.rank_and_world_size[1], self.drop_last)
         return -(-per_rank // self.batch_size) if self.batch_size else per_rank
 
@@ -389,27 +380,11 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         plan = plan_for(self.plan_config, topology, self.epoch, stream)
         if self._resume_skip is not None:
             point, self._resume_skip = self._resume_skip, None
-            skip = self._delivered_by_worker(point, topology)
+            # The point was taken on this topology (resume() checked it): skip what this worker had delivered.
+            skip = delivered(point, topology.rank)[topology.worker_id][1]
         self._current_stream = stream
         self._units_yielded = skip
         return self._generate(plan, skip, topology.worker_id + 1 if topology.num_workers else 0)
-
-    def _delivered_by_worker(self, point: ResumePoint, topology: Topology) -> int:
-        workers = max(topology.num_workers, 1)
-        unit = self.batch_size or 1
-        counts = [
-            -(
-                -plan_for(
-                    self.plan_config,
-                    Topology(topology.world_size, topology.rank, topology.num_workers, worker),
-                    point.epoch,
-                    None,
-                ).num_samples
-                // unit
-            )
-            for worker in range(workers)
-        ]
-        return batches_per_worker(counts, point.batches_yielded)[topology.worker_id]
 
     def _generate(self, plan: WorkerPlan, skip_units: int, slot: int) -> Iterator[dict[str, Any]]:
         if plan.num_samples == 0:
@@ -500,8 +475,8 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         return hits, misses
 
     def _gather(self, pipeline: ReadAhead, shards: np.ndarray, local: np.ndarray) -> dict[str, Any]:
-        first = int(shards[0])
-        if first == int(shards[-1]) and bool(np.all(shards == first)):
+        first = only_shard(shards)
+        if first is not None:
             reader = pipeline.get(first)
             start = int(local[0])
             if int(local[-1]) - start == local.size - 1 and bool(np.all(np.diff(local) == 1)):

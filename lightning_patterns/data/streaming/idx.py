@@ -21,13 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lightning_patterns.data.streaming.fetch import FetchStats, RemoteReader, RetryPolicy
+from lightning_patterns.data.streaming.fetch import _GZIP_MAGIC, FetchStats, RemoteReader, RetryPolicy
 
 __all__ = ["IDXDataset", "IDXHeader", "read_idx_header"]
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
-_GZIP_MAGIC = b"\x1f\x8b"
 # IDX dtype codes and the numpy dtypes they store (big-endian where it matters).
 _IDX_DTYPES: dict[int, str] = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 

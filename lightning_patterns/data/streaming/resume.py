@@ -188,20 +188,22 @@ def spans_from_state(spans: Sequence[Sequence[int]] | None) -> tuple[Span, ...] 
     return None if spans is None else tuple((int(a), int(b), int(c)) for a, b, c in spans)
 
 
+def delivered(point: ResumePoint, rank: int) -> list[tuple[WorkerPlan, int]]:
+    """Each worker of ``rank`` at ``point``: its plan and the batches (units) it had delivered."""
+    unit = point.config.batch_size
+    plans = [
+        plan_for(point.config, Topology(point.world_size, rank, point.num_workers, worker), point.epoch, point.stream)
+        for worker in range(max(point.num_workers, 1))
+    ]
+    counts = [-(-plan.num_samples // unit) for plan in plans]
+    return list(zip(plans, batches_per_worker(counts, point.batches_yielded), strict=True))
+
+
 def remaining_stream(point: ResumePoint) -> list[Span]:
     """The spans no rank or worker had yielded at ``point``, rank-major, in each worker's read order."""
-    workers = max(point.num_workers, 1)
-    batch_size = point.config.batch_size
+    unit = point.config.batch_size
     remaining: list[Span] = []
     for rank in range(point.world_size):
-        plans = [
-            plan_for(
-                point.config, Topology(point.world_size, rank, point.num_workers, worker), point.epoch, point.stream
-            )
-            for worker in range(workers)
-        ]
-        counts = [-(-plan.num_samples // batch_size) for plan in plans]
-        delivered = batches_per_worker(counts, point.batches_yielded)
-        for plan, batches in zip(plans, delivered, strict=True):
-            remaining.extend(plan.remaining_spans(min(batches * batch_size, plan.num_samples)))
+        for plan, batches in delivered(point, rank):
+            remaining.extend(plan.remaining_spans(min(batches * unit, plan.num_samples)))
     return remaining
