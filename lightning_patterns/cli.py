@@ -8,7 +8,6 @@ command line (``--trainer.max_epochs=3``). ``--recipe NAME`` stands for ``--conf
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -19,8 +18,6 @@ from pytorch_lightning.utilities import rank_zero_only
 from lightning_patterns.recipes import UnknownRecipeError, describe_recipe, find_recipe, list_recipes
 
 __all__ = ["LightningPatternsCLI", "main"]
-
-log = logging.getLogger(__name__)
 
 
 def _echo(text: str) -> None:
@@ -99,9 +96,6 @@ def _print_recipes(argv: list[str]) -> int:
     return 0
 
 
-_TOOLS: dict[str, Callable[[list[str]], int]] = {"recipes": _print_recipes}
-
-
 def _shards(argv: list[str]) -> int:
     from lightning_patterns.data.shards.cli import run_shards_command
 
@@ -114,8 +108,7 @@ def _cache(argv: list[str]) -> int:
     return run_cache_command(argv)
 
 
-_TOOLS["shards"] = _shards
-_TOOLS["cache"] = _cache
+_TOOLS: dict[str, Callable[[list[str]], int]] = {"recipes": _print_recipes, "shards": _shards, "cache": _cache}
 
 
 def register_tool(name: str, run: Callable[[list[str]], int]) -> None:

@@ -314,16 +314,12 @@ def fault_proxy(
     Yields:
         The running proxy; point clients at ``proxy.url`` and read ``proxy.requests`` for the log.
     """
-    proxy = FaultInjectingProxy(
+    with FaultInjectingProxy(
         upstream_url,
         failure_rate=failure_rate,
         faults=faults,
         stall_seconds=stall_seconds,
         seed=seed,
         upstream_timeout=upstream_timeout,
-    )
-    proxy.start()
-    try:
+    ) as proxy:
         yield proxy
-    finally:
-        proxy.stop()

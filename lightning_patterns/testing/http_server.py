@@ -227,11 +227,7 @@ def serve_directory(
     Yields:
         The running server; use ``server.url_for("a.bin")`` for URLs and ``server.requests`` for the log.
     """
-    server = FaultInjectingHTTPServer(
+    with FaultInjectingHTTPServer(
         root, failure_rate=failure_rate, faults=faults, stall_seconds=stall_seconds, seed=seed
-    )
-    server.start()
-    try:
+    ) as server:
         yield server
-    finally:
-        server.stop()

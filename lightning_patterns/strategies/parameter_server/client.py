@@ -14,6 +14,7 @@ import torch
 
 from lightning_patterns.exceptions import PeerLostError
 from lightning_patterns.strategies.parameter_server.messages import (
+    BASE_FIELDS,
     Header,
     Kind,
     P2PGroup,
@@ -75,8 +76,11 @@ class WorkerClient:
         itemsizes = [p.element_size() for p in self.params]
         self.chunks = partition_parameters([p.numel() for p in self.params], itemsizes, num_servers, chunk_bytes)
         self.by_server: list[list[Chunk]] = [[c for c in self.chunks if c.server == s] for s in range(num_servers)]
-        self.numels = [sum(c.numel for c in chunks) for chunks in self.by_server]
-        self.buffers = [torch.empty(n, dtype=self.dtype) for n in self.numels]
+        numels = [sum(c.numel for c in chunks) for chunks in self.by_server]
+        # Host buffers per server, reused every step: gloo sends and receives from CPU memory.
+        self.send_buffers = [torch.empty(n, dtype=self.dtype) for n in numels]
+        self.buffers = [torch.empty(n, dtype=self.dtype) for n in numels]
+        self.header_bytes = (BASE_FIELDS + self.num_groups) * 8  # a header is float64 values
         self.versions = [0] * num_servers
         self.telemetry = ParameterServerTelemetry(
             num_servers=num_servers, partition_bytes=server_loads(self.chunks, itemsizes, num_servers)
@@ -95,13 +99,14 @@ class WorkerClient:
         if self.rank == 0:
             groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
             for server, chunks in enumerate(self.by_server):
+                # send_object pickles the spec at once, so sending the reused buffer is safe.
                 spec = {
                     "optimizer_class": type(self.optimizer),
                     "defaults": dict(self.optimizer.defaults),
                     "groups": groups,
                     "chunks": [(c.tensor, c.start, c.stop) for c in chunks],
                     "chunk_groups": [self.group_of[c.tensor] for c in chunks],
-                    "values": self._gather(chunks, grads=False),
+                    "values": self._gather(server, grads=False),
                 }
                 send_object(self.pg, Kind.INIT, spec, self.server_rank(server), 0, self.timeout)
         self.initialized = True
@@ -141,8 +146,8 @@ class WorkerClient:
         pushed = [0] * self.num_servers
         pulled = [0] * self.num_servers
         step = self.telemetry.steps
-        for server, chunks in enumerate(self.by_server):
-            grad = self._gather(chunks, grads=True)
+        for server in range(self.num_servers):
+            grad = self._gather(server, grads=True)
             header = Header(Kind.PUSH, step=step, version=self.versions[server], numel=grad.numel(), lrs=lrs)
             dst = self.server_rank(server)
             pushed[server] = send_header(self.pg, header, dst, self.num_groups, self.timeout) + send_tensor(
@@ -157,18 +162,24 @@ class WorkerClient:
         self._last_pull_end = end
         self.telemetry.record_step(pushed, pulled, end - start, compute, staleness)
 
-    def _gather(self, chunks: list[Chunk], grads: bool) -> torch.Tensor:
-        pieces = []
-        for c in chunks:
-            param = self.params[c.tensor]
-            source = param.grad if grads else param.detach()
-            if source is None:  # no gradient this step (unused parameter): push zeros
-                pieces.append(torch.zeros(c.numel, dtype=self.dtype))
-            else:
-                pieces.append(source.reshape(-1)[c.start : c.stop].to("cpu", copy=False))
-        if not pieces:
-            return torch.empty(0, dtype=self.dtype)
-        return torch.cat(pieces)
+    def _gather(self, server: int, grads: bool) -> torch.Tensor:
+        """Copy ``server``'s chunks of the gradients (or of the parameters) into its send buffer; return it.
+
+        The buffer is reused: every send waits for completion before returning, so it is free again by the next call.
+        """
+        buffer = self.send_buffers[server]
+        offset = 0
+        with torch.no_grad():
+            for c in self.by_server[server]:
+                param = self.params[c.tensor]
+                source = param.grad if grads else param.detach()
+                piece = buffer[offset : offset + c.numel]
+                if source is None:  # no gradient this step (unused parameter): push zeros
+                    piece.zero_()
+                else:
+                    piece.copy_(source.reshape(-1)[c.start : c.stop])
+                offset += c.numel
+        return buffer
 
     def _expect(self, server: int, kinds: tuple[Kind, ...]) -> Header:
         src = self.server_rank(server)
@@ -185,8 +196,7 @@ class WorkerClient:
     def _receive_params(self, server: int) -> tuple[int, Header]:
         header = self._expect(server, (Kind.PARAMS,))
         buffer = self.buffers[server]
-        received = header.to_tensor(self.num_groups).numel() * 8
-        received += recv_tensor(self.pg, buffer, self.server_rank(server), self.timeout)
+        received = self.header_bytes + recv_tensor(self.pg, buffer, self.server_rank(server), self.timeout)
         self.versions[server] = header.step
         offset = 0
         with torch.no_grad():

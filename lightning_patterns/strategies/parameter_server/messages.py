@@ -137,25 +137,35 @@ def _wait(work: dist.Work, peer: int, what: str, timeout: float) -> None:
         raise _lost(peer, what, timeout, error) from error
 
 
-def send_header(pg: P2PGroup, header: Header, dst: int, num_groups: int, timeout: float) -> int:
-    """Send ``header`` to global rank ``dst``; return the bytes sent."""
-    tensor = header.to_tensor(num_groups)
+def _send(pg: P2PGroup, tensor: torch.Tensor, dst: int, tag: int, timeout: float) -> int:
+    """Send ``tensor`` to global rank ``dst`` on ``tag`` and wait for it; return the bytes sent."""
     try:
-        work = pg.send([tensor], dst, HEADER_TAG)
+        work = pg.send([tensor], dst, tag)
     except RuntimeError as error:
         raise _lost(dst, "send to it", timeout, error) from error
     _wait(work, dst, "send to it", timeout)
     return tensor.numel() * tensor.element_size()
 
 
-def recv_header(pg: P2PGroup, src: int, num_groups: int, timeout: float) -> Header:
-    """Receive a header from global rank ``src``."""
-    tensor = torch.empty(BASE_FIELDS + num_groups, dtype=torch.float64)
+def _recv(pg: P2PGroup, tensor: torch.Tensor, src: int, tag: int, timeout: float) -> int:
+    """Receive into ``tensor`` from global rank ``src`` on ``tag`` and wait for it; return the bytes received."""
     try:
-        work = pg.recv([tensor], src, HEADER_TAG)
+        work = pg.recv([tensor], src, tag)
     except RuntimeError as error:
         raise _lost(src, "receive from it", timeout, error) from error
     _wait(work, src, "receive from it", timeout)
+    return tensor.numel() * tensor.element_size()
+
+
+def send_header(pg: P2PGroup, header: Header, dst: int, num_groups: int, timeout: float) -> int:
+    """Send ``header`` to global rank ``dst``; return the bytes sent."""
+    return _send(pg, header.to_tensor(num_groups), dst, HEADER_TAG, timeout)
+
+
+def recv_header(pg: P2PGroup, src: int, num_groups: int, timeout: float) -> Header:
+    """Receive a header from global rank ``src``."""
+    tensor = torch.empty(BASE_FIELDS + num_groups, dtype=torch.float64)
+    _recv(pg, tensor, src, HEADER_TAG, timeout)
     return Header.from_tensor(tensor)
 
 
@@ -163,24 +173,14 @@ def send_tensor(pg: P2PGroup, tensor: torch.Tensor, dst: int, timeout: float) ->
     """Send a payload (skipped when empty); return the bytes sent."""
     if tensor.numel() == 0:
         return 0
-    try:
-        work = pg.send([tensor], dst, PAYLOAD_TAG)
-    except RuntimeError as error:
-        raise _lost(dst, "send to it", timeout, error) from error
-    _wait(work, dst, "send to it", timeout)
-    return tensor.numel() * tensor.element_size()
+    return _send(pg, tensor, dst, PAYLOAD_TAG, timeout)
 
 
 def recv_tensor(pg: P2PGroup, out: torch.Tensor, src: int, timeout: float) -> int:
     """Receive a payload into ``out`` (skipped when empty); return the bytes received."""
     if out.numel() == 0:
         return 0
-    try:
-        work = pg.recv([out], src, PAYLOAD_TAG)
-    except RuntimeError as error:
-        raise _lost(src, "receive from it", timeout, error) from error
-    _wait(work, src, "receive from it", timeout)
-    return out.numel() * out.element_size()
+    return _recv(pg, out, src, PAYLOAD_TAG, timeout)
 
 
 def send_object(pg: P2PGroup, kind: Kind, obj: Any, dst: int, num_groups: int, timeout: float) -> int:

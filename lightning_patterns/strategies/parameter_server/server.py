@@ -45,6 +45,16 @@ IDLE_BOUND_S = 24 * 3600.0
 JOIN_TIMEOUT_S = 120.0
 
 
+def join_timeout(timeout: float) -> float:
+    """Bound on joining the process groups (and on barriers): ``timeout``, but at least ``JOIN_TIMEOUT_S``."""
+    return max(timeout, JOIN_TIMEOUT_S)
+
+
+def is_sync(mode: str, max_staleness: int | None) -> bool:
+    """Whether servers apply synchronous rounds: ``mode="sync"``, or ``"async"`` with ``max_staleness=0``."""
+    return mode == "sync" or max_staleness == 0
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """What a server process needs to join the job; pickled into the spawned process.
@@ -91,7 +101,7 @@ def run_server(config: ServerConfig) -> None:
         config.rank,
         world_size,
         config.prefix,
-        max(config.timeout, JOIN_TIMEOUT_S),
+        join_timeout(config.timeout),
     )
     server = _ParameterServer(config, pg)
     try:
@@ -133,7 +143,6 @@ class _ParameterServer:
             groups[group]["params"].append(param)
             self.params.append(param)
             offset += n
-        self.server_groups = groups
         cls = spec["optimizer_class"]
         try:
             self.optimizer: torch.optim.Optimizer = cls(groups, **spec["defaults"])
@@ -145,7 +154,7 @@ class _ParameterServer:
         self.pending: dict[int, int] = {}  # worker -> staleness of the push awaiting a reply
         self.active = [False] * self.num_workers
         self.last_seen = [time.monotonic()] * self.num_workers
-        self.sync = self.config.mode == "sync" or self.config.max_staleness == 0
+        self.sync = is_sync(self.config.mode, self.config.max_staleness)
         log.info(
             "holding %d chunks (%d elements) with %s, mode=%s",
             len(self.chunks),
@@ -239,20 +248,21 @@ class _ParameterServer:
             raise RuntimeError(f"Server rank {self.rank} got an unexpected {kind.name} from rank {worker}.")
 
     # -- updates -----------------------------------------------------------------------------------------
-    def _apply(self, grad: torch.Tensor, lrs: tuple[float, ...]) -> None:
+    def _apply(self, lrs: tuple[float, ...]) -> None:
+        # The gradient to apply is already in `self.grad`, whose slices are the parameters' `.grad`.
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
-        self.grad.copy_(grad)
         self.optimizer.step()
         self.version += 1
 
     def _push(self, worker: int, header: Header, grad: torch.Tensor) -> None:
         self.clock[worker] += 1
         if self.sync:
+            # The round's sum accumulates in `self.grad`; only the optimizer's step reads it.
             if not self.pushed:
-                self.grad_sum = grad.clone()
+                self.grad.copy_(grad)
             else:
-                self.grad_sum += grad
+                self.grad.add_(grad)
             self.pushed.add(worker)
             self.lrs = header.lrs
             self._maybe_finish_round()
@@ -260,7 +270,8 @@ class _ParameterServer:
         staleness = self.version - header.version
         # One push is one update; dividing by the number of workers keeps SGD's step per round of pushes
         # equal to a synchronous step's.
-        self._apply(grad.div_(self.num_workers), header.lrs)
+        torch.div(grad, self.num_workers, out=self.grad)
+        self._apply(header.lrs)
         self.pending[worker] = staleness
         self._release()
 
@@ -269,7 +280,8 @@ class _ParameterServer:
             return
         if len(self.pushed) < self.num_workers - len(self.done - self.pushed):
             return
-        self._apply(self.grad_sum.div_(len(self.pushed)), self.lrs)
+        self.grad.div_(len(self.pushed))
+        self._apply(self.lrs)
         for worker in sorted(self.pushed):
             self._send_params(worker, staleness=0)
         self.pushed.clear()
@@ -297,7 +309,7 @@ class _ParameterServer:
         for param in self.params:
             state = self.optimizer.state.get(param, {})
             states.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()})
-        return {"chunks": self.chunks, "state": states, "version": self.version}
+        return {"state": states}
 
     def _load_state(self, spec: dict[str, Any]) -> None:
         for param, state in zip(self.params, spec["state"], strict=True):

@@ -54,7 +54,7 @@ from lightning_patterns.exceptions import PeerLostError
 from lightning_patterns.strategies.parameter_server.client import WorkerClient
 from lightning_patterns.strategies.parameter_server.launcher import servers_on_node, start_servers, stop_servers
 from lightning_patterns.strategies.parameter_server.messages import P2PGroup, connect_group
-from lightning_patterns.strategies.parameter_server.server import JOIN_TIMEOUT_S, ServerConfig
+from lightning_patterns.strategies.parameter_server.server import ServerConfig, is_sync, join_timeout
 from lightning_patterns.strategies.parameter_server.telemetry import ParameterServerTelemetry
 
 __all__ = ["ParameterServerStrategy"]
@@ -244,14 +244,14 @@ class ParameterServerStrategy(ParallelStrategy):
             )
             self._servers = start_servers(config, servers_on_node(self.num_servers, self.num_nodes, self.node_rank))
         # Joining waits for every process to start, which takes longer than a step: give it at least two minutes.
-        join_timeout = max(self.timeout, JOIN_TIMEOUT_S)
+        join_seconds = join_timeout(self.timeout)
         _init_dist_connection(
-            self.cluster_environment, self._process_group_backend, timeout=datetime.timedelta(seconds=join_timeout)
+            self.cluster_environment, self._process_group_backend, timeout=datetime.timedelta(seconds=join_seconds)
         )
         if fitting:
             try:
                 self._ps_group = connect_group(
-                    address, port, self.global_rank, self.num_workers + self.num_servers, prefix, join_timeout
+                    address, port, self.global_rank, self.num_workers + self.num_servers, prefix, join_seconds
                 )
             except RuntimeError as error:
                 dead = [(p.name, p.exitcode) for p in self._servers if p.exitcode not in (None, 0)]
@@ -347,15 +347,16 @@ class ParameterServerStrategy(ParallelStrategy):
         return result
 
     def _log_telemetry(self) -> None:
-        assert self._client is not None
+        assert self._telemetry is not None
         model = self.lightning_module
         if model is None or self.global_rank != 0:
             return
         trainer = model.trainer
-        step = self._client.telemetry.steps
-        if step % max(int(getattr(trainer, "log_every_n_steps", 50)), 1) != 0:
+        # Every Trainer has it (its logger connector sets it; 0 under `barebones=True`, hence the `max`).
+        every = max(trainer.log_every_n_steps, 1)  # type: ignore[attr-defined]
+        if self._telemetry.steps % every != 0:
             return
-        metrics = self._client.telemetry.metrics()
+        metrics = self._telemetry.metrics()
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -402,7 +403,7 @@ class ParameterServerStrategy(ParallelStrategy):
         try:
             if self._process_group_backend == "gloo":
                 # A barrier may legitimately wait for a slow rank (rank 0 saving a checkpoint): join-length bound.
-                timeout = datetime.timedelta(seconds=max(self.timeout, JOIN_TIMEOUT_S))
+                timeout = datetime.timedelta(seconds=join_timeout(self.timeout))
                 dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
             else:
                 dist.barrier()
@@ -442,7 +443,7 @@ class ParameterServerStrategy(ParallelStrategy):
     # -- lifecycle ---------------------------------------------------------------------------------------
     @override
     def on_train_start(self) -> None:
-        if self._client is None or (self.mode == "sync" or self.max_staleness == 0):
+        if self._client is None or is_sync(self.mode, self.max_staleness):
             return
         assert self.lightning_module is not None
         trainer = self.lightning_module.trainer
