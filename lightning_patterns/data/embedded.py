@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from lightning_patterns.data.caching.layout import default_cache_dir
 from lightning_patterns.data.shards import manifest_exists, write_dataset
-from lightning_patterns.data.synthetic import fashion_like_arrays
+from lightning_patterns.data.synthetic import FashionLikeSamples
 
 __all__ = ["EmbeddedFashionMNIST", "default_data_root", "prepare_embedded_dataset"]
 
@@ -19,10 +17,7 @@ log = logging.getLogger(__name__)
 
 def default_data_root() -> Path:
     """``$LIGHTNING_PATTERNS_CACHE/demo``, else ``~/.cache/lightning_patterns/demo``."""
-    base = os.environ.get("LIGHTNING_PATTERNS_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "lightning_patterns"
-    )
-    return Path(base) / "demo"
+    return Path(default_cache_dir()) / "demo"
 
 
 @dataclass(frozen=True)
@@ -62,19 +57,6 @@ class EmbeddedFashionMNIST:
         return default_data_root() / name
 
 
-class _Split:
-    """Map-style view of generated arrays, as the shard writer takes them."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return {"image": self.images[i], "label": self.labels[i]}
-
-
 def prepare_embedded_dataset(source: EmbeddedFashionMNIST, *, progress: bool = True) -> Path:
     """Write the dataset's ``train`` and ``val`` splits to shards unless a previous run already did."""
     root = source.root
@@ -83,7 +65,7 @@ def prepare_embedded_dataset(source: EmbeddedFashionMNIST, *, progress: bool = T
         if manifest_exists(url):
             continue
         log.info("Generating %s %s samples into %s", count, split, url)
-        images, labels = fashion_like_arrays(count, split=split, seed=source.seed)
+        samples = FashionLikeSamples(count, split=split, seed=source.seed)
         # "overwrite" replaces what an interrupted earlier run may have left (never a published dataset).
-        write_dataset(_Split(images, labels), url, shard_bytes=source.shard_bytes, mode="overwrite", progress=progress)
+        write_dataset(samples, url, shard_bytes=source.shard_bytes, mode="overwrite", progress=progress)
     return root

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["FashionLikeSplit", "fashion_like_arrays", "iter_fashion_like"]
+__all__ = ["FashionLikeSamples", "FashionLikeSplit", "fashion_like_arrays", "iter_fashion_like"]
 
 IMAGE_SIDE = 28
 NUM_CLASSES = 10
@@ -85,3 +85,31 @@ def iter_fashion_like(num_samples: int, *, split: str = "train", seed: int = 0) 
         )
         for image, label in zip(images, labels, strict=True):
             yield {"image": image, "label": label}
+
+
+class FashionLikeSamples:
+    """``num_samples`` samples of a split as a sized iterable, the way the shard writer takes them.
+
+    Iterating yields what :func:`iter_fashion_like` yields, generating a block at a time, so a split is
+    never held in memory whole.
+
+    Args:
+        num_samples: how many samples.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        seed: fixes the prototypes and every sample.
+
+    >>> samples = FashionLikeSamples(5, split="val", seed=1)
+    >>> len(samples), [int(s["label"]) for s in samples] == fashion_like_arrays(5, split="val", seed=1)[1].tolist()
+    (5, True)
+    """
+
+    def __init__(self, num_samples: int, *, split: str = "train", seed: int = 0) -> None:
+        self.num_samples = num_samples
+        self.split = split
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter_fashion_like(self.num_samples, split=self.split, seed=self.seed)

@@ -10,6 +10,7 @@ import sys
 
 from lightning_patterns.data.caching.layout import CACHE_DIR_ENV, cache_info, clear_cache, default_cache_dir
 from lightning_patterns.data.caching.locks import CacheLockTimeoutError
+from lightning_patterns.data.shards.cli import human_bytes
 
 __all__ = ["run_cache_command"]
 
@@ -35,15 +36,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _size(num_bytes: int) -> str:
-    value = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def run_cache_command(argv: list[str]) -> int:
     """Run ``cache info`` or ``cache clear`` with ``argv`` (the arguments after ``cache``); return the exit code.
 
@@ -65,14 +57,14 @@ def run_cache_command(argv: list[str]) -> int:
         info = cache_info(cache_dir)
         _echo(f"cache: {info.root}")
         _echo(f"entries: {info.entries}")
-        _echo(f"bytes: {info.num_bytes} ({_size(info.num_bytes)})")
+        _echo(f"bytes: {info.num_bytes} ({human_bytes(info.num_bytes)})")
         if info.temp_files:
             _echo(f"half-written files: {info.temp_files} (deleted when the cache next adds an entry)")
         _echo(f"datasets: {len(info.datasets)}")
         for dataset in info.datasets:
             _echo(
                 f"  {dataset.key[:16]}  {dataset.cached_shards}/{dataset.num_shards} shards cached, "
-                f"{_size(dataset.cached_bytes)} of {_size(dataset.num_bytes)}"
+                f"{human_bytes(dataset.cached_bytes)} of {human_bytes(dataset.num_bytes)}"
             )
         return 0
     try:

@@ -47,8 +47,10 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -89,10 +91,32 @@ class WorkerPlan:
     shuffle_window: int = 0
     window_entropy: tuple[int, ...] = ()
 
-    @property
+    # The span totals below are cached: a reader asks for them once per window. cached_property stores them in the
+    # instance __dict__, which a frozen dataclass allows; __eq__ and __hash__ compare the fields only.
+
+    @cached_property
     def num_samples(self) -> int:
         """How many samples the worker yields."""
         return sum(stop - start for _, start, stop in self.spans)
+
+    @cached_property
+    def _lengths(self) -> _IntArray:
+        """Samples in each span."""
+        return _read_only(np.fromiter((stop - start for _, start, stop in self.spans), np.int64, len(self.spans)))
+
+    @cached_property
+    def _ends(self) -> _IntArray:
+        """The read position just past each span: the cumsum of :attr:`_lengths`."""
+        return _read_only(np.cumsum(self._lengths))
+
+    @cached_property
+    def _firsts(self) -> _IntArray:
+        """:attr:`span_offsets` as an array."""
+        return _read_only(np.asarray(self.span_offsets, dtype=np.int64))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickle the fields only, as before the caches existed: the caches are rebuilt on first use.
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
     def shard_ids(self) -> tuple[int, ...]:
@@ -112,9 +136,7 @@ class WorkerPlan:
         """Global sample indices of read positions ``[lo, hi)`` (before the window shuffle), by span arithmetic."""
         if hi <= lo or not self.spans:
             return np.zeros(0, dtype=np.int64)
-        lengths = np.fromiter((stop - start for _, start, stop in self.spans), np.int64, len(self.spans))
-        ends = np.cumsum(lengths)
-        firsts = np.asarray(self.span_offsets, dtype=np.int64)
+        lengths, ends, firsts = self._lengths, self._ends, self._firsts
         positions = np.arange(lo, hi, dtype=np.int64)
         span = np.searchsorted(ends, positions, side="right")
         # Within span j, read position p holds firsts[j] + (p - start of span j in the read order).
@@ -193,7 +215,6 @@ class WorkerPlan:
             )
         window = self.shuffle_window
         boundary = consumed if window <= 1 else min(-(-consumed // window) * window, n)
-        ends = np.cumsum([stop - start for _, start, stop in self.spans], dtype=np.int64)
         spans: list[Span] = []
         if boundary > consumed:
             # The window in progress: its not-yet-yielded positions, grouped into consecutive runs.
@@ -201,22 +222,37 @@ class WorkerPlan:
             left = np.sort(self.window_order(k)[consumed - k * window : boundary - k * window] + k * window)
             breaks = np.flatnonzero(np.diff(left) != 1) + 1
             for run in np.split(left, breaks):
-                spans.extend(self._slice(ends, int(run[0]), int(run[-1]) + 1))
-        spans.extend(self._slice(ends, boundary, n))
+                spans.extend(self._slice(int(run[0]), int(run[-1]) + 1))
+        spans.extend(self._slice(boundary, n))
         return spans
 
-    def _slice(self, ends: _IntArray, lo: int, hi: int) -> list[Span]:
-        """The spans of read-order positions ``[lo, hi)``; ``ends`` is the cumsum of span lengths."""
+    def _slice(self, lo: int, hi: int) -> list[Span]:
+        """The spans of read-order positions ``[lo, hi)``."""
         out: list[Span] = []
-        if lo >= hi:
-            return out
-        first = int(np.searchsorted(ends, lo, side="right"))
-        last = int(np.searchsorted(ends, hi - 1, side="right"))
-        for k in range(first, last + 1):
+        for k, front, back in _cuts(self._ends, lo, hi):
             shard, start, stop = self.spans[k]
-            position = int(ends[k]) - (stop - start)
-            out.append((shard, start + max(0, lo - position), stop - max(0, int(ends[k]) - hi)))
+            out.append((shard, start + front, stop - back))
         return out
+
+
+def _read_only(array: _IntArray) -> _IntArray:
+    array.flags.writeable = False  # cached and shared by every call: no caller may change it
+    return array
+
+
+def _cuts(ends: _IntArray, lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
+    """The spans that read positions ``[lo, hi)`` touch, as ``(k, front, back)``.
+
+    Positions ``[lo, hi)`` hold span ``k`` less ``front`` samples at its start and ``back`` at its end;
+    ``ends`` is the cumsum of the span lengths (the read position just past each span).
+    """
+    if lo >= hi:
+        return
+    first = int(np.searchsorted(ends, lo, side="right"))
+    last = int(np.searchsorted(ends, hi - 1, side="right"))
+    for k in range(first, last + 1):
+        span_begin = int(ends[k - 1]) if k else 0
+        yield k, max(0, lo - span_begin), max(0, int(ends[k]) - hi)
 
 
 def samples_per_rank(total: int, world_size: int, drop_last: bool) -> int:
@@ -264,7 +300,9 @@ def epoch_spans(
     Raises:
         ValueError: On a negative shard size, epoch or seed, or ``span_samples < 1``.
     """
-    shard, start, stop = _epoch_arrays(shard_sizes, epoch=epoch, seed=seed, shuffle=shuffle, span_samples=span_samples)
+    _check_stream(epoch, seed, span_samples)
+    sizes = _sizes_array(shard_sizes)
+    shard, start, stop = _epoch_arrays(sizes, epoch=epoch, seed=seed, shuffle=shuffle, span_samples=span_samples)
     return list(zip(shard.tolist(), start.tolist(), stop.tolist(), strict=True))
 
 
@@ -309,6 +347,7 @@ def plan_worker(
     """
     _check_split(world_size, rank, num_workers, worker_id, batch_size, shuffle_window)
     sizes = _sizes_array(shard_sizes)  # convert a long list once
+    _check_stream(epoch, seed, span_samples)
     table = _epoch_arrays(sizes, epoch=epoch, seed=seed, shuffle=shuffle, span_samples=span_samples)
     return _plan(
         table,
@@ -420,6 +459,7 @@ def plan_epoch(
     """
     _check_split(world_size, 0, num_workers, 0, batch_size, shuffle_window)
     sizes = _sizes_array(shard_sizes)  # convert a long list once
+    _check_stream(epoch, seed, span_samples)
     table = _epoch_arrays(sizes, epoch=epoch, seed=seed, shuffle=shuffle, span_samples=span_samples)
     offsets = _offsets(sizes)
     return [
@@ -479,6 +519,14 @@ def _check_seed(epoch: int, seed: int) -> None:
         raise ValueError(f"Expected seed >= 0, got seed={seed!r}; numpy's SeedSequence takes non-negative seeds.")
 
 
+def _check_stream(epoch: int, seed: int, span_samples: int | None) -> None:
+    _check_seed(epoch, seed)
+    if span_samples is not None and span_samples < 1:
+        raise ValueError(
+            f"Expected span_samples >= 1 or None, got span_samples={span_samples!r}; use None for whole shards."
+        )
+
+
 def _sizes_array(shard_sizes: Sequence[int] | _IntArray) -> _IntArray:
     sizes = np.asarray(shard_sizes, dtype=np.int64).reshape(-1)
     if sizes.size and int(sizes.min()) < 0:
@@ -490,8 +538,7 @@ def _sizes_array(shard_sizes: Sequence[int] | _IntArray) -> _IntArray:
     return sizes
 
 
-def _offsets(shard_sizes: Sequence[int] | _IntArray) -> _IntArray:
-    sizes = _sizes_array(shard_sizes)
+def _offsets(sizes: _IntArray) -> _IntArray:
     return np.cumsum(sizes) - sizes
 
 
@@ -501,15 +548,10 @@ _Table = tuple[_IntArray, _IntArray, _IntArray]
 """Spans as three parallel arrays: shard, start, stop."""
 
 
-def _epoch_arrays(
-    shard_sizes: Sequence[int] | _IntArray, *, epoch: int, seed: int, shuffle: bool, span_samples: int | None
-) -> _Table:
-    _check_seed(epoch, seed)
-    if span_samples is not None and span_samples < 1:
-        raise ValueError(
-            f"Expected span_samples >= 1 or None, got span_samples={span_samples!r}; use None for whole shards."
-        )
-    sizes = _sizes_array(shard_sizes)
+# The helpers below take sizes already checked by _sizes_array, and arguments checked by _check_stream.
+
+
+def _epoch_arrays(sizes: _IntArray, *, epoch: int, seed: int, shuffle: bool, span_samples: int | None) -> _Table:
     shard = np.flatnonzero(sizes > 0).astype(np.int64)
     lengths = sizes[shard]
     if span_samples is None:
@@ -529,8 +571,7 @@ def _epoch_arrays(
     return shard, start, stop
 
 
-def _span_arrays(spans: Sequence[Span], shard_sizes: Sequence[int] | _IntArray) -> _Table:
-    sizes = _sizes_array(shard_sizes)
+def _span_arrays(spans: Sequence[Span], sizes: _IntArray) -> _Table:
     table = np.asarray(spans, dtype=np.int64).reshape(-1, 3)
     shard, start, stop = table[:, 0], table[:, 1], table[:, 2]
     bad = (shard < 0) | (shard >= sizes.size) | (start < 0) | (stop < start)
@@ -585,13 +626,9 @@ def _plan(
     while end > begin:
         lo = begin % total
         hi = min(total, lo + (end - begin))
-        i = int(np.searchsorted(ends, lo, side="right"))
-        j = int(np.searchsorted(ends, hi - 1, side="right"))
-        for k in range(i, j + 1):
-            span_begin = int(ends[k]) - int(stop[k] - start[k])
-            s0 = int(start[k]) + max(0, lo - span_begin)
-            s1 = int(stop[k]) - max(0, int(ends[k]) - hi)
-            spans.append((int(shard[k]), s0, s1))
+        for k, front, back in _cuts(ends, lo, hi):
+            s0 = int(start[k]) + front
+            spans.append((int(shard[k]), s0, int(stop[k]) - back))
             firsts.append(int(offsets[shard[k]]) + s0)
         begin += hi - lo
     return WorkerPlan(

@@ -31,8 +31,9 @@ import fsspec
 from lightning_patterns.data.sharding.assignment import WorkerPlan, plan_epoch, samples_per_rank
 from lightning_patterns.data.shards.manifest import Manifest, load_manifest, read_shard
 from lightning_patterns.data.shards.writer import write_dataset
+from lightning_patterns.data.synthetic import FashionLikeSamples
 
-__all__ = ["parse_size", "run_shards_command"]
+__all__ = ["human_bytes", "parse_size", "run_shards_command"]
 
 _PROG = "lightning-patterns shards"
 _UNITS = {
@@ -100,7 +101,13 @@ def parse_size(text: str) -> int:
     return value
 
 
-def _human_bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """A byte count for people: ``B`` below 1 KiB, else one decimal in ``KiB``, ``MiB``, ``GiB`` or ``TiB``.
+
+    Examples:
+        >>> human_bytes(512), human_bytes(3 * 2**29), human_bytes(5 * 2**40)
+        ('512 B', '1.5 GiB', '5.0 TiB')
+    """
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -280,22 +287,6 @@ class _DatasetSamples:
             yield from reader
 
 
-class _SyntheticSamples:
-    """``num_samples`` Fashion-MNIST-shaped samples of one split."""
-
-    def __init__(self, num_samples: int, split: str) -> None:
-        self.num_samples = num_samples
-        self.split = split
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        from lightning_patterns.data.synthetic import iter_fashion_like
-
-        return iter_fashion_like(self.num_samples, split=self.split)
-
-
 class _IDXSamples:
     """The samples of an IDX images + labels pair, streamed.
 
@@ -316,14 +307,14 @@ class _IDXSamples:
             yield from self.dataset
 
 
-def _synthetic(spec: str) -> _SyntheticSamples:
+def _synthetic(spec: str) -> FashionLikeSamples:
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not parts[1].isdigit() or int(parts[1]) < 1:
         raise _UsageError(f"SRC {spec!r}: expected synthetic:N or synthetic:N:SPLIT with N >= 1, e.g. synthetic:1000")
     split = parts[2] if len(parts) == 3 else "train"
     if split not in _SPLITS:
         raise _UsageError(f"SRC {spec!r}: unknown split {split!r}; expected one of {', '.join(_SPLITS)}")
-    return _SyntheticSamples(int(parts[1]), split)
+    return FashionLikeSamples(int(parts[1]), split=split)
 
 
 def _source(args: argparse.Namespace, storage_options: dict[str, Any]) -> tuple[Any, str]:
@@ -397,7 +388,7 @@ def _write(args: argparse.Namespace) -> int:
     _echo(f"wrote {described} to {args.dest}")
     _echo(f"shards:   {len(manifest.shards)}")
     _echo(f"samples:  {manifest.num_samples}")
-    _echo(f"bytes:    {manifest.num_bytes} ({_human_bytes(manifest.num_bytes)})")
+    _echo(f"bytes:    {manifest.num_bytes} ({human_bytes(manifest.num_bytes)})")
     _echo(f"seconds:  {seconds:.2f}")
     _echo(f"sharding: {_describe_sharding(manifest.sharding)}")
     return 0
@@ -509,7 +500,7 @@ def _inspect(args: argparse.Namespace) -> int:
     _echo("schema: " + ", ".join(f"{name} {spec.describe()}" for name, spec in manifest.schema.items()))
     _echo(
         f"total: {len(manifest.shards)} shards, {manifest.num_samples} samples, {manifest.num_bytes} bytes "
-        f"({_human_bytes(manifest.num_bytes)})"
+        f"({human_bytes(manifest.num_bytes)})"
     )
     _echo()
     _print_shards(manifest)

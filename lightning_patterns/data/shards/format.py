@@ -169,7 +169,6 @@ class Schema(Mapping[str, FieldSpec]):
             n: np.dtype(s.dtype).newbyteorder("<") for n, s in self._fields.items() if s.shape is not None
         }
         self._torch_dtypes = {n: getattr(torch, s.dtype) for n, s in self._fields.items() if s.shape is not None}
-        self._fixed_nbytes = sum(s.sample_nbytes for s in self._fields.values())
         self._plan = [
             (n, s.shape, self._np_dtypes.get(n), self._torch_dtypes.get(n), "U" if s.dtype == "str" else "S")
             if s.shape is None
@@ -237,12 +236,12 @@ class Schema(Mapping[str, FieldSpec]):
         parts.extend(f"unexpected field {name!r} ({other[name].describe()})" for name in other if name not in self)
         return "; ".join(parts)
 
-    def normalize(self, sample: Mapping[str, Any]) -> tuple[list[Any], int]:
+    def normalize(self, sample: Mapping[str, Any]) -> list[Any]:
         """Check ``sample`` against the schema and convert it for a :class:`ShardBuilder`.
 
         Returns:
-            The values in schema order (numpy arrays/scalars or Python scalars for numeric fields, ``bytes``
-            for variable-length ones) and the number of bytes the sample takes in a shard.
+            The values in schema order: numpy arrays/scalars or Python scalars for numeric fields, ``bytes``
+            for variable-length ones.
 
         Raises:
             SchemaMismatchError: a field is missing, unexpected, or of another dtype or shape.
@@ -252,7 +251,6 @@ class Schema(Mapping[str, FieldSpec]):
         if len(sample) != len(self._order):
             self._raise_field_set(sample)
         values: list[Any] = []
-        nbytes = self._fixed_nbytes
         # One pass over a precomputed plan: this runs once per sample, so it is kept lean.
         for name, shape, np_dtype, torch_dtype, np_kind in self._plan:
             try:
@@ -269,7 +267,6 @@ class Schema(Mapping[str, FieldSpec]):
                     if not isinstance(value, (bytes, bytearray, memoryview)):
                         self._mismatch(name, value)
                     value = bytes(value)
-                nbytes += len(value)
             elif kind is np.ndarray or isinstance(value, np.generic):
                 if value.dtype != np_dtype or value.shape != shape:
                     self._mismatch(name, value)
@@ -288,7 +285,7 @@ class Schema(Mapping[str, FieldSpec]):
             ):
                 self._mismatch(name, value)
             values.append(value)
-        return values, nbytes
+        return values
 
     def _mismatch(self, name: str, value: Any) -> None:
         try:
@@ -353,7 +350,6 @@ class ShardBuilder:
         self._varlen_payload = [0] * len(self._varlen_positions)
         self._capacity: tuple[int, int] | None = None  # (target, samples that fit) for fixed-size schemas
         self.num_samples = 0
-        self.nbytes = 0
 
     def _size(self, n: int, payloads: list[int]) -> int:
         size = self._data_start
@@ -389,14 +385,13 @@ class ShardBuilder:
             self._capacity = (target, n)
         return self.num_samples < self._capacity[1]
 
-    def append(self, values: list[Any], nbytes: int) -> None:
-        """Add one sample's values and size, as returned by :meth:`Schema.normalize`."""
+    def append(self, values: list[Any]) -> None:
+        """Add one sample's values, as returned by :meth:`Schema.normalize`."""
         self._rows.append(values)
         if self._varlen_positions:
             for k, i in enumerate(self._varlen_positions):
                 self._varlen_payload[k] += len(values[i])
         self.num_samples += 1
-        self.nbytes += nbytes
 
     def finish(self) -> bytes:
         """Encode the accumulated samples as one ``.lps`` shard of exactly :attr:`file_size` bytes."""
@@ -453,7 +448,7 @@ def encode_shard(samples: Sequence[Mapping[str, Any]], schema: Schema) -> bytes:
     """Encode ``samples`` (each checked against ``schema``) as one ``.lps`` shard."""
     builder = ShardBuilder(schema)
     for sample in samples:
-        builder.append(*schema.normalize(sample))
+        builder.append(schema.normalize(sample))
     return builder.finish()
 
 

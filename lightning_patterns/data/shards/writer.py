@@ -17,13 +17,12 @@ from tqdm.auto import tqdm
 from lightning_patterns.data.sharding import SHARDERS, Sharder
 from lightning_patterns.data.shards.format import Schema, ShardBuilder
 from lightning_patterns.data.shards.manifest import (
-    MANIFEST_NAME,
     Manifest,
     ShardInfo,
     checksum_of,
-    load_manifest,
     manifest_url,
     publish_manifest,
+    shard_url,
 )
 from lightning_patterns.exceptions import ManifestError, SchemaMismatchError
 
@@ -104,16 +103,21 @@ class ShardWriter:
         self.manifest: Manifest | None = None
 
     def _existing_manifest(self) -> Manifest | None:
-        exists = self._fs.exists(f"{self._root.rstrip('/')}/{MANIFEST_NAME}")
-        if not exists:
-            return None
+        path = manifest_url(self._root)
         if self.mode == "create":
+            if not self._fs.exists(path):
+                return None
             raise FileExistsError(
                 f"A dataset already exists at {self.url!r} ({manifest_url(self.url)!r}). Pass mode='append' to add "
                 f"samples to it, mode='overwrite' to replace it, or choose another URL."
             )
+        # One request: reading the manifest also tells whether there is one.
         try:
-            return load_manifest(self.url, self.storage_options)
+            text = self._fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        try:
+            return Manifest.from_json(text, manifest_url(self.url))
         except ManifestError:
             if self.mode == "overwrite":
                 log.warning("Overwriting the unreadable manifest at %s; its old shards are left in place", self.url)
@@ -169,7 +173,7 @@ class ShardWriter:
             self.schema = Schema.infer(sample)
             self._sharder.check_schema(list(self.schema))
         try:
-            values, nbytes = self.schema.normalize(sample)
+            values = self.schema.normalize(sample)
         except SchemaMismatchError as err:
             where = "the existing dataset" if self._kept else "the first sample"
             raise SchemaMismatchError(f"Sample {self._next_index} does not match {where}: {err}") from None
@@ -191,7 +195,7 @@ class ShardWriter:
                     UserWarning,
                     stacklevel=3,
                 )
-        builder.append(values, nbytes)
+        builder.append(values)
         self._next_index = index + 1
 
     def _flush(self, bucket: int) -> None:
@@ -204,7 +208,7 @@ class ShardWriter:
         )
         if not self._written and isinstance(self._fs, LocalFileSystem):
             self._fs.makedirs(self._root, exist_ok=True)  # object stores have no folders to create
-        self._fs.pipe_file(f"{self._root.rstrip('/')}/{path}", data)
+        self._fs.pipe_file(shard_url(self._root, path), data)
         self._written.append(
             ShardInfo(path, builder.num_samples, len(data), checksum_of(data), bucket if multi else None)
         )
@@ -232,7 +236,7 @@ class ShardWriter:
                 sharding=self._sharder.to_json(),
                 generation=self.generation,
             )
-            if self.mode == "create" and self._fs.exists(f"{self._root.rstrip('/')}/{MANIFEST_NAME}"):
+            if self.mode == "create" and self._fs.exists(manifest_url(self._root)):
                 raise FileExistsError(
                     f"Another writer created a dataset at {self.url!r} while this one was writing. "
                     f"Pass mode='append' or mode='overwrite', or choose another URL."
@@ -256,7 +260,7 @@ class ShardWriter:
         self._remove(self._written)
 
     def _remove(self, shards: Iterable[ShardInfo]) -> None:
-        paths = [f"{self._root.rstrip('/')}/{s.path}" for s in shards]
+        paths = [shard_url(self._root, s.path) for s in shards]
         if not paths:
             return
         try:

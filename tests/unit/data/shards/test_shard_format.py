@@ -164,9 +164,9 @@ def test_builder_predicts_the_exact_file_size() -> None:
     schema = Schema.infer({"b": b"", "v": np.zeros(3, np.float32), "t": ""})
     builder = ShardBuilder(schema)
     for i in range(40):
-        values, _ = schema.normalize({"b": b"x" * i, "v": np.zeros(3, np.float32), "t": "é" * i})
+        values = schema.normalize({"b": b"x" * i, "v": np.zeros(3, np.float32), "t": "é" * i})
         predicted = builder.file_size_with(values)
-        builder.append(values, 0)
+        builder.append(values)
         assert builder.file_size == predicted == len(builder.finish())
 
 
