@@ -575,16 +575,20 @@ class RemoteReader:
 
     # ------------------------------------------------------------------ retry machinery
 
-    def _read(self, url: str, start: int, end: int | None, *, missing: type[FileNotFoundError]) -> bytearray:
+    def _read(
+        self, url: str, start: int, end: int | None, *, missing: type[FileNotFoundError], upto: bool = False
+    ) -> bytearray:
         started = time.perf_counter()
         try:
-            return self._read_with_retries(url, start, end, missing=missing)
+            return self._read_with_retries(url, start, end, missing=missing, upto=upto)
         finally:
             self.stats.record(seconds=time.perf_counter() - started)
 
     def _read_with_retries(
-        self, url: str, start: int, end: int | None, *, missing: type[FileNotFoundError]
+        self, url: str, start: int, end: int | None, *, missing: type[FileNotFoundError], upto: bool = False
     ) -> bytearray:
+        # upto=True: ``end`` is a most, not a promise (the object's size is unknown), so a body that ends early is the
+        # object's end rather than a truncation to retry.
         fs = self.fs
         http = _is_http(fs)
         path = url if http else fs._strip_protocol(url)
@@ -613,6 +617,8 @@ class RemoteReader:
                     break
                 if got > 0 and not http:
                     continue  # a backend may return less than asked; ask for the rest
+                if upto:
+                    break
                 error = EOFError(f"body ended at byte {start + len(buf)}, before the expected end {end}")
             if got > 0:
                 failures = 0  # progress was made: only consecutive fruitless attempts count
@@ -733,12 +739,8 @@ class _RangeStream(io.RawIOBase):
 
     def _tail(self, n: int) -> bytes:
         # Size unknown: a short answer is the end of the object, not a truncation.
-        try:
-            return self._reader.read_range(self._url, self._pos, self._pos + n)
-        except OSError as exc:
-            if isinstance(exc.__cause__, EOFError):
-                return self._reader.read_range(self._url, self._pos, None)
-            raise
+        url = self._reader.resolve(self._url)
+        return bytes(self._reader._read(url, self._pos, self._pos + n, missing=FileNotFoundError, upto=True))
 
 
 def open_url(

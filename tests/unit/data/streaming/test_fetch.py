@@ -367,3 +367,18 @@ def test_open_stream_reads_into_buffers() -> None:
             assert f.read() == data[-10:]
     finally:
         fs.rm("/fetch-stream", recursive=True)
+
+
+@pytest.mark.parametrize("block", [7, 4096])
+def test_a_stream_of_unknown_size_ends_without_retries(block: int) -> None:
+    """When the backend cannot tell an object's size, the short read at its end is the end, not a fault to retry."""
+    from lightning_patterns.data.streaming.fetch import _RangeStream
+
+    data = bytes(range(256)) * 4 + b"tail"
+    fsspec.filesystem("memory").pipe("/unknown_size/object.bin", data)
+    with RemoteReader("memory://unknown_size", retry=RetryPolicy(max_attempts=5, initial_backoff=0.01)) as reader:
+        stream = io.BufferedReader(_RangeStream(reader, "object.bin", None, owns_reader=False), buffer_size=block)
+        assert stream.read() == data
+        stats = reader.stats.snapshot()
+    assert stats.retries == 0
+    assert stats.bytes_read == len(data)
