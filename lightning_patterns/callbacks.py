@@ -10,13 +10,23 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only
+
+from lightning_patterns import _lightning
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from pytorch_lightning import Callback as _Callback
+else:
+    _Callback = object  # the Lightning base is added per package: see lightning_patterns._lightning
 
 __all__ = ["DataMetricsCallback", "EpochDataMetrics"]
+
+# The public classes are the bodies below built for the Lightning package in use (lightning_patterns._lightning).
+__getattr__ = _lightning.class_getter(["DataMetricsCallback"])
 
 
 @dataclass(frozen=True)
@@ -44,7 +54,7 @@ def _streaming_loader(trainer: pl.Trainer) -> Any:
     return loader if callable(getattr(loader, "metrics", None)) else None
 
 
-class DataMetricsCallback(pl.Callback):
+class _DataMetricsCallback(_Callback):
     """Logs data-pipeline metrics each training epoch and prints a summary at the end of ``fit``.
 
     Works with any loader that has a ``metrics()`` method returning counters (as
@@ -169,3 +179,7 @@ def _batch_len(batch: Any) -> int:
     else:
         return 0
     return len(first) if hasattr(first, "__len__") else 0
+
+
+if TYPE_CHECKING:  # type checkers see the bodies; at run time `__getattr__` builds the classes
+    DataMetricsCallback = _DataMetricsCallback

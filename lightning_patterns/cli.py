@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, ClassVar
 
-import pytorch_lightning as pl
-from pytorch_lightning.cli import LightningCLI
-from pytorch_lightning.utilities import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only
 
+from lightning_patterns import _lightning
 from lightning_patterns.recipes import UnknownRecipeError, describe_recipe, find_recipe, list_recipes
 
+if TYPE_CHECKING:
+    from pytorch_lightning.cli import LightningCLI as _LightningCLI
+else:
+    _LightningCLI = object  # the Lightning base is added per package: see lightning_patterns._lightning
+
 __all__ = ["LightningPatternsCLI", "main"]
+
+__getattr__ = _lightning.class_getter(["LightningPatternsCLI"])
 
 
 def _echo(text: str) -> None:
@@ -25,13 +32,15 @@ def _echo(text: str) -> None:
     sys.stdout.flush()
 
 
-class LightningPatternsCLI(LightningCLI):
+class _LightningPatternsCLI(_LightningCLI):
     """LightningCLI over any LightningModule and LightningDataModule, with a summary after ``fit``."""
+
+    _lp_tree: ClassVar[_lightning.Tree]
 
     def __init__(self, args: Sequence[str] | None = None) -> None:
         super().__init__(
-            model_class=pl.LightningModule,
-            datamodule_class=pl.LightningDataModule,
+            model_class=self._lp_tree.pl.LightningModule,
+            datamodule_class=self._lp_tree.pl.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
@@ -126,5 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnknownRecipeError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
-    LightningPatternsCLI(args=args)
+    _lightning.built_class("LightningPatternsCLI")(args=args)
     return 0
+
+
+if TYPE_CHECKING:  # type checkers see the body; at run time `__getattr__` builds the class
+    LightningPatternsCLI = _LightningPatternsCLI

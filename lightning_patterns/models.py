@@ -10,20 +10,29 @@ here) or floating point.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_patterns import _lightning
+
+if TYPE_CHECKING:
+    from pytorch_lightning import LightningModule as _LightningModule
+else:
+    _LightningModule = object  # the Lightning base is added per package: see lightning_patterns._lightning
+
 __all__ = ["CNNClassifier", "ImageClassifier", "MLPClassifier"]
+
+# The public classes are the bodies below built for the Lightning package in use (lightning_patterns._lightning).
+__getattr__ = _lightning.class_getter(["ImageClassifier", "MLPClassifier", "CNNClassifier"])
 
 IMAGE_SIDE = 28
 NUM_CLASSES = 10
 
 
-class ImageClassifier(pl.LightningModule):
+class _ImageClassifier(_LightningModule):
     """Shared training logic: cross-entropy loss, accuracy, and a configurable optimizer.
 
     Args:
@@ -104,7 +113,7 @@ class ImageClassifier(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
-class MLPClassifier(ImageClassifier):
+class _MLPClassifier(_ImageClassifier):
     """A multi-layer perceptron over flattened 28×28 images.
 
     Args:
@@ -145,7 +154,7 @@ class MLPClassifier(ImageClassifier):
         return self.net(images)  # type: ignore[no-any-return]
 
 
-class CNNClassifier(ImageClassifier):
+class _CNNClassifier(_ImageClassifier):
     """A two-block convolutional network.
 
     Args:
@@ -190,3 +199,9 @@ class CNNClassifier(ImageClassifier):
         if images.dim() == 3:
             images = images.unsqueeze(1)
         return self.net(images)  # type: ignore[no-any-return]
+
+
+if TYPE_CHECKING:  # type checkers see the bodies; at run time `__getattr__` builds the classes
+    ImageClassifier = _ImageClassifier
+    MLPClassifier = _MLPClassifier
+    CNNClassifier = _CNNClassifier

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 from hypothesis import HealthCheck, settings
+
+from lightning_patterns._lightning import installed_packages
 
 # `ci` is bounded and derandomized so CI is repeatable; `dev` explores more; choose with HYPOTHESIS_PROFILE.
 settings.register_profile(
@@ -21,6 +26,23 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=1000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@dataclass(frozen=True)
+class LightningPackage:
+    """One Lightning package under test: its trainer module (``pl.Trainer``) and our classes built for it."""
+
+    name: str
+    pl: Any  # `pytorch_lightning` or `lightning.pytorch`
+    classes: Any  # `lightning_patterns.pytorch_lightning` or `lightning_patterns.lightning`
+
+
+@pytest.fixture(params=installed_packages())
+def lightning_package(request: pytest.FixtureRequest) -> LightningPackage:
+    """Each installed Lightning package in turn: Lightning-facing tests run against both."""
+    name = request.param
+    root = "lightning.pytorch" if name == "lightning" else "pytorch_lightning"
+    return LightningPackage(name, importlib.import_module(root), importlib.import_module(f"lightning_patterns.{name}"))
 
 
 @pytest.fixture(autouse=True)

@@ -1,13 +1,12 @@
-"""Data-ingestion patterns: shard formats and writers, sharding rules, streaming, caching and batching."""
+"""Data-ingestion patterns: shard formats and writers, sharding rules, streaming, caching and batching.
+
+Names are imported on first use: ``import lightning_patterns.data`` imports neither torch nor Lightning, and only
+the DataModules import Lightning (the package in use, see :mod:`lightning_patterns._lightning`).
+"""
 
 from __future__ import annotations
 
-from lightning_patterns.data.batching import ClassBalancer
-from lightning_patterns.data.datamodule import ShardedStreamingDataModule
-from lightning_patterns.data.idx_datamodule import IDXDataModule
-from lightning_patterns.data.in_memory import InMemoryDataModule
-from lightning_patterns.data.shards import Manifest, Schema, ShardReader, load_manifest, write_dataset
-from lightning_patterns.data.streaming import IDXDataset, RetryPolicy, StreamingDataLoader, StreamingDataset
+from lightning_patterns._lazy import lazy_exports
 
 __all__ = [
     "ClassBalancer",
@@ -24,3 +23,21 @@ __all__ = [
     "load_manifest",
     "write_dataset",
 ]
+
+__getattr__ = lazy_exports(
+    {
+        "ClassBalancer": "lightning_patterns.data.batching:ClassBalancer",
+        "IDXDataModule": "lightning:IDXDataModule",
+        "IDXDataset": "lightning_patterns.data.streaming:IDXDataset",
+        "InMemoryDataModule": "lightning:InMemoryDataModule",
+        "Manifest": "lightning_patterns.data.shards:Manifest",
+        "RetryPolicy": "lightning_patterns.data.streaming:RetryPolicy",
+        "Schema": "lightning_patterns.data.shards:Schema",
+        "ShardReader": "lightning_patterns.data.shards:ShardReader",
+        "ShardedStreamingDataModule": "lightning:ShardedStreamingDataModule",
+        "StreamingDataLoader": "lightning_patterns.data.streaming:StreamingDataLoader",
+        "StreamingDataset": "lightning_patterns.data.streaming:StreamingDataset",
+        "load_manifest": "lightning_patterns.data.shards:load_manifest",
+        "write_dataset": "lightning_patterns.data.shards:write_dataset",
+    }
+)

@@ -10,10 +10,9 @@ the same number of batches, and the train loader's position is saved in Lightnin
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
-
+from lightning_patterns import _lightning
 from lightning_patterns._warnings import silence_known_noise
 from lightning_patterns.data.embedded import EmbeddedFashionMNIST, prepare_embedded_dataset
 from lightning_patterns.data.streaming.dataset import StreamingDataset
@@ -21,7 +20,15 @@ from lightning_patterns.data.streaming.loader import StreamingDataLoader
 from lightning_patterns.data.streaming.topology import resolve_rank
 from lightning_patterns.demo.server import LocalHTTPServer
 
+if TYPE_CHECKING:
+    from pytorch_lightning import LightningDataModule as _LightningDataModule
+else:
+    _LightningDataModule = object  # the Lightning base is added per package: see lightning_patterns._lightning
+
 __all__ = ["ShardedStreamingDataModule"]
+
+# The public classes are the bodies below built for the Lightning package in use (lightning_patterns._lightning).
+__getattr__ = _lightning.class_getter(["ShardedStreamingDataModule"])
 
 silence_known_noise()
 
@@ -30,7 +37,7 @@ log = logging.getLogger(__name__)
 _SPLITS = ("train", "val", "test", "predict")
 
 
-class ShardedStreamingDataModule(pl.LightningDataModule):
+class _ShardedStreamingDataModule(_LightningDataModule):
     """Streams sharded datasets from any fsspec URL, split evenly across the ranks of the Trainer.
 
     Args:
@@ -260,3 +267,7 @@ class ShardedStreamingDataModule(pl.LightningDataModule):
     def metrics(self) -> dict[str, dict[str, float]]:
         """This rank's streaming counters for every split that was read."""
         return {split: loader.metrics() for split, loader in self.loaders.items()}
+
+
+if TYPE_CHECKING:  # type checkers see the bodies; at run time `__getattr__` builds the classes
+    ShardedStreamingDataModule = _ShardedStreamingDataModule

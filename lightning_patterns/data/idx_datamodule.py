@@ -7,20 +7,28 @@ filesystem and decoded a chunk of samples at a time.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
+from lightning_patterns import _lightning
 from lightning_patterns._warnings import silence_known_noise
 from lightning_patterns.data.streaming.idx import IDXDataset
 
+if TYPE_CHECKING:
+    from pytorch_lightning import LightningDataModule as _LightningDataModule
+else:
+    _LightningDataModule = object  # the Lightning base is added per package: see lightning_patterns._lightning
+
 __all__ = ["IDXDataModule"]
+
+# The public classes are the bodies below built for the Lightning package in use (lightning_patterns._lightning).
+__getattr__ = _lightning.class_getter(["IDXDataModule"])
 
 silence_known_noise()
 
 
-class IDXDataModule(pl.LightningDataModule):
+class _IDXDataModule(_LightningDataModule):
     """Streams IDX image and label files for training and validation.
 
     Args:
@@ -62,3 +70,7 @@ class IDXDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader[Any] | list[Any]:
         """Validation samples, if their URLs were given."""
         return self._loader(*self.val_urls) if self.val_urls else []
+
+
+if TYPE_CHECKING:  # type checkers see the bodies; at run time `__getattr__` builds the classes
+    IDXDataModule = _IDXDataModule

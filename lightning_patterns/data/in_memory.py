@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
+from typing import TYPE_CHECKING
+
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_patterns import _lightning
 from lightning_patterns.data.synthetic import fashion_like_arrays
+
+if TYPE_CHECKING:
+    from pytorch_lightning import LightningDataModule as _LightningDataModule
+else:
+    _LightningDataModule = object  # the Lightning base is added per package: see lightning_patterns._lightning
 
 __all__ = ["InMemoryDataModule"]
 
+# The public classes are the bodies below built for the Lightning package in use (lightning_patterns._lightning).
+__getattr__ = _lightning.class_getter(["InMemoryDataModule"])
 
-class InMemoryDataModule(pl.LightningDataModule):
+
+class _InMemoryDataModule(_LightningDataModule):
     """Generates the synthetic dataset into memory and serves it through plain ``DataLoader`` s.
 
     Args:
@@ -77,3 +87,7 @@ class InMemoryDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
         """The validation split, for ``lightning-patterns predict``."""
         return self._loader("val", shuffle=False)
+
+
+if TYPE_CHECKING:  # type checkers see the bodies; at run time `__getattr__` builds the classes
+    InMemoryDataModule = _InMemoryDataModule

@@ -1,14 +1,12 @@
-"""Lightning strategies; importing this module registers their short names with Lightning's registry.
+"""Lightning strategies: ``ParameterServerStrategy``, for the Lightning package in use.
 
-After ``import lightning_patterns.strategies``, ``Trainer(strategy="parameter_server")`` works.
+``Trainer(strategy="parameter_server")`` works once ``lightning_patterns`` is imported (either Lightning package).
 """
 
 from __future__ import annotations
 
-from pytorch_lightning.strategies import StrategyRegistry
-
-from lightning_patterns.strategies.parameter_server import ParameterServerStrategy
+from lightning_patterns._lazy import lazy_exports
 
 __all__ = ["ParameterServerStrategy"]
 
-ParameterServerStrategy.register_strategies(StrategyRegistry)
+__getattr__ = lazy_exports({"ParameterServerStrategy": "lightning:ParameterServerStrategy"})

@@ -9,15 +9,24 @@ plain training on those concatenated batches. Used by the parameter-server tests
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from lightning_patterns import _lightning
+
+if TYPE_CHECKING:
+    from pytorch_lightning import LightningModule as _LightningModule
+else:
+    _LightningModule = object  # the Lightning base is added per package: see lightning_patterns._lightning
+
 __all__ = ["TinyJob", "TinyRegressor", "single_process_reference"]
+
+# The public classes are the bodies below built for the Lightning package in use (lightning_patterns._lightning).
+__getattr__ = _lightning.class_getter(["TinyRegressor"])
 
 
 @dataclass(frozen=True)
@@ -36,7 +45,7 @@ class TinyJob:
         return TensorDataset(x.repeat(repeat, 1), y.repeat(repeat, 1))
 
 
-class TinyRegressor(pl.LightningModule):
+class _TinyRegressor(_LightningModule):
     """Two linear layers; SGD with momentum and two param groups, or Adam with a StepLR stepped every step."""
 
     def __init__(self, optimizer: str = "sgd", job: TinyJob | None = None) -> None:
@@ -88,7 +97,7 @@ def single_process_reference(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Plain training on the concatenated batch of all workers: what sync data-parallel training must reproduce."""
     job = job or TinyJob()
-    model = TinyRegressor(optimizer_name, job).to(device)
+    model = _lightning.built_class("TinyRegressor")(optimizer_name, job).to(device)
     config = model.configure_optimizers()
     optimizer = config["optimizer"] if isinstance(config, dict) else config
     scheduler = config["lr_scheduler"]["scheduler"] if isinstance(config, dict) else None
@@ -102,3 +111,7 @@ def single_process_reference(
         if scheduler is not None:
             scheduler.step()
     return model.state_dict(), optimizer.state_dict()
+
+
+if TYPE_CHECKING:  # type checkers see the bodies; at run time `__getattr__` builds the classes
+    TinyRegressor = _TinyRegressor

@@ -3,7 +3,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -12,7 +11,7 @@ from lightning_patterns.models import CNNClassifier, MLPClassifier
 
 
 @pytest.mark.parametrize("model_class", [MLPClassifier, CNNClassifier])
-def test_logits_shape_for_uint8_and_float_images(model_class: type[pl.LightningModule]) -> None:
+def test_logits_shape_for_uint8_and_float_images(model_class: type[Any]) -> None:
     model = model_class()
     images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
     assert model(images.float() / 255).shape == (5, 10)
@@ -32,18 +31,21 @@ def test_logits_shape_for_uint8_and_float_images(model_class: type[pl.LightningM
         (CNNClassifier, {"hidden_dim": -1}, r"hidden_dim=-1"),
     ],
 )
-def test_invalid_arguments(model_class: type[pl.LightningModule], kwargs: dict[str, Any], message: str) -> None:
+def test_invalid_arguments(model_class: type[Any], kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         model_class(**kwargs)
 
 
 @pytest.mark.parametrize(
-    ("model_class", "optimizer", "lr"), [(MLPClassifier, "sgd", 0.02), (CNNClassifier, "adam", 0.003)]
+    ("model_name", "optimizer", "lr"), [("MLPClassifier", "sgd", 0.02), ("CNNClassifier", "adam", 0.003)]
 )
-def test_trains_on_tuple_batches_and_lowers_the_loss(model_class: type[Any], optimizer: str, lr: float) -> None:
+def test_trains_on_tuple_batches_and_lowers_the_loss(
+    lightning_package: Any, model_name: str, optimizer: str, lr: float
+) -> None:
     torch.manual_seed(0)
     images, labels = (torch.from_numpy(array) for array in fashion_like_arrays(256))
-    model = model_class(lr=lr, optimizer=optimizer)
+    model = getattr(lightning_package.classes, model_name)(lr=lr, optimizer=optimizer)
+    pl = lightning_package.pl
     with torch.no_grad():
         before = torch.nn.functional.cross_entropy(model(images.float() / 255), labels).item()
     trainer = pl.Trainer(

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from lightning_patterns.strategies.parameter_server.partition import Chunk, partition_parameters, server_loads
-from lightning_patterns.strategies.parameter_server.strategy import ParameterServerStrategy
-from lightning_patterns.strategies.parameter_server.telemetry import ParameterServerTelemetry
+from lightning_patterns._lazy import lazy_exports
 
 __all__ = ["Chunk", "ParameterServerStrategy", "ParameterServerTelemetry", "partition_parameters", "server_loads"]
+
+_PARTITION = "lightning_patterns.strategies.parameter_server.partition"
+__getattr__ = lazy_exports(
+    {
+        "Chunk": f"{_PARTITION}:Chunk",
+        "ParameterServerStrategy": "lightning:ParameterServerStrategy",
+        "ParameterServerTelemetry": "lightning_patterns.strategies.parameter_server.telemetry:ParameterServerTelemetry",
+        "partition_parameters": f"{_PARTITION}:partition_parameters",
+        "server_loads": f"{_PARTITION}:server_loads",
+    }
+)

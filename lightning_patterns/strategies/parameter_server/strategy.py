@@ -20,36 +20,17 @@ import logging
 import multiprocessing.process
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning_fabric.strategies.registry import _StrategyRegistry
-from lightning_fabric.utilities.distributed import (
-    _all_gather_ddp_if_available,
-    _distributed_is_initialized,
-    _get_default_process_group_backend_for_device,
-    _init_dist_connection,
-    _sync_ddp_if_available,
-)
-from lightning_fabric.utilities.optimizer import _optimizers_to_device
-from lightning_fabric.utilities.rank_zero import rank_zero_only
-from lightning_fabric.utilities.seed import reset_seed
-from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
-from pytorch_lightning.core.optimizer import LightningOptimizer
-from pytorch_lightning.plugins.precision import Precision
-from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
-from pytorch_lightning.strategies.parallel import ParallelStrategy
-from pytorch_lightning.strategies.strategy import TBroadcast
-from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.distributed.distributed_c10d import ReduceOp
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_patterns import _lightning
 from lightning_patterns.exceptions import PeerLostError
 from lightning_patterns.strategies.parameter_server.client import WorkerClient
 from lightning_patterns.strategies.parameter_server.launcher import servers_on_node, start_servers, stop_servers
@@ -57,7 +38,20 @@ from lightning_patterns.strategies.parameter_server.messages import P2PGroup, co
 from lightning_patterns.strategies.parameter_server.server import ServerConfig, is_sync, join_timeout
 from lightning_patterns.strategies.parameter_server.telemetry import ParameterServerTelemetry
 
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
+    from pytorch_lightning.plugins.precision import Precision
+    from pytorch_lightning.strategies.parallel import ParallelStrategy as _ParallelStrategy
+    from pytorch_lightning.strategies.strategy import TBroadcast
+else:
+    _ParallelStrategy = object
+    TBroadcast = Any
+
 __all__ = ["ParameterServerStrategy"]
+
+# `ParameterServerStrategy` is `_ParameterServerStrategy` built for the Lightning package in use.
+__getattr__ = _lightning.class_getter(__all__)
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +59,16 @@ _START_METHODS = ("popen", "spawn", "fork", "forkserver")
 _GROUPS_CREATED = 0  # worker-and-server groups this process has joined
 
 
-def _raise_on_local_sigterm(trainer: pl.Trainer) -> None:
+def _raise_on_local_sigterm(trainer: pl.Trainer, exception: type[BaseException]) -> None:
     if getattr(trainer, "received_sigterm", False):
-        raise SIGTERMException()
+        raise exception()
 
 
-class ParameterServerStrategy(ParallelStrategy):
+class _ParameterServerStrategy(_ParallelStrategy):
     """Train an unchanged LightningModule with parameter servers.
+
+    Built for each Lightning package as ``ParameterServerStrategy`` (see :mod:`lightning_patterns._lightning`):
+    ``lightning_patterns.strategies.ParameterServerStrategy`` is the one of the package in use.
 
     Args:
         num_servers: number of server processes. Server ``s`` runs on node ``s % num_nodes``.
@@ -96,6 +93,8 @@ class ParameterServerStrategy(ParallelStrategy):
     """
 
     strategy_name = "parameter_server"
+    #: The Lightning package this class was built for (set on each built class).
+    _lp_tree: ClassVar[_lightning.Tree]
 
     def __init__(
         self,
@@ -197,9 +196,14 @@ class ParameterServerStrategy(ParallelStrategy):
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
         if self._start_method == "popen":
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            launcher = self._internal("pl:strategies.launchers:_SubprocessScriptLauncher")
+            self._launcher = launcher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
-            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
+            launcher = self._internal("pl:strategies.launchers:_MultiProcessingLauncher")
+            self._launcher = launcher(self, start_method=self._start_method)
+
+    def _internal(self, spec: str) -> Any:
+        return _lightning.internal(self._lp_tree, spec)
 
     # -- process group -----------------------------------------------------------------------------------
     @override
@@ -212,18 +216,20 @@ class ParameterServerStrategy(ParallelStrategy):
         if self.cluster_environment is not None:
             self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
             self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
+        # Both Lightning packages re-export this one `rank_zero_only`; `rank_zero_*` functions read its flag.
+        rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
 
     def _get_process_group_backend(self) -> str:
-        return self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        default = self._internal("fabric:utilities.distributed:_get_default_process_group_backend_for_device")
+        return self._process_group_backend or default(self.root_device)
 
     def setup_distributed(self) -> None:
         """Start this node's servers, join Lightning's workers-only group, then the workers-and-servers group."""
-        reset_seed()
+        self._lp_tree.fabric("utilities.seed").reset_seed()
         self.set_world_ranks()
         self._process_group_backend = self._get_process_group_backend()
         assert self.cluster_environment is not None
-        fitting = self.lightning_module is None or self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        fitting = self.lightning_module is None or self.lightning_module.trainer.state.fn == "fit"
         address, port = self.cluster_environment.main_address, self.cluster_environment.main_port
         global _GROUPS_CREATED
         # Every process runs the same sequence of fits, so this names the same group everywhere.
@@ -245,7 +251,7 @@ class ParameterServerStrategy(ParallelStrategy):
             self._servers = start_servers(config, servers_on_node(self.num_servers, self.num_nodes, self.node_rank))
         # Joining waits for every process to start, which takes longer than a step: give it at least two minutes.
         join_seconds = join_timeout(self.timeout)
-        _init_dist_connection(
+        self._internal("fabric:utilities.distributed:_init_dist_connection")(
             self.cluster_environment, self._process_group_backend, timeout=datetime.timedelta(seconds=join_seconds)
         )
         if fitting:
@@ -278,12 +284,12 @@ class ParameterServerStrategy(ParallelStrategy):
         assert self.model is not None
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        fitting = trainer.state.fn == TrainerFn.FITTING
+        fitting = trainer.state.fn == "fit"
         if fitting:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if fitting:
-            _optimizers_to_device(self.optimizers, self.root_device)
+            self._internal("fabric:utilities.optimizer:_optimizers_to_device")(self.optimizers, self.root_device)
             self._connect()
 
     def _connect(self) -> None:
@@ -311,9 +317,9 @@ class ParameterServerStrategy(ParallelStrategy):
         self._telemetry = self._client.telemetry
         self._client.connect()
 
-    @staticmethod
-    def _unwrap(optimizer: Any) -> Optimizer:
-        return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+    def _unwrap(self, optimizer: Any) -> Optimizer:
+        wrapper = self._lp_tree.module("core.optimizer").LightningOptimizer
+        return cast(Optimizer, optimizer._optimizer if isinstance(optimizer, wrapper) else optimizer)
 
     @override
     def model_to_device(self) -> None:
@@ -335,14 +341,14 @@ class ParameterServerStrategy(ParallelStrategy):
         if self._client is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         model = model or self.lightning_module
-        assert isinstance(model, pl.LightningModule)
+        assert isinstance(model, self._lp_tree.pl.LightningModule)
         optimizer = self._unwrap(optimizer)
         # `_wrap_closure` runs the closure, `on_before_optimizer_step` and gradient clipping (on the local
         # gradient, as the precision plugin's `optimizer.step(closure)` would).
-        result = self.precision_plugin._wrap_closure(model, optimizer, closure)
+        result = _lightning.wrap_closure(self._lp_tree, self.precision_plugin, model, optimizer, closure)
         self._client.push_pull()
         # What torch's LR-scheduler wrapper of `optimizer.step` records; schedulers check it.
-        optimizer._opt_called = True  # type: ignore[attr-defined]
+        _lightning.mark_optimizer_stepped(optimizer)
         self._log_telemetry()
         return result
 
@@ -398,7 +404,7 @@ class ParameterServerStrategy(ParallelStrategy):
 
     @override
     def barrier(self, name: str | None = None) -> None:
-        if not _distributed_is_initialized():
+        if not self._internal("fabric:utilities.distributed:_distributed_is_initialized")():
             return
         try:
             if self._process_group_backend == "gloo":
@@ -412,7 +418,7 @@ class ParameterServerStrategy(ParallelStrategy):
 
     @override
     def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
-        if not _distributed_is_initialized():
+        if not self._internal("fabric:utilities.distributed:_distributed_is_initialized")():
             return obj
         box = [obj]
         try:
@@ -429,14 +435,16 @@ class ParameterServerStrategy(ParallelStrategy):
         if not isinstance(tensor, Tensor):
             return tensor
         try:
-            return _sync_ddp_if_available(self._on_backend_device(tensor), group, reduce_op=reduce_op)
+            sync = self._internal("fabric:utilities.distributed:_sync_ddp_if_available")
+            return cast(Tensor, sync(self._on_backend_device(tensor), group, reduce_op=reduce_op))
         except RuntimeError as error:
             raise self._collective_failed("a reduction", error) from error
 
     @override
     def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
         try:
-            return _all_gather_ddp_if_available(self._on_backend_device(tensor), group=group, sync_grads=sync_grads)
+            gather = self._internal("fabric:utilities.distributed:_all_gather_ddp_if_available")
+            return cast(Tensor, gather(self._on_backend_device(tensor), group=group, sync_grads=sync_grads))
         except RuntimeError as error:
             raise self._collective_failed("an all-gather", error) from error
 
@@ -448,11 +456,11 @@ class ParameterServerStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         trainer = self.lightning_module.trainer
         loop = trainer.fit_loop.epoch_loop
-        if hasattr(loop, "_broadcast_sigterm_tensor"):
-            # Lightning broadcasts a SIGTERM flag from rank 0 before every batch, which would hold every worker in
-            # step with rank 0 and defeat asynchronous training. Check this worker's own flag instead; a worker
-            # that stops is then seen by the others as a lost peer.
-            loop._broadcast_sigterm_tensor = partial(_raise_on_local_sigterm, trainer)  # type: ignore[method-assign]
+        # Lightning broadcasts a SIGTERM flag from rank 0 before every batch, which would hold every worker in
+        # step with rank 0 and defeat asynchronous training. Check this worker's own flag instead; a worker
+        # that stops is then seen by the others as a lost peer.
+        exception = self._lp_tree.module("utilities.exceptions").SIGTERMException
+        _lightning.replace_sigterm_broadcast(self._lp_tree, loop, partial(_raise_on_local_sigterm, trainer, exception))
 
     @override
     def on_validation_start(self) -> None:
@@ -487,18 +495,6 @@ class ParameterServerStrategy(ParallelStrategy):
         self._ps_group = None
         super().teardown()
 
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        if "parameter_server" in strategy_registry:
-            return
-        strategy_registry.register(
-            "parameter_server", cls, description="Parameter servers, synchronous (`ParameterServerStrategy`)"
-        )
-        strategy_registry.register(
-            "parameter_server_async",
-            cls,
-            description="Parameter servers, fully asynchronous (`ParameterServerStrategy(mode='async')`)",
-            mode="async",
-            max_staleness=None,
-        )
+
+if TYPE_CHECKING:  # type checkers see the bodies; at run time `__getattr__` builds the classes
+    ParameterServerStrategy = _ParameterServerStrategy

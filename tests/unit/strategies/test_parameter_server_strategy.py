@@ -5,32 +5,37 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.strategies import StrategyRegistry
 
 import lightning_patterns.strategies as strategies
+from lightning_patterns import _lightning
 from lightning_patterns.strategies import ParameterServerStrategy
 from lightning_patterns.strategies.parameter_server.launcher import servers_on_node
 from lightning_patterns.strategies.parameter_server.messages import BASE_FIELDS, Header, Kind
 from lightning_patterns.strategies.parameter_server.telemetry import ParameterServerTelemetry
 
 
-def test_registered_with_lightning() -> None:
-    assert "parameter_server" in StrategyRegistry
-    assert "parameter_server_async" in StrategyRegistry
-    # Importing twice (or registering again) must not raise.
-    ParameterServerStrategy.register_strategies(StrategyRegistry)
+def test_registered_with_lightning(lightning_package: Any) -> None:
+    registry = lightning_package.pl.strategies.StrategyRegistry
+    assert "parameter_server" in registry
+    assert "parameter_server_async" in registry
+    assert registry["parameter_server"]["strategy"] is lightning_package.classes.ParameterServerStrategy
+    # Registering again must not raise.
+    _lightning.register_strategies(lightning_package.name)
     assert strategies.__all__ == sorted(strategies.__all__)
 
 
 @pytest.mark.parametrize(
     ("name", "mode", "max_staleness"), [("parameter_server", "sync", 0), ("parameter_server_async", "async", None)]
 )
-def test_trainer_accepts_the_registered_names(name: str, mode: str, max_staleness: int | None) -> None:
+def test_trainer_accepts_the_registered_names(
+    lightning_package: Any, name: str, mode: str, max_staleness: int | None
+) -> None:
+    pl = lightning_package.pl
     trainer = pl.Trainer(strategy=name, devices=2, accelerator="cpu", logger=False, enable_checkpointing=False)
     strategy = trainer.strategy
-    assert isinstance(strategy, ParameterServerStrategy)
+    assert isinstance(strategy, lightning_package.classes.ParameterServerStrategy)
+    assert isinstance(strategy, pl.strategies.ParallelStrategy)
     assert (strategy.mode, strategy.max_staleness, strategy.num_servers) == (mode, max_staleness, 1)
     assert strategy.num_workers == 2
     assert strategy.world_size == 2  # Lightning's world: the workers; servers come after them
@@ -39,10 +44,9 @@ def test_trainer_accepts_the_registered_names(name: str, mode: str, max_stalenes
     assert type(strategy.launcher).__name__ == "_SubprocessScriptLauncher"
 
 
-def test_spawn_start_method_uses_the_multiprocessing_launcher() -> None:
-    trainer = pl.Trainer(
-        strategy=ParameterServerStrategy(start_method="spawn"), devices=2, accelerator="cpu", logger=False
-    )
+def test_spawn_start_method_uses_the_multiprocessing_launcher(lightning_package: Any) -> None:
+    strategy = lightning_package.classes.ParameterServerStrategy(start_method="spawn")
+    trainer = lightning_package.pl.Trainer(strategy=strategy, devices=2, accelerator="cpu", logger=False)
     assert type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher"
 
 

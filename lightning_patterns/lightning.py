@@ -1,0 +1,41 @@
+"""lightning_patterns' Lightning-facing classes built for the ``lightning`` package (``lightning.pytorch``).
+
+Use these with ``import lightning as L`` when a process also imports ``pytorch_lightning`` (otherwise the plain
+names, such as ``lightning_patterns.strategies.ParameterServerStrategy``, already give these classes)::
+
+    import lightning as L
+    from lightning_patterns.lightning import DataMetricsCallback, ParameterServerStrategy
+
+    trainer = L.Trainer(strategy=ParameterServerStrategy(num_servers=2), callbacks=[DataMetricsCallback()])
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lightning_patterns import _lightning
+
+__all__ = [
+    "CNNClassifier",
+    "DataMetricsCallback",
+    "IDXDataModule",
+    "ImageClassifier",
+    "InMemoryDataModule",
+    "MLPClassifier",
+    "ParameterServerStrategy",
+    "ShardedStreamingDataModule",
+]
+
+__getattr__ = _lightning.class_getter([*__all__, "LightningPatternsCLI", "TinyRegressor"], package="lightning")
+
+if TYPE_CHECKING:  # type checkers see the bodies; at run time `__getattr__` builds the classes
+    from lightning_patterns.callbacks import _DataMetricsCallback as DataMetricsCallback
+    from lightning_patterns.data.datamodule import _ShardedStreamingDataModule as ShardedStreamingDataModule
+    from lightning_patterns.data.idx_datamodule import _IDXDataModule as IDXDataModule
+    from lightning_patterns.data.in_memory import _InMemoryDataModule as InMemoryDataModule
+    from lightning_patterns.models import _CNNClassifier as CNNClassifier
+    from lightning_patterns.models import _ImageClassifier as ImageClassifier
+    from lightning_patterns.models import _MLPClassifier as MLPClassifier
+    from lightning_patterns.strategies.parameter_server.strategy import (
+        _ParameterServerStrategy as ParameterServerStrategy,
+    )
