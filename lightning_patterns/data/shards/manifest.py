@@ -20,7 +20,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from lightning_patterns.data.shards.format import Schema, ShardReader
+from lightning_patterns.data.shards.reader import ShardReader
+from lightning_patterns.data.shards.schema import Schema
 from lightning_patterns.exceptions import ChecksumMismatchError, ManifestError, ShardNotFoundError, UnsafePathError
 
 __all__ = [

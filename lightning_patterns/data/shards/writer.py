@@ -15,7 +15,7 @@ from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
 from lightning_patterns.data.sharding import SHARDERS, Sharder
-from lightning_patterns.data.shards.format import Schema, ShardBuilder
+from lightning_patterns.data.shards.builder import ShardBuilder
 from lightning_patterns.data.shards.manifest import (
     Manifest,
     ShardInfo,
@@ -24,6 +24,7 @@ from lightning_patterns.data.shards.manifest import (
     publish_manifest,
     shard_url,
 )
+from lightning_patterns.data.shards.schema import Schema
 from lightning_patterns.exceptions import ManifestError, SchemaMismatchError
 
 __all__ = ["ShardWriter", "write_dataset"]

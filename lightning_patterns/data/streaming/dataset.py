@@ -23,7 +23,6 @@ from torch.utils.data import IterableDataset
 from lightning_patterns.data.batching import ClassBalancer, check_class_counts
 from lightning_patterns.data.caching import EpochCache, make_cache
 from lightning_patterns.data.sharding.assignment import Span, WorkerPlan, samples_per_rank
-from lightning_patterns.data.shards.format import ShardReader, read_column
 from lightning_patterns.data.shards.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -31,6 +30,7 @@ from lightning_patterns.data.shards.manifest import (
     missing_manifest_error,
     shard_url,
 )
+from lightning_patterns.data.shards.reader import ShardReader, read_column
 from lightning_patterns.data.streaming.batches import BatchPositions, PlanIndices, ShardUse, only_shard, shard_use_of
 from lightning_patterns.data.streaming.fetch import FetchStatsSnapshot, RemoteReader, RetryPolicy
 from lightning_patterns.data.streaming.metrics import StreamCounters
@@ -200,7 +200,12 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         """Samples per class over the whole dataset, from the label column alone (two range reads per shard)."""
         total = np.zeros(0, dtype=np.int64)
         for shard in self.manifest.shards:
-            labels = read_column(functools.partial(self._reader.read_range, shard.path), self.label_field)
+            labels = read_column(
+                functools.partial(self._reader.read_range, shard.path),
+                self.label_field,
+                size=shard.num_bytes,
+                schema=self.manifest.schema,
+            )
             if labels.size and int(labels.min()) < 0:
                 raise ValueError(
                     f"Class labels must be >= 0, but {shard_url(self.url, shard.path)} holds {int(labels.min())} in "
