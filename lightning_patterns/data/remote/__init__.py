@@ -6,7 +6,8 @@
   ``Range`` resume, fsspec range reads for S3/GCS/``memory://``, local files), behind the ``TRANSPORTS``
   registry and chosen once per filesystem.
 - :mod:`.reader`: :class:`RemoteReader` (whole objects, byte ranges, sizes, seekable streams; checksums;
-  retries written once) and :func:`open_url`.
+  retries written once) and :func:`open_url`; :mod:`.stream` holds the seekable stream, :mod:`.checksum` the
+  one checksum check and its message.
 
 Manifests, shards, IDX files and the writer's appends all read through a :class:`RemoteReader`.
 """
