@@ -11,6 +11,7 @@ __all__ = [
     "ChecksumMismatchError",
     "ManifestError",
     "PeerLostError",
+    "RemoteUnreachableError",
     "SchemaMismatchError",
     "ShardNotFoundError",
     "UnsafePathError",
@@ -35,6 +36,10 @@ class ShardNotFoundError(FileNotFoundError):
 
 class ChecksumMismatchError(OSError):
     """A shard's bytes do not match the checksum its manifest records, even after fetching it again."""
+
+
+class RemoteUnreachableError(ConnectionRefusedError):
+    """Nothing listens at the remote's host and port: the connection was refused, also when asked again."""
 
 
 class PeerLostError(RuntimeError):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_patterns.data.streaming.fetch import FetchStats, RemoteReader, RetryPolicy
+from lightning_patterns.data.remote import FetchStats, RemoteReader, RetryPolicy
 from lightning_patterns.testing.http_server import serve_directory
 
 pytestmark = pytest.mark.remote

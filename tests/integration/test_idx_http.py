@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_patterns.data.streaming.fetch import RetryPolicy
+from lightning_patterns.data.remote import RetryPolicy
 from lightning_patterns.data.streaming.idx import IDXDataset
 from lightning_patterns.testing.http_server import FaultInjectingHTTPServer, serve_directory
 

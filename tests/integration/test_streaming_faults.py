@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from lightning_patterns.data.remote import RetryPolicy
 from lightning_patterns.data.shards import Manifest, write_dataset
 from lightning_patterns.data.streaming.dataset import StreamingDataset
-from lightning_patterns.data.streaming.fetch import RetryPolicy
 from lightning_patterns.data.streaming.loader import StreamingDataLoader
 from lightning_patterns.data.synthetic import fashion_like_arrays
 from lightning_patterns.exceptions import ChecksumMismatchError, ShardNotFoundError
@@ -77,8 +77,8 @@ def written(data: _Data, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
 
 
 def _start_faults(server: FaultInjectingHTTPServer) -> None:
-    # The manifest is read in the constructor, before the faults start: `load_manifest` does not retry yet (see
-    # test_a_failed_manifest_read_is_retried below).
+    # The manifest is read in the constructor, before the faults start, so the faults land on shards only (a failed
+    # manifest read is retried too: see test_a_failed_manifest_read_is_retried below).
     server.failure_rate = FAILURE_RATE
 
 

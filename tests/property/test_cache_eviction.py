@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from lightning_patterns.data.caching.disk import DiskEpochCache
 from lightning_patterns.data.caching.layout import store_root
 from lightning_patterns.data.caching.lru import CacheEntry, plan_admission
-from lightning_patterns.data.shards.format import FieldSpec, Schema
 from lightning_patterns.data.shards.manifest import Manifest, ShardInfo, checksum_of
+from lightning_patterns.data.shards.schema import FieldSpec, Schema
 
 sizes = st.integers(min_value=1, max_value=100)
 

@@ -6,15 +6,8 @@ and a shard with :func:`read_shard` (or :class:`ShardReader` over bytes you fetc
 
 from __future__ import annotations
 
-from lightning_patterns.data.shards.format import (
-    MAGIC,
-    FieldSpec,
-    Schema,
-    ShardBuilder,
-    ShardFormatError,
-    ShardReader,
-    encode_shard,
-)
+from lightning_patterns.data.shards.builder import ShardBuilder, encode_shard
+from lightning_patterns.data.shards.layout import MAGIC
 from lightning_patterns.data.shards.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -31,6 +24,8 @@ from lightning_patterns.data.shards.manifest import (
     verify_checksum,
     verify_dataset,
 )
+from lightning_patterns.data.shards.reader import ShardFormatError, ShardReader
+from lightning_patterns.data.shards.schema import FieldSpec, Schema
 from lightning_patterns.data.shards.writer import ShardWriter, write_dataset
 
 __all__ = [

@@ -8,6 +8,7 @@ one atomic step) means a reader never sees a half-written dataset.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -20,8 +21,11 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from lightning_patterns.data.shards.format import Schema, ShardReader
-from lightning_patterns.exceptions import ChecksumMismatchError, ManifestError, ShardNotFoundError, UnsafePathError
+from lightning_patterns.data.remote import RemoteReader
+from lightning_patterns.data.remote.checksum import checksum_mismatch
+from lightning_patterns.data.shards.reader import ShardReader
+from lightning_patterns.data.shards.schema import Schema
+from lightning_patterns.exceptions import ManifestError, ShardNotFoundError, UnsafePathError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -29,11 +33,15 @@ __all__ = [
     "Manifest",
     "ShardInfo",
     "checksum_of",
+    "dataset_reader",
+    "fetch_manifest_text",
+    "fetch_shard",
     "load_manifest",
     "manifest_exists",
     "manifest_url",
     "missing_manifest_error",
     "publish_manifest",
+    "read_manifest",
     "read_shard",
     "shard_url",
     "validate_shard_path",
@@ -133,8 +141,13 @@ class Manifest:
                 f"Manifest {url!r} is not valid JSON ({err}). It was truncated or edited by hand; rewrite the "
                 f"dataset with `write_dataset(samples, url, mode='overwrite')`."
             ) from err
-        if not isinstance(data, dict):
-            raise ManifestError(f"Manifest {url!r} must be a JSON object; got {type(data).__name__}.")
+        if not isinstance(data, dict) or not {"schema", "shards"} & data.keys():
+            found = f"keys {sorted(data)}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+            raise ManifestError(
+                f"{url!r} is not a lightning_patterns manifest: expected a JSON object with 'version', 'schema' and "
+                f"'shards', found {found}. Point the URL at a dataset folder written by `write_dataset` or "
+                f"`lightning-patterns shards write`."
+            )
         version = data.get("version")
         if version != FORMAT_VERSION:
             raise ManifestError(
@@ -247,39 +260,96 @@ def checksum_of(data: bytes | bytearray | memoryview) -> str:
 
 
 def verify_checksum(data: bytes | bytearray | memoryview, shard: ShardInfo, url: str) -> None:
-    """Raise :class:`ChecksumMismatchError` unless ``data`` (read from ``url``) matches ``shard.checksum``."""
-    actual = checksum_of(data)
-    if actual != shard.checksum:
-        raise ChecksumMismatchError(
-            f"Shard {url!r} is corrupt: its checksum is {actual} ({len(data)} bytes), but the manifest records "
-            f"{shard.checksum} ({shard.num_bytes} bytes). Fetch it again; if it persists, rewrite the dataset."
-        )
+    """Raise :class:`~lightning_patterns.exceptions.ChecksumMismatchError` unless ``data`` matches ``shard``.
+
+    The same check, with the same message, as every fetch of a shard makes (see
+    :func:`~lightning_patterns.data.remote.checksum.checksum_mismatch`).
+
+    Args:
+        data: the bytes read from ``url``.
+        shard: the manifest's entry for them.
+        url: where they were read from.
+    """
+    error = checksum_mismatch(data, shard.checksum, url, expected_size=shard.num_bytes)
+    if error is not None:
+        raise error
 
 
-def _fs(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
-    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    return fs, path
+def dataset_reader(url: str, storage_options: Mapping[str, Any] | None = None) -> RemoteReader:
+    """A reader for one-off reads under the dataset root ``url`` (a manifest, a shard), with retries.
+
+    It uses fsspec's shared filesystem instance, as a plain fsspec call would, so repeated calls do not each
+    build a new client; nothing needs closing.
+
+    Args:
+        url: the dataset root.
+        storage_options: passed to fsspec unchanged.
+
+    Returns:
+        The reader.
+    """
+    return RemoteReader(url, {"skip_instance_cache": False, **dict(storage_options or {})})
+
+
+def _dataset_root(url: str) -> str:
+    return url[: -len(MANIFEST_NAME)].rstrip("/") if url.rstrip("/").endswith("/" + MANIFEST_NAME) else url
 
 
 def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None) -> Manifest:
     """Read and validate the manifest of the dataset at ``url`` (its root, or the manifest file itself).
+
+    Transient faults are retried as for shards (see :class:`~lightning_patterns.data.remote.RemoteReader`).
 
     Args:
         url: any fsspec URL or local path.
         storage_options: passed to fsspec unchanged.
 
     Raises:
-        ManifestError: no manifest, invalid JSON, an unknown format version, or a malformed entry.
+        ManifestError: no manifest (naming the URL; also when ``url`` is a file, not a folder), invalid JSON,
+            JSON that is not a lightning_patterns manifest, an unknown format version, or a malformed entry.
         UnsafePathError: a shard path would escape the dataset root.
     """
-    root = url[: -len(MANIFEST_NAME)].rstrip("/") if url.rstrip("/").endswith("/" + MANIFEST_NAME) else url
-    where = manifest_url(root)
-    fs, root_path = _fs(root, storage_options)
+    return read_manifest(dataset_reader(_dataset_root(url), storage_options))
+
+
+def read_manifest(reader: RemoteReader) -> Manifest:
+    """Read and validate the manifest of the dataset at ``reader.url`` through ``reader``.
+
+    Args:
+        reader: a reader whose ``url`` is the dataset root.
+
+    Raises:
+        ManifestError: see :func:`load_manifest`.
+        UnsafePathError: a shard path would escape the dataset root.
+    """
+    text = fetch_manifest_text(reader)
+    if text is None:
+        raise missing_manifest_error(reader.url)
+    return Manifest.from_json(text, manifest_url(reader.url))
+
+
+def fetch_manifest_text(reader: RemoteReader) -> bytes | None:
+    """The text of the manifest at the dataset root ``reader.url``, or ``None`` if there is none.
+
+    Args:
+        reader: a reader whose ``url`` is the dataset root.
+
+    Raises:
+        ManifestError: ``reader.url`` is a file, not a dataset folder.
+    """
     try:
-        text = fs.cat_file(_join(root_path, MANIFEST_NAME))
-    except FileNotFoundError:
-        raise missing_manifest_error(root) from None
-    return Manifest.from_json(text, where)
+        return reader.fetch(MANIFEST_NAME)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    with contextlib.suppress(OSError):  # only to explain the error: a failed check means "not a file"
+        if reader.is_file(reader.url):
+            parent = reader.url.rstrip("/").rpartition("/")[0] or "."
+            raise ManifestError(
+                f"Dataset URL {reader.url!r} is a file, not a dataset folder: a dataset is a folder holding "
+                f"{MANIFEST_NAME} and its .lps shards. Pass the folder the dataset was written to (for example "
+                f"{parent!r}), not one of its files."
+            )
+    return None
 
 
 def missing_manifest_error(root: str) -> ManifestError:
@@ -292,8 +362,7 @@ def missing_manifest_error(root: str) -> ManifestError:
 
 def manifest_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Whether a manifest exists at the dataset root ``url``."""
-    fs, root_path = _fs(url, storage_options)
-    return bool(fs.exists(_join(root_path, MANIFEST_NAME)))
+    return dataset_reader(url, storage_options).exists(MANIFEST_NAME)
 
 
 def publish_manifest(manifest: Manifest, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -304,7 +373,7 @@ def publish_manifest(manifest: Manifest, url: str, storage_options: Mapping[str,
     those stores make visible all at once. Either way a reader sees the old or the new manifest, never a mix.
     """
     data = manifest.to_json().encode("utf-8")
-    fs, root_path = _fs(url, storage_options)
+    fs, root_path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
     target = _join(root_path, MANIFEST_NAME)
     if isinstance(fs, LocalFileSystem):
         folder = os.path.dirname(target)
@@ -359,20 +428,36 @@ def read_shard(
 
     Raises:
         ShardNotFoundError: the shard file does not exist.
-        ChecksumMismatchError: ``verify`` and the bytes do not match.
+        ChecksumMismatchError: ``verify`` and the bytes do not match, on two fetches in a row.
     """
-    where = shard_url(url, shard.path)
-    fs, root_path = _fs(url, storage_options)
+    return ShardReader(fetch_shard(dataset_reader(url, storage_options), shard, verify=verify), schema)
+
+
+def fetch_shard(reader: RemoteReader, shard: ShardInfo, *, verify: bool = True) -> memoryview:
+    """The bytes of ``shard`` of the dataset at ``reader.url``, with retries and the manifest's checksum.
+
+    Args:
+        reader: a reader whose ``url`` is the dataset root.
+        shard: an entry of the dataset's manifest.
+        verify: check the bytes against ``shard.checksum`` (a mismatch is fetched once more first).
+
+    Returns:
+        A read-only view of the shard file's bytes.
+
+    Raises:
+        ShardNotFoundError: the shard file does not exist (naming its URL).
+        ChecksumMismatchError: ``verify`` and the bytes do not match, on two fetches in a row.
+    """
+    where = shard_url(reader.url, shard.path)
     try:
-        data = fs.cat_file(_join(root_path, shard.path))
-    except FileNotFoundError:
-        raise ShardNotFoundError(
+        return reader.fetch_buffer(where, size=shard.num_bytes, checksum=shard.checksum if verify else None)
+    except ShardNotFoundError as err:
+        missing = ShardNotFoundError(
             f"Shard {where!r} listed in the manifest does not exist. It was deleted or never finished uploading; "
             f"restore it or rewrite the dataset."
-        ) from None
-    if verify:
-        verify_checksum(data, shard, where)
-    return ShardReader(data, schema)
+        )
+        missing.errno = errno.ENOENT
+        raise missing from err
 
 
 def verify_dataset(url: str, storage_options: Mapping[str, Any] | None = None) -> Manifest:
@@ -383,12 +468,13 @@ def verify_dataset(url: str, storage_options: Mapping[str, Any] | None = None) -
         ShardNotFoundError: a listed shard is missing.
         ChecksumMismatchError: a shard's bytes differ from the manifest's checksum.
     """
-    manifest = load_manifest(url, storage_options)
+    reader = dataset_reader(_dataset_root(url), storage_options)
+    manifest = read_manifest(reader)
     for shard in manifest.shards:
-        reader = read_shard(url, shard, storage_options=storage_options, schema=manifest.schema)
-        if reader.num_samples != shard.num_samples:
+        shard_reader = ShardReader(fetch_shard(reader, shard), manifest.schema)
+        if shard_reader.num_samples != shard.num_samples:
             raise ManifestError(
-                f"Shard {shard_url(url, shard.path)!r} holds {reader.num_samples} samples, but the manifest "
-                f"records {shard.num_samples}. Rewrite the dataset."
+                f"Shard {shard_url(reader.url, shard.path)!r} holds {shard_reader.num_samples} samples, but the "
+                f"manifest records {shard.num_samples}. Rewrite the dataset."
             )
     return manifest

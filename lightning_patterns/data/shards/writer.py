@@ -15,15 +15,19 @@ from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
 from lightning_patterns.data.sharding import SHARDERS, Sharder
-from lightning_patterns.data.shards.format import Schema, ShardBuilder
+from lightning_patterns.data.shards.builder import ShardBuilder
 from lightning_patterns.data.shards.manifest import (
+    MANIFEST_NAME,
     Manifest,
     ShardInfo,
     checksum_of,
+    dataset_reader,
+    fetch_manifest_text,
     manifest_url,
     publish_manifest,
     shard_url,
 )
+from lightning_patterns.data.shards.schema import Schema
 from lightning_patterns.exceptions import ManifestError, SchemaMismatchError
 
 __all__ = ["ShardWriter", "write_dataset"]
@@ -85,6 +89,8 @@ class ShardWriter:
                 f"Cannot write to {url!r}: HTTP(S) is read-only. Write the dataset to a local path or an object "
                 f"store (s3://, gs://, ...) and serve it over HTTP from there."
             )
+        # Reads (the manifest, on append and overwrite) go through the remote-read layer, with retries.
+        self._reader = dataset_reader(url, self.storage_options)
         self._previous = self._existing_manifest()
         append_to = self._previous if mode == "append" else None
         self._sharder = self._make_sharder(append_to, sharding, shard_bytes, num_shards, hash_key)
@@ -103,18 +109,16 @@ class ShardWriter:
         self.manifest: Manifest | None = None
 
     def _existing_manifest(self) -> Manifest | None:
-        path = manifest_url(self._root)
         if self.mode == "create":
-            if not self._fs.exists(path):
+            if not self._reader.exists(MANIFEST_NAME):
                 return None
             raise FileExistsError(
                 f"A dataset already exists at {self.url!r} ({manifest_url(self.url)!r}). Pass mode='append' to add "
                 f"samples to it, mode='overwrite' to replace it, or choose another URL."
             )
         # One request: reading the manifest also tells whether there is one.
-        try:
-            text = self._fs.cat_file(path)
-        except FileNotFoundError:
+        text = fetch_manifest_text(self._reader)
+        if text is None:
             return None
         try:
             return Manifest.from_json(text, manifest_url(self.url))
@@ -236,7 +240,7 @@ class ShardWriter:
                 sharding=self._sharder.to_json(),
                 generation=self.generation,
             )
-            if self.mode == "create" and self._fs.exists(manifest_url(self._root)):
+            if self.mode == "create" and self._reader.exists(MANIFEST_NAME):
                 raise FileExistsError(
                     f"Another writer created a dataset at {self.url!r} while this one was writing. "
                     f"Pass mode='append' or mode='overwrite', or choose another URL."

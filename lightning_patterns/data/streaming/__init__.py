@@ -1,7 +1,7 @@
 """Streaming from remote filesystems: resilient fsspec reads and sources that decode data as it arrives.
 
-- :mod:`.fetch`: :class:`RemoteReader` reads objects with retries, exponential backoff with jitter, resume from
-  the byte offset reached, checksum verification and :class:`FetchStats` metrics.
+- :class:`RemoteReader`, :class:`RetryPolicy`, :class:`FetchStats`, :func:`open_url`: re-exported from
+  :mod:`lightning_patterns.data.remote`, the one remote-read layer.
 - :mod:`.idx`: :class:`IDXDataset` streams MNIST-style IDX files (raw or gzip) from any fsspec URL.
 - :mod:`.dataset`: :class:`StreamingDataset` streams sharded datasets, rank- and worker-aware, with read-ahead.
 - :mod:`.loader`: :class:`StreamingDataLoader` advances epochs and resumes mid-epoch, also on another topology.
@@ -9,8 +9,7 @@
 
 from __future__ import annotations
 
-from lightning_patterns.data.streaming.dataset import StreamingDataset
-from lightning_patterns.data.streaming.fetch import (
+from lightning_patterns.data.remote import (
     FetchStats,
     FetchStatsSnapshot,
     RemoteReader,
@@ -18,6 +17,7 @@ from lightning_patterns.data.streaming.fetch import (
     is_transient_error,
     open_url,
 )
+from lightning_patterns.data.streaming.dataset import StreamingDataset
 from lightning_patterns.data.streaming.idx import IDXDataset, IDXHeader, read_idx_header
 from lightning_patterns.data.streaming.loader import StreamingDataLoader
 from lightning_patterns.data.streaming.resume import ResumePoint

@@ -22,17 +22,11 @@ from torch.utils.data import IterableDataset
 
 from lightning_patterns.data.batching import ClassBalancer, check_class_counts
 from lightning_patterns.data.caching import EpochCache, make_cache
+from lightning_patterns.data.remote import FetchStatsSnapshot, RemoteReader, RetryPolicy
 from lightning_patterns.data.sharding.assignment import Span, WorkerPlan, samples_per_rank
-from lightning_patterns.data.shards.format import ShardReader, read_column
-from lightning_patterns.data.shards.manifest import (
-    MANIFEST_NAME,
-    Manifest,
-    manifest_url,
-    missing_manifest_error,
-    shard_url,
-)
+from lightning_patterns.data.shards.manifest import Manifest, fetch_shard, read_manifest, shard_url
+from lightning_patterns.data.shards.reader import ShardReader, read_column
 from lightning_patterns.data.streaming.batches import BatchPositions, PlanIndices, ShardUse, only_shard, shard_use_of
-from lightning_patterns.data.streaming.fetch import FetchStatsSnapshot, RemoteReader, RetryPolicy
 from lightning_patterns.data.streaming.metrics import StreamCounters
 from lightning_patterns.data.streaming.pipeline import ReadAhead
 from lightning_patterns.data.streaming.resume import (
@@ -45,7 +39,6 @@ from lightning_patterns.data.streaming.resume import (
     spans_to_state,
 )
 from lightning_patterns.data.streaming.topology import Topology, current_worker, resolve_rank
-from lightning_patterns.exceptions import ShardNotFoundError
 
 __all__ = ["StreamingDataset"]
 
@@ -165,11 +158,7 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
 
     def _read_manifest(self) -> Manifest:
         # Through the reader, so a transient fault on the manifest is retried like one on a shard.
-        try:
-            text = self._reader.fetch(MANIFEST_NAME)
-        except ShardNotFoundError:
-            raise missing_manifest_error(self.url) from None
-        return Manifest.from_json(text, manifest_url(self.url))
+        return read_manifest(self._reader)
 
     def _make_balancer(
         self, min_per_class: int | None, num_classes: int | None, lookahead: int
@@ -200,7 +189,12 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         """Samples per class over the whole dataset, from the label column alone (two range reads per shard)."""
         total = np.zeros(0, dtype=np.int64)
         for shard in self.manifest.shards:
-            labels = read_column(functools.partial(self._reader.read_range, shard.path), self.label_field)
+            labels = read_column(
+                functools.partial(self._reader.read_range, shard.path),
+                self.label_field,
+                size=shard.num_bytes,
+                schema=self.manifest.schema,
+            )
             if labels.size and int(labels.min()) < 0:
                 raise ValueError(
                     f"Class labels must be >= 0, but {shard_url(self.url, shard.path)} holds {int(labels.min())} in "
@@ -355,10 +349,7 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         return shard_url(self.url, self.manifest.shards[shard].path)
 
     def _fetch(self, shard: int) -> memoryview:
-        info = self.manifest.shards[shard]
-        return self._reader.fetch_buffer(
-            info.path, size=info.num_bytes, checksum=info.checksum if self.verify_checksums else None
-        )
+        return fetch_shard(self._reader, self.manifest.shards[shard], verify=self.verify_checksums)
 
     def _load(self, shard: int) -> ShardReader:
         if self.cache is None:

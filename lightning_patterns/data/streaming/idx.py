@@ -1,6 +1,6 @@
 """Stream MNIST-style IDX files (raw or gzip) from any fsspec URL, decoding incrementally.
 
-The files are read in blocks through retried range requests (see :class:`~.fetch.RemoteReader`), gzip is
+The files are read in blocks through retried range requests (see :class:`RemoteReader`), gzip is
 decompressed on the fly, and samples are decoded ``chunk_samples`` at a time: no local copy is made and the
 file is never held in memory whole. This is the streaming counterpart of ``tfio.IODataset.from_mnist``.
 
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lightning_patterns.data.streaming.fetch import _GZIP_MAGIC, FetchStats, RemoteReader, RetryPolicy
+from lightning_patterns.data.remote import FetchStats, RemoteReader, RetryPolicy
+from lightning_patterns.data.remote.stream import GZIP_MAGIC
 
 __all__ = ["IDXDataset", "IDXHeader", "read_idx_header"]
 
@@ -95,7 +96,7 @@ def read_idx_header(fileobj: IO[bytes] | io.BufferedIOBase, *, name: str = "IDX 
     head = _read_exact(fileobj, 4, name, "its IDX magic number")
     magic = struct.unpack(">I", head)[0]
     if head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES or head[3] == 0:
-        hint = " It looks gzip-compressed: name it *.gz or open it with gzip." if head[:2] == _GZIP_MAGIC else ""
+        hint = " It looks gzip-compressed: name it *.gz or open it with gzip." if head[:2] == GZIP_MAGIC else ""
         raise ValueError(
             f"{name} is not an IDX file: magic number 0x{magic:08x}, expected 0x0000TTNN with a type byte TT in "
             f"{sorted(hex(code) for code in _IDX_DTYPES)} and NN >= 1 dimensions.{hint}"
@@ -134,7 +135,7 @@ class IDXDataset(IterableDataset[dict[str, torch.Tensor]]):
 
     Works with MNIST and Fashion-MNIST as published (``*-idx3-ubyte.gz`` / ``*-idx1-ubyte.gz``) on any fsspec
     URL: HTTP(S), S3, GCS, ``memory://``, local files. Gzip is detected from the ``.gz`` suffix or the gzip
-    magic bytes. Reads are retried and resume from the offset reached, as in :class:`~.fetch.RemoteReader`.
+    magic bytes. Reads are retried and resume from the offset reached, as in :class:`RemoteReader`.
 
     Under a DataLoader with several workers, worker ``w`` of ``n`` yields the chunks ``w, w + n, ...`` so no
     sample is yielded twice. Iterating the dataset also feeds a shard writer, which accepts any iterable of
@@ -147,7 +148,7 @@ class IDXDataset(IterableDataset[dict[str, torch.Tensor]]):
         chunk_samples: Samples decoded per step; bounds the memory held besides one read block.
         retry: Retry policy for the remote reads; ``RetryPolicy()`` when ``None``.
         block_size: Bytes per range request.
-        stats: Counters of remote bytes, requests and retries; a new :class:`~.fetch.FetchStats` when ``None``.
+        stats: Counters of remote bytes, requests and retries; a new :class:`FetchStats` when ``None``.
 
     Example:
         >>> import fsspec

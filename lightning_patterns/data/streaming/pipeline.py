@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
 
-from lightning_patterns.data.shards.format import ShardReader
+from lightning_patterns.data.shards.reader import ShardReader
 
 __all__ = ["ReadAhead"]
 

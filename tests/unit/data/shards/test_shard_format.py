@@ -20,6 +20,7 @@ from lightning_patterns.data.shards import (
     ShardReader,
     encode_shard,
 )
+from lightning_patterns.data.shards.reader import read_column
 from lightning_patterns.exceptions import SchemaMismatchError
 
 NUMERIC_DTYPES = [
@@ -258,3 +259,77 @@ def test_reader_checks_an_expected_schema_and_index_bounds() -> None:
 def test_field_spec_invalid_arguments(args: tuple[Any, ...], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         FieldSpec(*args)
+
+
+# ---------------------------------------------------------------- read_column: the reader's header checks, via ranges
+
+
+def _ranges(data: bytes) -> tuple[Any, list[tuple[int, int]]]:
+    asked: list[tuple[int, int]] = []
+
+    def read_range(start: int, end: int) -> bytes:
+        asked.append((start, end))
+        return data[start:end]
+
+    return read_range, asked
+
+
+def test_read_column_reads_the_header_then_one_column() -> None:
+    samples = [{"image": np.full((28, 28), i, np.uint8), "label": np.int64(i % 3), "name": f"s{i}"} for i in range(9)]
+    schema = Schema.infer(samples[0])
+    data = encode_shard(samples, schema)
+    read_range, asked = _ranges(data)
+    labels = read_column(read_range, "label", size=len(data), schema=schema)
+    np.testing.assert_array_equal(labels, ShardReader(data).read_range(0, 9)["label"].numpy())
+    label = ShardReader(data).header.columns["label"]
+    # The prefix, the header, then the label column only: not the images.
+    assert asked == [(0, 16), (16, asked[1][1]), (label.offset, label.offset + label.nbytes)]
+    assert sum(end - start for start, end in asked) < len(data) // 4
+    with pytest.raises(KeyError, match=r"no field 'missing'; its fields are \['image', 'label', 'name'\]"):
+        read_column(read_range, "missing", size=len(data))
+    with pytest.raises(ValueError, match="variable length"):
+        read_column(read_range, "name", size=len(data))
+
+
+def _with_header(data: bytes, edit: Any) -> bytes:
+    """``data`` with its JSON header edited in place (padded back to the same length)."""
+    import json
+
+    (header_len,) = struct.unpack_from("<Q", data, 8)
+    header = json.loads(data[16 : 16 + header_len])
+    edit(header)
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(header_len, b" ")
+    assert len(text) == header_len
+    return data[:16] + text + data[16 + header_len :]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "match"),
+    [
+        (lambda d: b"NOTSHARD" + d[8:], ShardFormatError, "magic"),
+        (lambda d: d[:16] + b"[" + d[17:], ShardFormatError, "header is corrupt"),
+        (lambda d: d[:8] + struct.pack("<Q", 10**9) + d[16:], ShardFormatError, "header claims"),
+        (
+            lambda d: _with_header(d, lambda h: h["fields"]["a"].update(nbytes=8)),
+            ShardFormatError,
+            "expected 5 samples",
+        ),
+        (lambda d: _with_header(d, lambda h: h["fields"]["a"].update(offset=10**6)), ShardFormatError, "spans bytes"),
+        (lambda d: _with_header(d, lambda h: h["fields"]["a"].update(dtype="float32")), SchemaMismatchError, "'a'"),
+    ],
+)
+def test_read_column_and_shard_reader_make_the_same_header_checks(mutate: Any, error: type, match: str) -> None:
+    schema = Schema.infer({"a": np.zeros(3, np.int64)})
+    bad = mutate(encode_shard([{"a": np.full(3, i, np.int64)} for i in range(5)], schema))
+    with pytest.raises(error, match=match):
+        ShardReader(bad, schema)
+    with pytest.raises(error, match=match):
+        read_column(_ranges(bad)[0], "a", size=len(bad), schema=schema)
+
+
+def test_read_column_checks_the_column_against_the_file_size() -> None:
+    data = encode_shard([{"a": np.zeros(40, np.float64)}], Schema.infer({"a": np.zeros(40, np.float64)}))
+    with pytest.raises(ShardFormatError, match="truncated or corrupt: field 'a' spans bytes"):
+        read_column(_ranges(data)[0], "a", size=len(data) - 64)
+    with pytest.raises(ShardFormatError, match="even the fixed prefix needs 16"):
+        read_column(_ranges(data)[0], "a", size=10)

@@ -25,6 +25,7 @@ from lightning_patterns.data.shards import (
     write_dataset,
 )
 from lightning_patterns.exceptions import ChecksumMismatchError, ManifestError, ShardNotFoundError, UnsafePathError
+from lightning_patterns.testing.http_server import serve_directory
 
 
 def _edit_manifest(url: str, edit: Any) -> None:
@@ -144,7 +145,9 @@ def test_corrupt_shard_raises_checksum_mismatch(memory_url: str) -> None:
     data = bytearray(fs.cat_file(path))
     data[-1] ^= 0xFF
     fs.pipe_file(path, bytes(data))
-    with pytest.raises(ChecksumMismatchError, match=r"Shard 'memory://.*\.lps' is corrupt: its checksum is sha256:"):
+    # The one checksum message of the remote-read layer: the URL, both checksums, what to do.
+    checksum = r"Checksum mismatch for memory://.*\.lps: expected sha256:[0-9a-f]{64} got sha256:[0-9a-f]{64}"
+    with pytest.raises(ChecksumMismatchError, match=checksum + r" .* on 2 fetches in a row\. .* write the shard again"):
         verify_dataset(memory_url)
     read_shard(memory_url, manifest.shards[0], verify=False)  # opt-out reads whatever is there
 
@@ -165,3 +168,54 @@ def test_publish_manifest_replaces_atomically(tmp_path: Path) -> None:
     publish_manifest(manifest, url)
     assert load_manifest(url) == manifest
     assert sorted(p.name for p in (tmp_path / "ds").iterdir() if not p.name.endswith(".lps")) == [MANIFEST_NAME]
+
+
+# ---------------------------------------------------------------- what a wrong dataset URL says
+
+
+@pytest.mark.parametrize("text", ['{"name": "my-project", "files": []}', "[1, 2]", '{"version": 1}'])
+def test_other_json_is_not_a_lightning_patterns_manifest(tmp_path: Path, text: str) -> None:
+    (tmp_path / MANIFEST_NAME).write_text(text)
+    with pytest.raises(ManifestError) as info:
+        load_manifest(str(tmp_path))
+    message = str(info.value)
+    assert message.startswith(f"'{tmp_path}/{MANIFEST_NAME}' is not a lightning_patterns manifest")
+    assert "expected a JSON object with 'version', 'schema' and 'shards'" in message
+    assert "Upgrade" not in message
+
+
+def test_a_dataset_url_that_is_a_file_says_so(tmp_path: Path, memory_url: str) -> None:
+    manifest = write_dataset([{"x": 1}], str(tmp_path / "ds"), progress=False)
+    shard = f"{tmp_path}/ds/{manifest.shards[0].path}"
+    with pytest.raises(ManifestError) as info:
+        load_manifest(shard)
+    message = str(info.value)
+    assert message.startswith(f"Dataset URL '{shard}' is a file, not a dataset folder")
+    assert f"(for example '{tmp_path}/ds')" in message
+    assert "Errno" not in message
+    fsspec.filesystem("memory").pipe_file(f"{memory_url}/data.bin", b"x")
+    with pytest.raises(ManifestError, match=f"^Dataset URL '{memory_url}/data.bin' is a file, not a dataset folder"):
+        load_manifest(f"{memory_url}/data.bin")
+
+
+@pytest.mark.remote
+def test_a_nonexistent_dataset_url_names_the_url_and_the_missing_manifest(tmp_path: Path) -> None:
+    with serve_directory(tmp_path) as server:
+        url = f"{server.url}/no-such-dataset"
+        with pytest.raises(ManifestError) as info:
+            load_manifest(url)
+        requests = server.requests_for(f"no-such-dataset/{MANIFEST_NAME}")
+    assert str(info.value).startswith(f"No dataset manifest at '{url}/{MANIFEST_NAME}'.")
+    assert f"write_dataset(samples, '{url}')" in str(info.value)
+    assert [r.status for r in requests] == [404], "a missing manifest must not be retried"
+
+
+@pytest.mark.remote
+def test_load_manifest_retries_a_transient_fault(tmp_path: Path) -> None:
+    manifest = write_dataset([{"x": 1}], str(tmp_path), progress=False)
+    with serve_directory(tmp_path) as server:
+        server.inject(MANIFEST_NAME, "503", "truncate")
+        assert load_manifest(server.url) == manifest
+        assert verify_dataset(server.url) == manifest
+        statuses = [r.status for r in server.requests_for(MANIFEST_NAME)]
+    assert statuses[:2] == [503, 200]

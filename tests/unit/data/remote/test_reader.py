@@ -1,6 +1,7 @@
+"""Unit tests of RemoteReader: faults over HTTP, other backends, pickling and streams."""
+
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import errno
 import gzip
@@ -10,20 +11,15 @@ import logging
 import os
 import pickle
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import aiohttp
 import fsspec
 import pytest
 
-from lightning_patterns.data.streaming.fetch import (
-    FetchStats,
-    FetchStatsSnapshot,
+from lightning_patterns.data.remote import (
     RemoteReader,
     RetryPolicy,
-    is_transient_error,
     open_url,
 )
 from lightning_patterns.exceptions import ChecksumMismatchError, ShardNotFoundError
@@ -56,38 +52,7 @@ def reader(server: FaultInjectingHTTPServer) -> Iterator[RemoteReader]:
         yield r
 
 
-# ---------------------------------------------------------------- RetryPolicy
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"max_attempts": 0}, r"max_attempts=0\) must be an integer >= 1"),
-        ({"max_attempts": 2.5}, r"max_attempts=2.5\)"),
-        ({"max_attempts": True}, r"max_attempts=True\)"),
-        ({"initial_backoff": -1.0}, r"initial_backoff=-1.0\) must be >= 0"),
-        ({"initial_backoff": float("nan")}, r"initial_backoff=nan\)"),
-        ({"initial_backoff": 3.0, "max_backoff": 2.0}, r"max_backoff=2.0\) must be >= initial_backoff=3.0"),
-        ({"jitter": 1.5}, r"jitter=1.5\) must be in \[0, 1\]"),
-        ({"jitter": -0.1}, r"jitter=-0.1\)"),
-        ({"timeout": 0.0}, r"timeout=0.0\) must be > 0 seconds, or None"),
-    ],
-)
-def test_retry_policy_rejects_invalid_arguments(kwargs: dict[str, float], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        RetryPolicy(**kwargs)  # type: ignore[arg-type]
-
-
-def test_retry_policy_backoff_grows_exponentially_with_bounded_jitter() -> None:
-    policy = RetryPolicy(initial_backoff=0.1, max_backoff=1.0, jitter=0.5)
-    exact = RetryPolicy(initial_backoff=0.1, max_backoff=1.0, jitter=0.0)
-    assert [exact.backoff(k) for k in (1, 2, 3, 4, 5, 6)] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
-    import random
-
-    rng = random.Random(0)
-    for k in range(1, 8):
-        base = exact.backoff(k)
-        assert base * 0.5 <= policy.backoff(k, rng) <= base
+# ---------------------------------------------------------------- RemoteReader arguments
 
 
 @pytest.mark.parametrize(
@@ -301,56 +266,7 @@ def test_open_url_decompresses_gzip_and_closes_its_reader(tmp_path: Path, payloa
             assert f.read(2) == b"\x1f\x8b"
 
 
-# ---------------------------------------------------------------- error classification and stats
-
-
-@pytest.mark.parametrize(
-    ("exc", "transient"),
-    [
-        (ConnectionResetError(), True),
-        (TimeoutError(), True),
-        (asyncio.TimeoutError(), True),
-        (OSError(errno.EIO, "io"), True),
-        (EOFError("short body"), True),
-        (aiohttp.ClientPayloadError("truncated"), True),
-        (aiohttp.ServerDisconnectedError(), True),
-        (aiohttp.ClientResponseError(None, (), status=503), True),  # type: ignore[arg-type]
-        (aiohttp.ClientResponseError(None, (), status=429), True),  # type: ignore[arg-type]
-        (aiohttp.ClientResponseError(None, (), status=403), False),  # type: ignore[arg-type]
-        (aiohttp.ClientResponseError(None, (), status=404), False),  # type: ignore[arg-type]
-        (FileNotFoundError(), False),
-        (ShardNotFoundError(), False),
-        (PermissionError(), False),
-        (ChecksumMismatchError(), False),
-        (ValueError(), False),
-    ],
-)
-def test_is_transient_error(exc: BaseException, transient: bool) -> None:
-    assert is_transient_error(exc) is transient
-
-
-def test_fetch_stats_are_thread_safe_and_picklable() -> None:
-    stats = FetchStats()
-
-    def work() -> None:
-        for _ in range(1000):
-            stats.record(bytes_read=2, requests=1, retries=1, seconds=0.5)
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert stats.as_dict() == {"bytes_read": 8000, "requests": 4000, "retries": 4000, "seconds": 2000.0}
-    before = stats.snapshot()
-    stats.record(bytes_read=5)
-    assert (stats.snapshot() - before) == FetchStatsSnapshot(bytes_read=5)
-    clone = pickle.loads(pickle.dumps(stats))
-    assert clone.snapshot() == stats.snapshot()
-    clone.reset()
-    assert clone.bytes_read == 0
-    assert stats.bytes_read == 8005
-    assert "bytes_read=8005" in repr(stats)
+# ---------------------------------------------------------------- streams
 
 
 def test_open_stream_reads_into_buffers() -> None:
@@ -372,7 +288,7 @@ def test_open_stream_reads_into_buffers() -> None:
 @pytest.mark.parametrize("block", [7, 4096])
 def test_a_stream_of_unknown_size_ends_without_retries(block: int) -> None:
     """When the backend cannot tell an object's size, the short read at its end is the end, not a fault to retry."""
-    from lightning_patterns.data.streaming.fetch import _RangeStream
+    from lightning_patterns.data.remote.stream import _RangeStream
 
     data = bytes(range(256)) * 4 + b"tail"
     fsspec.filesystem("memory").pipe("/unknown_size/object.bin", data)

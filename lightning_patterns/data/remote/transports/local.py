@@ -1,0 +1,41 @@
+"""Local files: a plain ``open``/``seek``/``read``, without fsspec's buffering in between."""
+
+from __future__ import annotations
+
+import os
+
+from lightning_patterns.data.remote.transports.base import Transport
+
+__all__ = ["LocalTransport"]
+
+
+class LocalTransport(Transport):
+    """Reads ``[start, end)`` of a local file in one call (to the end of the file when ``end`` is ``None``).
+
+    A file shorter than asked is reported as ended; the reader treats that as a truncation (a file still
+    being written, say) and retries, resuming at the byte reached.
+    """
+
+    name = "local"
+    protocols = ("file", "local")
+    reads_to_end = True
+
+    def read_into(self, path: str, start: int, end: int | None, buf: bytearray) -> bool:
+        """Append ``path[start:end]`` to ``buf``; ``True`` if the file ended before ``end``."""
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read() if end is None else f.read(end - start)
+        buf += data
+        return end is None or start + len(data) < end
+
+    def size(self, path: str) -> int:
+        """The file's size."""
+        return os.stat(path).st_size
+
+    def exists(self, path: str) -> bool:
+        """Whether anything exists at ``path``."""
+        return os.path.exists(path)
+
+    def is_file(self, path: str) -> bool:
+        """Whether ``path`` is a regular file."""
+        return os.path.isfile(path)
