@@ -22,7 +22,8 @@ from torch.utils.data import IterableDataset
 
 from lightning_patterns.data.batching import ClassBalancer, check_class_counts
 from lightning_patterns.data.caching import EpochCache, make_cache
-from lightning_patterns.data.sharding.assignment import Span, WorkerPlan, samples_per_rank
+from lightning_patterns.data.sharding.assignment import PlanConfig, Span, WorkerPlan, plan, samples_per_rank
+from lightning_patterns.data.sharding.topology import Topology
 from lightning_patterns.data.shards.format import ShardReader, read_column
 from lightning_patterns.data.shards.manifest import (
     MANIFEST_NAME,
@@ -36,15 +37,13 @@ from lightning_patterns.data.streaming.fetch import FetchStatsSnapshot, RemoteRe
 from lightning_patterns.data.streaming.metrics import StreamCounters
 from lightning_patterns.data.streaming.pipeline import ReadAhead
 from lightning_patterns.data.streaming.resume import (
-    PlanConfig,
     ResumePoint,
     delivered,
-    plan_for,
     remaining_stream,
     spans_from_state,
     spans_to_state,
 )
-from lightning_patterns.data.streaming.topology import Topology, current_worker, resolve_rank
+from lightning_patterns.data.streaming.topology import current_worker, resolve_rank
 from lightning_patterns.exceptions import ShardNotFoundError
 
 __all__ = ["StreamingDataset"]
@@ -377,14 +376,14 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
             skip, stream = 0, None
         self._iterated = True
         topology = self.topology()
-        plan = plan_for(self.plan_config, topology, self.epoch, stream)
+        worker_plan = plan(self.plan_config, topology, self.epoch, stream)
         if self._resume_skip is not None:
             point, self._resume_skip = self._resume_skip, None
             # The point was taken on this topology (resume() checked it): skip what this worker had delivered.
             skip = delivered(point, topology.rank)[topology.worker_id][1]
         self._current_stream = stream
         self._units_yielded = skip
-        return self._generate(plan, skip, topology.worker_id + 1 if topology.num_workers else 0)
+        return self._generate(worker_plan, skip, topology.worker_id + 1 if topology.num_workers else 0)
 
     def _generate(self, plan: WorkerPlan, skip_units: int, slot: int) -> Iterator[dict[str, Any]]:
         if plan.num_samples == 0:
