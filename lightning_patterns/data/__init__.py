@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 from lightning_patterns.data.batching import ClassBalancer
-from lightning_patterns.data.caching import CacheConfig
 from lightning_patterns.data.datamodule import ShardedStreamingDataModule
 from lightning_patterns.data.idx_datamodule import IDXDataModule
 from lightning_patterns.data.in_memory import InMemoryDataModule
 from lightning_patterns.data.shards import Manifest, Schema, ShardReader, load_manifest, write_dataset
-from lightning_patterns.data.streaming import (
-    ClassBalance,
-    IDXDataset,
-    ReadAhead,
-    RetryPolicy,
-    StreamingDataLoader,
-    StreamingDataset,
-)
+from lightning_patterns.data.streaming import IDXDataset, RetryPolicy, StreamingDataLoader, StreamingDataset
 
 __all__ = [
-    "CacheConfig",
-    "ClassBalance",
     "ClassBalancer",
     "IDXDataModule",
     "IDXDataset",
     "InMemoryDataModule",
     "Manifest",
-    "ReadAhead",
     "RetryPolicy",
     "Schema",
     "ShardReader",
