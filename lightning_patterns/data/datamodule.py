@@ -17,8 +17,8 @@ import pytorch_lightning as pl
 from lightning_patterns._warnings import silence_known_noise
 from lightning_patterns.data.caching import CacheConfig
 from lightning_patterns.data.embedded import EmbeddedFashionMNIST, prepare_embedded_dataset
+from lightning_patterns.data.streaming import RetryPolicy
 from lightning_patterns.data.streaming.dataset import StreamingDataset
-from lightning_patterns.data.streaming.fetch import RetryPolicy
 from lightning_patterns.data.streaming.loader import StreamingDataLoader
 from lightning_patterns.data.streaming.options import ClassBalance, ReadAhead
 from lightning_patterns.data.streaming.topology import resolve_rank

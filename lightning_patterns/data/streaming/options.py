@@ -13,7 +13,7 @@ Each group is one constructor argument of the dataset and of
       min_per_class: 2
       label_field: label
 
-The other groups are :class:`~lightning_patterns.data.streaming.fetch.RetryPolicy` (transient remote faults) and
+The other groups are :class:`~lightning_patterns.data.streaming.RetryPolicy` (transient remote faults) and
 :class:`~lightning_patterns.data.caching.CacheConfig` (the epoch cache).
 """
 

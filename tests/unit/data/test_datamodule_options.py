@@ -18,8 +18,8 @@ import yaml
 from lightning_patterns.data.caching import CacheConfig, MemoryEpochCache
 from lightning_patterns.data.datamodule import ShardedStreamingDataModule
 from lightning_patterns.data.shards import write_dataset
+from lightning_patterns.data.streaming import RetryPolicy
 from lightning_patterns.data.streaming.dataset import StreamingDataset
-from lightning_patterns.data.streaming.fetch import RetryPolicy
 from lightning_patterns.data.streaming.options import ClassBalance, ReadAhead
 from lightning_patterns.recipes import find_recipe
 
