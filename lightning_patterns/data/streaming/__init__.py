@@ -3,15 +3,12 @@
 - :mod:`.fetch`: :class:`RemoteReader` reads objects with retries, exponential backoff with jitter, resume from
   the byte offset reached, checksum verification and :class:`FetchStats` metrics.
 - :mod:`.idx`: :class:`IDXDataset` streams MNIST-style IDX files (raw or gzip) from any fsspec URL.
-- :mod:`.dataset`: :class:`StreamingDataset` streams sharded datasets, rank- and worker-aware, with read-ahead;
-  :mod:`.options` holds its option groups (:class:`ReadAhead`, :class:`ClassBalance`) and :mod:`.cursor` its
-  position (:class:`StreamCursor`).
+- :mod:`.dataset`: :class:`StreamingDataset` streams sharded datasets, rank- and worker-aware, with read-ahead.
 - :mod:`.loader`: :class:`StreamingDataLoader` advances epochs and resumes mid-epoch, also on another topology.
 """
 
 from __future__ import annotations
 
-from lightning_patterns.data.streaming.cursor import StreamCursor
 from lightning_patterns.data.streaming.dataset import StreamingDataset
 from lightning_patterns.data.streaming.fetch import (
     FetchStats,
@@ -23,20 +20,16 @@ from lightning_patterns.data.streaming.fetch import (
 )
 from lightning_patterns.data.streaming.idx import IDXDataset, IDXHeader, read_idx_header
 from lightning_patterns.data.streaming.loader import StreamingDataLoader
-from lightning_patterns.data.streaming.options import ClassBalance, ReadAhead
 from lightning_patterns.data.streaming.resume import ResumePoint
 
 __all__ = [
-    "ClassBalance",
     "FetchStats",
     "FetchStatsSnapshot",
     "IDXDataset",
     "IDXHeader",
-    "ReadAhead",
     "RemoteReader",
     "ResumePoint",
     "RetryPolicy",
-    "StreamCursor",
     "StreamingDataLoader",
     "StreamingDataset",
     "is_transient_error",
