@@ -9,11 +9,14 @@ from __future__ import annotations
 from lightning_patterns._lazy import lazy_exports
 
 __all__ = [
+    "CacheConfig",
+    "ClassBalance",
     "ClassBalancer",
     "IDXDataModule",
     "IDXDataset",
     "InMemoryDataModule",
     "Manifest",
+    "ReadAhead",
     "RetryPolicy",
     "Schema",
     "ShardReader",
@@ -26,12 +29,15 @@ __all__ = [
 
 __getattr__ = lazy_exports(
     {
+        "CacheConfig": "lightning_patterns.data.caching:CacheConfig",
+        "ClassBalance": "lightning_patterns.data.streaming.options:ClassBalance",
         "ClassBalancer": "lightning_patterns.data.batching:ClassBalancer",
         "IDXDataModule": "lightning:IDXDataModule",
         "IDXDataset": "lightning_patterns.data.streaming:IDXDataset",
         "InMemoryDataModule": "lightning:InMemoryDataModule",
         "Manifest": "lightning_patterns.data.shards:Manifest",
-        "RetryPolicy": "lightning_patterns.data.streaming:RetryPolicy",
+        "ReadAhead": "lightning_patterns.data.streaming.options:ReadAhead",
+        "RetryPolicy": "lightning_patterns.data.remote:RetryPolicy",
         "Schema": "lightning_patterns.data.shards:Schema",
         "ShardReader": "lightning_patterns.data.shards:ShardReader",
         "ShardedStreamingDataModule": "lightning:ShardedStreamingDataModule",

@@ -14,9 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_patterns import _lightning
 from lightning_patterns._warnings import silence_known_noise
+from lightning_patterns.data.caching import CacheConfig
 from lightning_patterns.data.embedded import EmbeddedFashionMNIST, prepare_embedded_dataset
+from lightning_patterns.data.remote import RetryPolicy
 from lightning_patterns.data.streaming.dataset import StreamingDataset
 from lightning_patterns.data.streaming.loader import StreamingDataLoader
+from lightning_patterns.data.streaming.options import ClassBalance, ReadAhead
 from lightning_patterns.data.streaming.topology import resolve_rank
 from lightning_patterns.demo.server import LocalHTTPServer
 
@@ -52,16 +55,20 @@ class _ShardedStreamingDataModule(_LightningDataModule):
         seed: shuffle seed, the same on every rank.
         drop_last: drop up to ``world_size - 1`` training samples per epoch instead of repeating as many.
         shuffle_window: samples per window of the within-worker shuffle.
-        read_ahead: shards fetched ahead of the one in use.
-        read_threads: background threads fetching shards, per worker.
-        cache: ``"memory"``, ``"disk"`` or ``None``: keep shards so epochs after the first skip the remote.
-        cache_dir: folder of the disk cache; the ranks and workers of a machine may share it.
-        cache_limit: bytes the cache may hold.
+        span_samples: split shards into spans of at most this many samples before shuffling span order.
+        read_ahead: shards (and bytes) fetched ahead of the one in use, fetch threads per worker, and seconds one
+            shard may take (default: ``ReadAhead()``; in a recipe, a nested block ``read_ahead: {shards: 4}``).
+        retry: retry policy for transient remote faults (default: ``RetryPolicy()``; nested in a recipe too).
+        cache: ``"memory"``, ``"disk"``, a :class:`~lightning_patterns.data.caching.CacheConfig` or ``None``: keep
+            shards so epochs after the first skip the remote.
+        cache_dir: folder of the disk cache, with ``cache="disk"``; the ranks and workers of a machine may share it.
+        cache_limit: bytes the cache may hold, with a cache name.
         storage_options: passed unchanged to fsspec (credentials, ``client_kwargs={"endpoint_url": ...}``).
         verify_checksums: check every shard against its manifest checksum.
-        min_per_class: make every training batch hold at least this many samples of each class.
-        label_field: the field holding integer class labels (for ``min_per_class``).
-        num_classes: number of classes (default: read from the labels).
+        min_per_class: make every training batch hold at least this many samples of each class: short for
+            ``class_balance=ClassBalance(min_per_class)``.
+        class_balance: class-balanced training batches with all their settings (label field, number of classes,
+            look-ahead); give it or ``min_per_class``, not both.
         embedded: instead of URLs, generate this dataset, serve it over HTTP from a process started on
             127.0.0.1 by global rank zero, and stream it from there (the main job's embedded default).
     """
@@ -79,16 +86,16 @@ class _ShardedStreamingDataModule(_LightningDataModule):
         seed: int = 0,
         drop_last: bool = False,
         shuffle_window: int = 1024,
-        read_ahead: int = 2,
-        read_threads: int = 4,
-        cache: str | None = None,
+        span_samples: int | None = None,
+        read_ahead: ReadAhead | None = None,
+        retry: RetryPolicy | None = None,
+        cache: str | CacheConfig | None = None,
         cache_dir: str | None = None,
         cache_limit: int | None = None,
         storage_options: dict[str, Any] | None = None,
         verify_checksums: bool = True,
         min_per_class: int | None = None,
-        label_field: str = "label",
-        num_classes: int | None = None,
+        class_balance: ClassBalance | None = None,
         embedded: EmbeddedFashionMNIST | None = None,
     ) -> None:
         super().__init__()
@@ -110,8 +117,9 @@ class _ShardedStreamingDataModule(_LightningDataModule):
         self.seed = seed
         self.drop_last = drop_last
         self.shuffle_window = shuffle_window
+        self.span_samples = span_samples
         self.read_ahead = read_ahead
-        self.read_threads = read_threads
+        self.retry = retry
         self.cache = cache
         self.cache_dir = cache_dir
         self.cache_limit = cache_limit
@@ -119,8 +127,7 @@ class _ShardedStreamingDataModule(_LightningDataModule):
         self.verify_checksums = verify_checksums
         self.embedded = embedded
         self.min_per_class = min_per_class
-        self.label_field = label_field
-        self.num_classes = num_classes
+        self.class_balance = class_balance
         self._server: LocalHTTPServer | None = None
         self.datasets: dict[str, StreamingDataset] = {}
         self.loaders: dict[str, StreamingDataLoader] = {}
@@ -145,13 +152,6 @@ class _ShardedStreamingDataModule(_LightningDataModule):
             )
         rank, world_size = self.rank_and_world_size()
         training = split == "train"
-        balancing: dict[str, Any] = {}
-        if training and self.min_per_class is not None:
-            balancing = {
-                "min_per_class": self.min_per_class,
-                "label_field": self.label_field,
-                "num_classes": self.num_classes,
-            }
         return StreamingDataset(
             url,
             batch_size=self.batch_size if training else self.eval_batch_size,
@@ -159,16 +159,19 @@ class _ShardedStreamingDataModule(_LightningDataModule):
             seed=self.seed,
             drop_last=self.drop_last and training,
             shuffle_window=self.shuffle_window,
-            read_ahead=self.read_ahead,
-            read_threads=self.read_threads,
+            span_samples=self.span_samples,
             storage_options=self.storage_options,
             verify_checksums=self.verify_checksums,
+            rank=rank,
+            world_size=world_size,
+            read_ahead=self.read_ahead,
+            retry=self.retry,
             cache=self.cache,
             cache_dir=self.cache_dir,
             cache_limit=self.cache_limit,
-            rank=rank,
-            world_size=world_size,
-            **balancing,
+            # Class balance shapes training batches only.
+            min_per_class=self.min_per_class if training else None,
+            class_balance=self.class_balance if training else None,
         )
 
     def prepare_data(self) -> None:

@@ -22,6 +22,7 @@ from lightning_patterns.data.remote import RetryPolicy
 from lightning_patterns.data.shards import Manifest, write_dataset
 from lightning_patterns.data.streaming.dataset import StreamingDataset
 from lightning_patterns.data.streaming.loader import StreamingDataLoader
+from lightning_patterns.data.streaming.options import ReadAhead
 from lightning_patterns.data.synthetic import fashion_like_arrays
 from lightning_patterns.exceptions import ChecksumMismatchError, ShardNotFoundError
 from lightning_patterns.testing.http_server import FaultInjectingHTTPServer, serve_directory
@@ -170,7 +171,9 @@ def test_corrupt_shard_is_fetched_twice_then_named_with_both_checksums(small: tu
     assert shard.checksum.startswith("sha256:")
     assert actual != shard.checksum
     with serve_directory(root) as server:
-        dataset = StreamingDataset(server.url, batch_size=50, read_ahead=0, read_threads=1, retry=FAST_RETRY)
+        dataset = StreamingDataset(
+            server.url, batch_size=50, read_ahead=ReadAhead(shards=0, threads=1), retry=FAST_RETRY
+        )
         with pytest.raises(ChecksumMismatchError) as info:
             list(dataset)
         fetches = [r for r in server.requests_for(shard.path) if r.method == "GET"]

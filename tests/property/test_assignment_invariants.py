@@ -18,13 +18,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lightning_patterns.data.sharding.assignment import (
+    PlanConfig,
     WorkerPlan,
     epoch_spans,
+    plan,
     plan_epoch,
-    plan_spans,
-    plan_worker,
     samples_per_rank,
 )
+from lightning_patterns.data.sharding.topology import Topology
 
 MAX_TOTAL = 5_000
 
@@ -55,7 +56,7 @@ def shard_sizes(draw: st.DrawFn, max_total: int = MAX_TOTAL) -> list[int]:
 
 @st.composite
 def configs(draw: st.DrawFn) -> dict[str, Any]:
-    """Keyword arguments of `plan_epoch` other than the shard sizes."""
+    """A job: `PlanConfig` fields other than the shard sizes, the world size, DataLoader workers and the epoch."""
     return {
         "world_size": draw(st.integers(1, 64)),
         "num_workers": draw(st.integers(0, 8)),
@@ -69,18 +70,33 @@ def configs(draw: st.DrawFn) -> dict[str, Any]:
     }
 
 
+_JOB = ("world_size", "num_workers", "epoch")
+
+
+def _config(sizes: Sequence[int], cfg: dict[str, Any], **overrides: Any) -> PlanConfig:
+    """The `PlanConfig` of a drawn job."""
+    fields = {name: value for name, value in cfg.items() if name not in _JOB}
+    return PlanConfig(sizes, **{**fields, **overrides})
+
+
+def _plan_epoch(sizes: Sequence[int], cfg: dict[str, Any]) -> list[list[WorkerPlan]]:
+    """Every worker's plan of a drawn job."""
+    return plan_epoch(_config(sizes, cfg), cfg["epoch"], world_size=cfg["world_size"], num_workers=cfg["num_workers"])
+
+
+def _epoch_spans(sizes: Sequence[int], cfg: dict[str, Any]) -> list[tuple[int, int, int]]:
+    return epoch_spans(_config(sizes, cfg), cfg["epoch"])
+
+
 def _stream(sizes: Sequence[int], cfg: dict[str, Any]) -> np.ndarray:
     """The epoch stream as global sample indices (independent re-derivation from `epoch_spans`)."""
     offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])[:-1]
-    spans = epoch_spans(
-        sizes, epoch=cfg["epoch"], seed=cfg["seed"], shuffle=cfg["shuffle"], span_samples=cfg["span_samples"]
-    )
-    parts = [np.arange(offsets[s] + a, offsets[s] + b, dtype=np.int64) for s, a, b in spans]
+    parts = [np.arange(offsets[s] + a, offsets[s] + b, dtype=np.int64) for s, a, b in _epoch_spans(sizes, cfg)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def _flat(plans: list[list[WorkerPlan]]) -> list[WorkerPlan]:
-    return [plan for rank_plans in plans for plan in rank_plans]
+    return [worker_plan for rank_plans in plans for worker_plan in rank_plans]
 
 
 @given(shard_sizes(), configs())
@@ -91,7 +107,7 @@ def test_every_sample_once_up_to_padding(sizes: list[int], cfg: dict[str, Any]) 
     sample at least once and W*ceil(N/W) - N <= W - 1 repeats; drop_last=True yields stream[:W*(N//W)],
     so each sample at most once and N mod W <= W - 1 dropped. The yield order is a permutation of it.
     """
-    plans = plan_epoch(sizes, **cfg)
+    plans = _plan_epoch(sizes, cfg)
     n, w = sum(sizes), cfg["world_size"]
     read = np.concatenate([p.span_indices() for p in _flat(plans)] + [np.zeros(0, np.int64)])
     stream = _stream(sizes, cfg)
@@ -117,7 +133,7 @@ def test_every_rank_gets_the_same_samples_and_batches(sizes: list[int], cfg: dic
     A DataLoader over an IterableDataset batches each worker separately, so a rank's batch count is the
     sum over its workers of ceil(n_w / batch_size); it must equal ceil(P / batch_size) on every rank.
     """
-    plans = plan_epoch(sizes, **cfg)
+    plans = _plan_epoch(sizes, cfg)
     per_rank = samples_per_rank(sum(sizes), cfg["world_size"], cfg["drop_last"])
     b = cfg["batch_size"]
     assert len(plans) == cfg["world_size"]
@@ -131,7 +147,7 @@ def test_every_rank_gets_the_same_samples_and_batches(sizes: list[int], cfg: dic
 def test_workers_differ_by_at_most_one_batch(sizes: list[int], cfg: dict[str, Any]) -> None:
     """Within a rank, worker batch counts differ by <= 1, and only the last non-empty worker is partial."""
     b = cfg["batch_size"]
-    for rank_plans in plan_epoch(sizes, **cfg):
+    for rank_plans in _plan_epoch(sizes, cfg):
         batches = [math.ceil(p.num_samples / b) for p in rank_plans]
         assert max(batches) - min(batches) <= 1
         non_empty = [i for i, p in enumerate(rank_plans) if p.num_samples]
@@ -147,40 +163,39 @@ def test_workers_open_few_shards(sizes: list[int], cfg: dict[str, Any]) -> None:
     span_samples is None), a worker yielding n_w samples has shards_opened <= n_w // m + 2, and 0 when
     n_w == 0, because only the first and last of its spans may be partial.
     """
-    spans = epoch_spans(
-        sizes, epoch=cfg["epoch"], seed=cfg["seed"], shuffle=cfg["shuffle"], span_samples=cfg["span_samples"]
-    )
+    spans = _epoch_spans(sizes, cfg)
     if not spans:
         return
     smallest = min(b - a for _, a, b in spans)
     position = {(s, a, b): i for i, (s, a, b) in enumerate(spans)}
-    for plan in _flat(plan_epoch(sizes, **cfg)):
-        if plan.num_samples == 0:
-            assert plan.shards_opened == 0
+    for worker_plan in _flat(_plan_epoch(sizes, cfg)):
+        if worker_plan.num_samples == 0:
+            assert worker_plan.shards_opened == 0
             continue
-        assert plan.shards_opened <= plan.num_samples // smallest + 2
-        assert len(plan.spans) <= plan.num_samples // smallest + 2
+        assert worker_plan.shards_opened <= worker_plan.num_samples // smallest + 2
+        assert len(worker_plan.spans) <= worker_plan.num_samples // smallest + 2
         # Interior spans are whole spans of the stream (the order is checked in the first test).
-        for interior in plan.spans[1:-1]:
+        for interior in worker_plan.spans[1:-1]:
             assert interior in position
 
 
 @given(shard_sizes(), configs(), st.integers(0, 63), st.integers(0, 8))
 def test_plan_is_pure_and_agrees_everywhere(sizes: list[int], cfg: dict[str, Any], rank: int, worker: int) -> None:
-    """plan_worker in one process equals plan_epoch in another, call after call (no hidden state)."""
+    """plan in one process equals plan_epoch in another, call after call (no hidden state)."""
     rank %= cfg["world_size"]
     worker %= max(cfg["num_workers"], 1)
-    alone = plan_worker(sizes, rank=rank, worker_id=worker, **cfg)
-    again = plan_worker(list(sizes), rank=rank, worker_id=worker, **cfg)
-    assert alone == again == plan_epoch(sizes, **cfg)[rank][worker]
+    topology = Topology(cfg["world_size"], rank, cfg["num_workers"], worker)
+    alone = plan(_config(sizes, cfg), topology, cfg["epoch"])
+    again = plan(_config(list(sizes), cfg), topology, cfg["epoch"])
+    assert alone == again == _plan_epoch(sizes, cfg)[rank][worker]
     assert np.array_equal(alone.indices(), again.indices())
 
 
 @given(shard_sizes(), configs())
 def test_window_shuffle_stays_in_its_window(sizes: list[int], cfg: dict[str, Any]) -> None:
     """The within-worker shuffle permutes only within windows of shuffle_window samples (none if off)."""
-    for plan in _flat(plan_epoch(sizes, **cfg)):
-        read, yielded = plan.span_indices(), plan.indices()
+    for worker_plan in _flat(_plan_epoch(sizes, cfg)):
+        read, yielded = worker_plan.span_indices(), worker_plan.indices()
         window = cfg["shuffle_window"] if cfg["shuffle"] and cfg["shuffle_window"] > 1 else 0
         if not window:
             assert np.array_equal(read, yielded)
@@ -192,30 +207,23 @@ def test_window_shuffle_stays_in_its_window(sizes: list[int], cfg: dict[str, Any
 @given(shard_sizes(), st.integers(0, 2**32), st.integers(0, 2**63))
 def test_unshuffled_single_process_reads_in_manifest_order(sizes: list[int], epoch: int, seed: int) -> None:
     """shuffle=False on one rank with the main process only yields 0 .. N-1 in order."""
-    plan = plan_worker(
-        sizes, world_size=1, rank=0, num_workers=0, worker_id=0, epoch=epoch, seed=seed, shuffle=False, drop_last=False
-    )
-    assert np.array_equal(plan.indices(), np.arange(sum(sizes)))
+    alone = plan(PlanConfig(sizes, seed=seed), Topology(), epoch)
+    assert np.array_equal(alone.indices(), np.arange(sum(sizes)))
 
 
 @given(shard_sizes(), configs(), st.integers(1, 16), st.integers(0, 8))
 def test_replanning_remaining_spans_keeps_the_guarantees(
     sizes: list[int], cfg: dict[str, Any], new_world: int, new_workers: int
 ) -> None:
-    """plan_spans over a remaining suffix of the stream, on a new topology, covers exactly that suffix."""
-    spans = epoch_spans(
-        sizes, epoch=cfg["epoch"], seed=cfg["seed"], shuffle=cfg["shuffle"], span_samples=cfg["span_samples"]
-    )
+    """plan over a remaining suffix of the stream, on a new topology, covers exactly that suffix."""
+    spans = _epoch_spans(sizes, cfg)
     remaining = spans[len(spans) // 2 :]
     if remaining:  # consume part of the first remaining span, too
         s, a, b = remaining[0]
         remaining[0] = (s, a + (b - a) // 3, b)
-    kwargs = {k: cfg[k] for k in ("epoch", "seed", "shuffle", "drop_last", "batch_size", "shuffle_window")}
+    config, workers = _config(sizes, cfg), max(new_workers, 1)
     plans = [
-        [
-            plan_spans(remaining, sizes, world_size=new_world, rank=r, num_workers=new_workers, worker_id=w, **kwargs)
-            for w in range(max(new_workers, 1))
-        ]
+        [plan(config, Topology(new_world, r, new_workers, w), cfg["epoch"], remaining) for w in range(workers)]
         for r in range(new_world)
     ]
     offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])[:-1]
@@ -245,26 +253,18 @@ def test_huge_shards_tile_the_stream(
     Concatenating every worker's spans (rank-major) and merging adjacent ones gives the stream's spans
     for positions [0, W*P), wrapping once at N when padding; counts match samples_per_rank.
     """
-    plans = plan_epoch(
-        sizes,
-        world_size=world_size,
-        num_workers=num_workers,
-        epoch=3,
-        seed=seed,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        batch_size=32,
-    )
+    config = PlanConfig(sizes, batch_size=32, seed=seed, shuffle=shuffle, drop_last=drop_last)
+    plans = plan_epoch(config, 3, world_size=world_size, num_workers=num_workers)
     n = sum(sizes)
     per_rank = samples_per_rank(n, world_size, drop_last)
     got: list[tuple[int, int, int]] = []
-    for plan in _flat(plans):
-        for s, a, b in plan.spans:
+    for worker_plan in _flat(plans):
+        for s, a, b in worker_plan.spans:
             if got and got[-1][0] == s and got[-1][2] == a:
                 got[-1] = (s, got[-1][1], b)
             else:
                 got.append((s, a, b))
-    stream = epoch_spans(sizes, epoch=3, seed=seed, shuffle=shuffle)
+    stream = epoch_spans(config, 3)
     want: list[tuple[int, int, int]] = []
     need = world_size * per_rank
     while need:
@@ -293,12 +293,12 @@ def test_remaining_spans_are_exactly_what_was_not_yielded(
     sizes: list[int], cfg: dict[str, Any], data: st.DataObject
 ) -> None:
     """After `consumed` yielded samples, remaining_spans holds exactly the others, in <= window + spans runs."""
-    for plan in _flat(plan_epoch(sizes, **cfg))[:16]:
-        consumed = data.draw(st.integers(0, plan.num_samples))
-        remaining = plan.remaining_spans(consumed)
-        together = np.concatenate([plan.indices()[:consumed], _global(remaining, sizes)])
-        assert np.array_equal(np.sort(together), np.sort(plan.span_indices()))
-        assert len(remaining) <= max(plan.shuffle_window, 1) + len(plan.spans)
+    for worker_plan in _flat(_plan_epoch(sizes, cfg))[:16]:
+        consumed = data.draw(st.integers(0, worker_plan.num_samples))
+        remaining = worker_plan.remaining_spans(consumed)
+        together = np.concatenate([worker_plan.indices()[:consumed], _global(remaining, sizes)])
+        assert np.array_equal(np.sort(together), np.sort(worker_plan.span_indices()))
+        assert len(remaining) <= max(worker_plan.shuffle_window, 1) + len(worker_plan.spans)
         assert all(a < b for _, a, b in remaining)
 
 
@@ -312,25 +312,19 @@ def test_elastic_resume_yields_every_sample(
     epoch's samples appears; with drop_last=False the finished epoch has every sample.
     """
     cfg = {**cfg, "world_size": min(cfg["world_size"], 16)}
-    plans = _flat(plan_epoch(sizes, **cfg))
+    plans = _flat(_plan_epoch(sizes, cfg))
     consumed = [data.draw(st.integers(0, p.num_samples)) for p in plans]
     before = np.concatenate([p.indices()[:c] for p, c in zip(plans, consumed, strict=True)] + [np.zeros(0, np.int64)])
     remaining = [span for p, c in zip(plans, consumed, strict=True) for span in p.remaining_spans(c)]
-    kwargs = {k: cfg[k] for k in ("epoch", "seed", "shuffle", "batch_size", "shuffle_window")}
-    after = [
-        plan_spans(
-            remaining,
-            sizes,
+    after = _flat(
+        plan_epoch(
+            _config(sizes, cfg, drop_last=False),
+            cfg["epoch"],
             world_size=new_world,
-            rank=r,
             num_workers=new_workers,
-            worker_id=w,
-            drop_last=False,
-            **kwargs,
+            resume=remaining,
         )
-        for r in range(new_world)
-        for w in range(max(new_workers, 1))
-    ]
+    )
     yielded = np.concatenate([before, *(p.indices() for p in after)])
     original = np.concatenate([p.span_indices() for p in plans] + [np.zeros(0, np.int64)])
     assert set(yielded.tolist()) == set(original.tolist())

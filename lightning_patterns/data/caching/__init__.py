@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from lightning_patterns._registry import Registry
 from lightning_patterns.data.caching.base import EpochCache, check_cache_limit
+from lightning_patterns.data.caching.config import CacheConfig
 from lightning_patterns.data.caching.disk import CacheEntryCorruptWarning, DiskEpochCache
 from lightning_patterns.data.caching.layout import CacheInfo, cache_info, clear_cache, default_cache_dir
 from lightning_patterns.data.caching.locks import CacheLockTimeoutError
@@ -21,6 +22,7 @@ from lightning_patterns.data.caching.memory import MemoryEpochCache
 
 __all__ = [
     "CACHES",
+    "CacheConfig",
     "CacheEntryCorruptWarning",
     "CacheInfo",
     "CacheLockTimeoutError",
@@ -39,13 +41,16 @@ for _cls in (MemoryEpochCache, DiskEpochCache):
 del _cls
 
 
-def make_cache(cache: str | EpochCache | None, *, cache_dir: str | None, cache_limit: int | None) -> EpochCache | None:
-    """The cache a dataset asked for by name or instance; ``None`` for no cache.
+def make_cache(
+    cache: str | CacheConfig | EpochCache | None, *, cache_dir: str | None, cache_limit: int | None
+) -> EpochCache | None:
+    """The cache a dataset asked for by name, :class:`CacheConfig` or instance; ``None`` for no cache.
 
     Args:
-        cache: a registry name (``"memory"``, ``"disk"``), an :class:`EpochCache`, or ``None``.
-        cache_dir: folder of a disk cache (required by ``"disk"``).
-        cache_limit: bytes the cache may hold (``None``: as much as the dataset).
+        cache: a registry name (``"memory"``, ``"disk"``), a :class:`CacheConfig`, an :class:`EpochCache`, or
+            ``None``.
+        cache_dir: folder of a disk cache (required by ``"disk"``), with a name only.
+        cache_limit: bytes the cache may hold (``None``: as much as the dataset), with a name only.
 
     Raises:
         ValueError: an unknown name, ``"disk"`` without ``cache_dir``, a negative ``cache_limit``, or options given
@@ -58,19 +63,22 @@ def make_cache(cache: str | EpochCache | None, *, cache_dir: str | None, cache_l
         True
     """
     check_cache_limit(cache_limit)
-    if cache is None or isinstance(cache, EpochCache):
+    if cache is None or isinstance(cache, EpochCache | CacheConfig):
         given = [
             f"{name}={value!r}"
             for name, value in (("cache_dir", cache_dir), ("cache_limit", cache_limit))
             if value is not None
         ]
         if given:
-            fix = (
-                "pass cache='disk' (or 'memory') to cache, or drop them"
-                if cache is None
-                else f"set them on the {type(cache).__name__} instance instead"
-            )
+            if cache is None:
+                fix = "pass cache='disk' (or 'memory') to cache, or drop them"
+            elif isinstance(cache, CacheConfig):
+                fix = "set them in the CacheConfig instead"
+            else:
+                fix = f"set them on the {type(cache).__name__} instance instead"
             raise ValueError(f"{', '.join(given)} given with cache={cache!r}, which would ignore them: {fix}.")
+        if isinstance(cache, CacheConfig):
+            return CACHES.get(cache.name).from_options(cache_dir=cache.cache_dir, cache_limit=cache.cache_limit)
         return cache
     if not isinstance(cache, str) or cache not in CACHES:
         raise ValueError(

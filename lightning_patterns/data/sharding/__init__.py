@@ -1,4 +1,9 @@
-"""Sharding rules, by registry name.
+"""Sharding: which shard a sample is written to, and which samples each rank and worker reads.
+
+The read plan (:mod:`.assignment`, :mod:`.topology`): :func:`plan` gives one DataLoader worker's samples from
+a :class:`PlanConfig`, a :class:`Topology` and the epoch; :func:`plan_epoch` gives every worker's.
+
+Sharding rules, by registry name:
 
 - ``"size"`` (:class:`SizeSharder`): sequential shards of a target byte size.
 - ``"hash"`` (:class:`HashSharder`): a stable hash of a key field (or the sample index) picks a bucket.
@@ -10,21 +15,24 @@ Third parties register more through the ``lightning_patterns.sharders`` entry-po
 from __future__ import annotations
 
 from lightning_patterns._registry import Registry
-from lightning_patterns.data.sharding.assignment import WorkerPlan, plan_epoch, plan_worker, samples_per_rank
+from lightning_patterns.data.sharding.assignment import PlanConfig, WorkerPlan, plan, plan_epoch, samples_per_rank
 from lightning_patterns.data.sharding.base import DEFAULT_SHARD_BYTES, Sharder
 from lightning_patterns.data.sharding.hashed import HashSharder, bucket_of, stable_hash
 from lightning_patterns.data.sharding.sized import SizeSharder
+from lightning_patterns.data.sharding.topology import Topology
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
     "HashSharder",
+    "PlanConfig",
     "SHARDERS",
     "Sharder",
     "SizeSharder",
+    "Topology",
     "WorkerPlan",
     "bucket_of",
+    "plan",
     "plan_epoch",
-    "plan_worker",
     "samples_per_rank",
     "stable_hash",
 ]

@@ -4,8 +4,11 @@ Samples are numbered globally in manifest order: sample ``g = offset[s] + i`` is
 shard ``s``, where ``offset[s]`` is the sum of the sizes of the shards before ``s``. A *span*
 ``(shard, start, stop)`` is the contiguous run ``start <= i < stop`` of one shard.
 
-The plan for one epoch is built in four steps, all of which every process computes on its own from the
-same arguments (so ranks agree without talking to each other):
+:func:`plan` gives one worker's samples from a :class:`PlanConfig` (the shard sizes and the batching and
+shuffling settings), a :class:`~lightning_patterns.data.sharding.topology.Topology` (which rank and worker)
+and the epoch; :func:`plan_epoch` gives every worker's at once. The plan is built in four steps, all of
+which every process computes on its own from the same arguments (so ranks agree without talking to each
+other):
 
 1. **Epoch stream.** Each non-empty shard becomes one span (or several of at most ``span_samples``
    samples, so that one huge shard can still be shuffled). With ``shuffle=True`` the order of the spans
@@ -32,36 +35,38 @@ shuffle interleaves reads from the spans of one window, so up to ``shuffle_windo
 are in use at a time.)
 
 Resuming with another world size or worker count: :meth:`WorkerPlan.remaining_spans` gives what a
-worker has not yet yielded, and :func:`plan_spans` splits such an *explicit* list of spans (gathered
-rank-major from every worker) instead of a whole manifest, re-planning the rest of the epoch for the
-new topology with the same guarantees.
+worker has not yet yielded, and ``plan(..., resume=spans)`` takes such an *explicit* list of spans
+(gathered rank-major from every worker) as the stream instead of step 1, re-planning the rest of the
+epoch for the new topology with the same guarantees.
 
 Example:
-    >>> plan = plan_worker([3, 0, 5], world_size=2, rank=1, num_workers=0, worker_id=0,
-    ...                    epoch=0, seed=0, shuffle=False, drop_last=False)
-    >>> plan.spans
+    >>> config = PlanConfig(shard_sizes=(3, 0, 5))
+    >>> worker = plan(config, Topology(world_size=2, rank=1), epoch=0)
+    >>> worker.spans
     ((2, 1, 5),)
-    >>> plan.indices().tolist()
+    >>> worker.indices().tolist()
     [4, 5, 6, 7]
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from lightning_patterns.data.sharding.topology import Topology, check_rank
+
 __all__ = [
+    "PlanConfig",
     "Span",
     "WorkerPlan",
     "epoch_spans",
+    "plan",
     "plan_epoch",
-    "plan_spans",
-    "plan_worker",
     "samples_per_rank",
 ]
 
@@ -69,6 +74,63 @@ Span = tuple[int, int, int]
 """``(shard, start, stop)``: samples ``start <= i < stop`` of shard ``shard`` (local indices)."""
 
 _IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Everything besides the topology and the epoch that decides which samples a worker yields.
+
+    Args:
+        shard_sizes: Samples in each shard, in manifest order; empty shards are allowed. Any sequence of
+            ints; kept as a tuple, so that two configs compare equal when they plan the same samples.
+        batch_size: Samples per batch, ``>= 1``; workers get whole batches except the last one.
+        seed: Seed shared by every process, ``>= 0``.
+        shuffle: Shuffle the span order per epoch and the samples within windows per worker.
+        drop_last: Drop up to ``world_size - 1`` samples instead of padding with as many repeats.
+        shuffle_window: Window of the within-worker shuffle; ``0`` or ``1`` disables it.
+        span_samples: Split shards into spans of at most this many samples, so that a huge shard is
+            shuffled at span granularity; ``None`` keeps whole shards.
+
+    Raises:
+        ValueError: If any value is out of range; the message names it.
+    """
+
+    shard_sizes: Sequence[int]
+    batch_size: int = 1
+    seed: int = 0
+    shuffle: bool = False
+    drop_last: bool = False
+    shuffle_window: int = 1024
+    span_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shard_sizes", tuple(_sizes_array(self.shard_sizes).tolist()))
+        if self.batch_size < 1:
+            raise ValueError(f"Expected batch_size >= 1, got batch_size={self.batch_size!r}.")
+        if self.seed < 0:
+            raise ValueError(
+                f"Expected seed >= 0, got seed={self.seed!r}; numpy's SeedSequence takes non-negative seeds."
+            )
+        if self.shuffle_window < 0:
+            raise ValueError(
+                f"Expected shuffle_window >= 0, got shuffle_window={self.shuffle_window!r}; use 0 to disable it."
+            )
+        if self.span_samples is not None and self.span_samples < 1:
+            raise ValueError(
+                f"Expected span_samples >= 1 or None, got span_samples={self.span_samples!r}; "
+                "use None for whole shards."
+            )
+
+    def to_state(self) -> dict[str, Any]:
+        """A plain dict of builtins, for state dicts and checkpoints."""
+        state = asdict(self)
+        state["shard_sizes"] = list(self.shard_sizes)
+        return state
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> PlanConfig:
+        """Rebuild from :meth:`to_state`'s dict."""
+        return cls(**state)
 
 
 @dataclass(frozen=True)
@@ -196,7 +258,7 @@ class WorkerPlan:
 
         Samples of the window in progress come first, as single runs in read order, then the rest of
         the worker's spans. Gather these from every worker of every rank (rank-major) and pass them to
-        :func:`plan_spans` to finish the epoch on another world size or number of workers. With
+        :func:`plan` (as ``resume``) to finish the epoch on another world size or number of workers. With
         ``drop_last=False`` a padding repeat may be yielded once more than in an uninterrupted epoch.
 
         Args:
@@ -272,184 +334,63 @@ def samples_per_rank(total: int, world_size: int, drop_last: bool) -> int:
     """
     if total < 0:
         raise ValueError(f"Expected total >= 0 samples, got total={total!r}.")
-    _check_world(world_size, 0)
+    check_rank(0, world_size)
     return total // world_size if drop_last else -(-total // world_size)
 
 
-def epoch_spans(
-    shard_sizes: Sequence[int],
-    *,
-    epoch: int,
-    seed: int,
-    shuffle: bool,
-    span_samples: int | None = None,
-) -> list[Span]:
-    """The epoch stream: non-empty spans in the order they are read this epoch.
+def epoch_spans(config: PlanConfig, epoch: int) -> list[Span]:
+    """The epoch stream (step 1): the non-empty spans in the order they are read in ``epoch``.
 
     Args:
-        shard_sizes: Number of samples in each shard, in manifest order; empty shards are allowed.
+        config: The shard sizes and the shuffle settings (``shuffle``, ``seed``, ``span_samples``).
         epoch: Epoch number, ``>= 0``; with ``shuffle=True`` each epoch gets its own order.
-        seed: Seed shared by every process, ``>= 0``.
-        shuffle: Permute the spans with ``PCG64(SeedSequence([seed, epoch]))``; else manifest order.
-        span_samples: Split shards into spans of at most this many samples, so that a huge shard is
-            shuffled at span granularity. ``None`` keeps whole shards.
 
     Returns:
         The spans ``(shard, start, stop)`` of the stream, in order.
 
     Raises:
-        ValueError: On a negative shard size, epoch or seed, or ``span_samples < 1``.
+        ValueError: If ``epoch < 0``.
     """
-    _check_stream(epoch, seed, span_samples)
-    sizes = _sizes_array(shard_sizes)
-    shard, start, stop = _epoch_arrays(sizes, epoch=epoch, seed=seed, shuffle=shuffle, span_samples=span_samples)
+    shard, start, stop = _stream(config, epoch, None)[0]
     return list(zip(shard.tolist(), start.tolist(), stop.tolist(), strict=True))
 
 
-def plan_worker(
-    shard_sizes: Sequence[int],
-    *,
-    world_size: int,
-    rank: int,
-    num_workers: int,
-    worker_id: int,
-    epoch: int,
-    seed: int,
-    shuffle: bool,
-    drop_last: bool,
-    batch_size: int = 1,
-    shuffle_window: int = 1024,
-    span_samples: int | None = None,
-) -> WorkerPlan:
-    """The samples that worker ``worker_id`` of rank ``rank`` yields in ``epoch``.
+def plan(config: PlanConfig, topology: Topology, epoch: int, resume: Sequence[Span] | None = None) -> WorkerPlan:
+    """The samples that one worker yields in ``epoch``.
 
     Costs ``O(num_spans + samples of this worker)``; call it in every worker at the start of an epoch.
 
     Args:
-        shard_sizes: Number of samples in each shard, in manifest order; empty shards are allowed.
-        world_size: Number of ranks, ``>= 1``.
-        rank: This process's global rank, ``0 <= rank < world_size``.
-        num_workers: The DataLoader's ``num_workers``, ``>= 0``; ``0`` means the main process only.
-        worker_id: This DataLoader worker, ``0 <= worker_id < max(num_workers, 1)``.
-        epoch: Epoch number, ``>= 0``.
-        seed: Seed shared by every process, ``>= 0``.
-        shuffle: Shuffle the span order per epoch and the samples within windows per worker.
-        drop_last: Drop up to ``world_size - 1`` samples instead of padding with as many repeats.
-        batch_size: Samples per batch, ``>= 1``; workers get whole batches except the last one.
-        shuffle_window: Window of the within-worker shuffle; ``0`` or ``1`` disables it.
-        span_samples: Split shards into spans of at most this many samples; ``None`` keeps whole shards.
+        config: The shard sizes and the batching and shuffling settings.
+        topology: Which rank of how many, and which DataLoader worker of how many.
+        epoch: Epoch number, ``>= 0``; seeds the span order and the window shuffle.
+        resume: The spans that remain of an interrupted epoch, gathered rank-major from every worker of
+            the job that stopped (:meth:`WorkerPlan.remaining_spans`), with
+            ``0 <= start <= stop <= shard_sizes[shard]``. They are the stream, in the order given (not
+            reordered; ``shuffle`` only enables the window shuffle), and every guarantee of a whole epoch
+            holds for them. ``None`` plans the whole epoch.
 
     Returns:
         The worker's plan.
 
     Raises:
-        ValueError: If any argument is out of range; the message names it.
+        ValueError: If ``epoch < 0`` or a span of ``resume`` is out of range; the message names it.
     """
-    _check_split(world_size, rank, num_workers, worker_id, batch_size, shuffle_window)
-    sizes = _sizes_array(shard_sizes)  # convert a long list once
-    _check_stream(epoch, seed, span_samples)
-    table = _epoch_arrays(sizes, epoch=epoch, seed=seed, shuffle=shuffle, span_samples=span_samples)
-    return _plan(
-        table,
-        _offsets(sizes),
-        world_size=world_size,
-        rank=rank,
-        num_workers=num_workers,
-        worker_id=worker_id,
-        entropy=(seed, epoch),
-        window=shuffle_window if shuffle else 0,
-        drop_last=drop_last,
-        batch_size=batch_size,
-    )
-
-
-def plan_spans(
-    spans: Sequence[Span],
-    shard_sizes: Sequence[int],
-    *,
-    world_size: int,
-    rank: int,
-    num_workers: int,
-    worker_id: int,
-    epoch: int,
-    seed: int,
-    shuffle: bool,
-    drop_last: bool,
-    batch_size: int = 1,
-    shuffle_window: int = 1024,
-) -> WorkerPlan:
-    """Like :func:`plan_worker`, but splits an explicit stream of spans, taken in the order given.
-
-    This is the building block for elastic resumption: pass the spans that remain of an epoch and
-    plan them for a new ``world_size`` or ``num_workers``; every guarantee of :func:`plan_worker`
-    then holds for the remaining samples. The spans are not reordered here; ``shuffle`` only enables
-    the within-worker window shuffle.
-
-    Args:
-        spans: The stream, ``(shard, start, stop)`` with ``0 <= start <= stop <= shard_sizes[shard]``.
-        shard_sizes: Number of samples in each shard, in manifest order, for the global numbering.
-        world_size: Number of ranks, ``>= 1``.
-        rank: This process's global rank, ``0 <= rank < world_size``.
-        num_workers: The DataLoader's ``num_workers``, ``>= 0``.
-        worker_id: This DataLoader worker, ``0 <= worker_id < max(num_workers, 1)``.
-        epoch: Epoch number, ``>= 0``; seeds the window shuffle.
-        seed: Seed shared by every process, ``>= 0``; seeds the window shuffle.
-        shuffle: Shuffle within windows of ``shuffle_window`` samples.
-        drop_last: Drop up to ``world_size - 1`` samples instead of padding with as many repeats.
-        batch_size: Samples per batch, ``>= 1``.
-        shuffle_window: Window of the within-worker shuffle; ``0`` or ``1`` disables it.
-
-    Returns:
-        The worker's plan.
-
-    Raises:
-        ValueError: If any argument or span is out of range; the message names it.
-    """
-    _check_split(world_size, rank, num_workers, worker_id, batch_size, shuffle_window)
-    _check_seed(epoch, seed)
-    sizes = _sizes_array(shard_sizes)
-    offsets = _offsets(sizes)
-    table = _span_arrays(spans, sizes)
-    return _plan(
-        table,
-        offsets,
-        world_size=world_size,
-        rank=rank,
-        num_workers=num_workers,
-        worker_id=worker_id,
-        entropy=(seed, epoch),
-        window=shuffle_window if shuffle else 0,
-        drop_last=drop_last,
-        batch_size=batch_size,
-    )
+    stream, offsets = _stream(config, epoch, resume)
+    return _split(stream, offsets, config, topology, epoch)
 
 
 def plan_epoch(
-    shard_sizes: Sequence[int],
-    *,
-    world_size: int,
-    num_workers: int,
-    epoch: int,
-    seed: int,
-    shuffle: bool,
-    drop_last: bool,
-    batch_size: int = 1,
-    shuffle_window: int = 1024,
-    span_samples: int | None = None,
+    config: PlanConfig, epoch: int, *, world_size: int, num_workers: int, resume: Sequence[Span] | None = None
 ) -> list[list[WorkerPlan]]:
-    """Every worker's plan for one epoch, indexed ``[rank][worker_id]``; see :func:`plan_worker`.
+    """Every worker's :func:`plan`, indexed ``[rank][worker_id]``; the stream is computed once.
 
     Args:
-        shard_sizes: Number of samples in each shard, in manifest order; empty shards are allowed.
+        config: The shard sizes and the batching and shuffling settings.
+        epoch: Epoch number, ``>= 0``.
         world_size: Number of ranks, ``>= 1``.
         num_workers: The DataLoader's ``num_workers``, ``>= 0``; ``0`` gives one plan per rank.
-        epoch: Epoch number, ``>= 0``.
-        seed: Seed shared by every process, ``>= 0``.
-        shuffle: Shuffle the span order per epoch and the samples within windows per worker.
-        drop_last: Drop up to ``world_size - 1`` samples instead of padding with as many repeats.
-        batch_size: Samples per batch, ``>= 1``.
-        shuffle_window: Window of the within-worker shuffle; ``0`` or ``1`` disables it.
-        span_samples: Split shards into spans of at most this many samples; ``None`` keeps whole shards.
+        resume: The spans that remain of an interrupted epoch (see :func:`plan`); ``None`` for the whole epoch.
 
     Returns:
         ``plans[rank][worker_id]`` for every rank and worker.
@@ -457,74 +398,21 @@ def plan_epoch(
     Raises:
         ValueError: If any argument is out of range; the message names it.
     """
-    _check_split(world_size, 0, num_workers, 0, batch_size, shuffle_window)
-    sizes = _sizes_array(shard_sizes)  # convert a long list once
-    _check_stream(epoch, seed, span_samples)
-    table = _epoch_arrays(sizes, epoch=epoch, seed=seed, shuffle=shuffle, span_samples=span_samples)
-    offsets = _offsets(sizes)
+    Topology(world_size, 0, num_workers, 0)  # check the job's shape even when it plans nothing
+    stream, offsets = _stream(config, epoch, resume)
     return [
         [
-            _plan(
-                table,
-                offsets,
-                world_size=world_size,
-                rank=rank,
-                num_workers=num_workers,
-                worker_id=worker_id,
-                entropy=(seed, epoch),
-                window=shuffle_window if shuffle else 0,
-                drop_last=drop_last,
-                batch_size=batch_size,
-            )
+            _split(stream, offsets, config, Topology(world_size, rank, num_workers, worker_id), epoch)
             for worker_id in range(max(num_workers, 1))
         ]
         for rank in range(world_size)
     ]
 
 
-# --- validation -----------------------------------------------------------------------------------
+# --- the stream (step 1) --------------------------------------------------------------------------
 
-
-def _check_world(world_size: int, rank: int) -> None:
-    if world_size < 1:
-        raise ValueError(f"Expected world_size >= 1, got world_size={world_size!r}; pass the number of processes.")
-    if not 0 <= rank < world_size:
-        raise ValueError(
-            f"Expected 0 <= rank < world_size, got rank={rank!r} with world_size={world_size!r}; "
-            "pass the process's global rank."
-        )
-
-
-def _check_split(
-    world_size: int, rank: int, num_workers: int, worker_id: int, batch_size: int, shuffle_window: int
-) -> None:
-    _check_world(world_size, rank)
-    if num_workers < 0:
-        raise ValueError(f"Expected num_workers >= 0, got num_workers={num_workers!r}; use 0 for the main process.")
-    if not 0 <= worker_id < max(num_workers, 1):
-        raise ValueError(
-            f"Expected 0 <= worker_id < max(num_workers, 1), got worker_id={worker_id!r} with "
-            f"num_workers={num_workers!r}; pass `torch.utils.data.get_worker_info().id` (0 in the main process)."
-        )
-    if batch_size < 1:
-        raise ValueError(f"Expected batch_size >= 1, got batch_size={batch_size!r}.")
-    if shuffle_window < 0:
-        raise ValueError(f"Expected shuffle_window >= 0, got shuffle_window={shuffle_window!r}; use 0 to disable it.")
-
-
-def _check_seed(epoch: int, seed: int) -> None:
-    if epoch < 0:
-        raise ValueError(f"Expected epoch >= 0, got epoch={epoch!r}.")
-    if seed < 0:
-        raise ValueError(f"Expected seed >= 0, got seed={seed!r}; numpy's SeedSequence takes non-negative seeds.")
-
-
-def _check_stream(epoch: int, seed: int, span_samples: int | None) -> None:
-    _check_seed(epoch, seed)
-    if span_samples is not None and span_samples < 1:
-        raise ValueError(
-            f"Expected span_samples >= 1 or None, got span_samples={span_samples!r}; use None for whole shards."
-        )
+_Table = tuple[_IntArray, _IntArray, _IntArray]
+"""Spans as three parallel arrays: shard, start, stop."""
 
 
 def _sizes_array(shard_sizes: Sequence[int] | _IntArray) -> _IntArray:
@@ -538,22 +426,19 @@ def _sizes_array(shard_sizes: Sequence[int] | _IntArray) -> _IntArray:
     return sizes
 
 
-def _offsets(sizes: _IntArray) -> _IntArray:
-    return np.cumsum(sizes) - sizes
+def _stream(config: PlanConfig, epoch: int, resume: Sequence[Span] | None) -> tuple[_Table, _IntArray]:
+    """The stream as a span table, and each shard's global offset."""
+    if epoch < 0:
+        raise ValueError(f"Expected epoch >= 0, got epoch={epoch!r}.")
+    sizes = np.asarray(config.shard_sizes, dtype=np.int64).reshape(-1)  # checked by PlanConfig
+    table = _epoch_arrays(sizes, config, epoch) if resume is None else _span_arrays(resume, sizes)
+    return table, np.cumsum(sizes) - sizes
 
 
-# --- span tables ----------------------------------------------------------------------------------
-
-_Table = tuple[_IntArray, _IntArray, _IntArray]
-"""Spans as three parallel arrays: shard, start, stop."""
-
-
-# The helpers below take sizes already checked by _sizes_array, and arguments checked by _check_stream.
-
-
-def _epoch_arrays(sizes: _IntArray, *, epoch: int, seed: int, shuffle: bool, span_samples: int | None) -> _Table:
+def _epoch_arrays(sizes: _IntArray, config: PlanConfig, epoch: int) -> _Table:
     shard = np.flatnonzero(sizes > 0).astype(np.int64)
     lengths = sizes[shard]
+    span_samples = config.span_samples
     if span_samples is None:
         start = np.zeros_like(shard)
         stop = lengths
@@ -565,8 +450,9 @@ def _epoch_arrays(sizes: _IntArray, *, epoch: int, seed: int, shuffle: bool, spa
         piece = np.arange(total, dtype=np.int64) - np.repeat(first_piece, pieces)
         start = piece * span_samples
         stop = np.minimum(start + span_samples, np.repeat(lengths, pieces))
-    if shuffle and shard.size > 1:
-        order = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch]))).permutation(shard.size)
+    if config.shuffle and shard.size > 1:
+        seeds = np.random.SeedSequence([config.seed, epoch])
+        order = np.random.Generator(np.random.PCG64(seeds)).permutation(shard.size)
         shard, start, stop = shard[order], start[order], stop[order]
     return shard, start, stop
 
@@ -580,14 +466,14 @@ def _span_arrays(spans: Sequence[Span], sizes: _IntArray) -> _Table:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(
-            f"Expected spans (shard, start, stop) with 0 <= shard < {sizes.size} and "
-            f"0 <= start <= stop <= shard_sizes[shard], got spans[{i}]={tuple(int(v) for v in table[i])!r}."
+            f"Expected resume spans (shard, start, stop) with 0 <= shard < {sizes.size} and "
+            f"0 <= start <= stop <= shard_sizes[shard], got resume[{i}]={tuple(int(v) for v in table[i])!r}."
         )
     keep = stop > start
     return shard[keep], start[keep], stop[keep]
 
 
-# --- the split ------------------------------------------------------------------------------------
+# --- the split (steps 2 to 4) ---------------------------------------------------------------------
 
 
 def _worker_bounds(per_rank: int, num_workers: int, worker_id: int, batch_size: int) -> tuple[int, int]:
@@ -600,24 +486,13 @@ def _worker_bounds(per_rank: int, num_workers: int, worker_id: int, batch_size: 
     return min(first * batch_size, per_rank), min(last * batch_size, per_rank)
 
 
-def _plan(
-    table: _Table,
-    offsets: _IntArray,
-    *,
-    world_size: int,
-    rank: int,
-    num_workers: int,
-    worker_id: int,
-    entropy: tuple[int, int],
-    window: int,
-    drop_last: bool,
-    batch_size: int,
-) -> WorkerPlan:
-    shard, start, stop = table
+def _split(stream: _Table, offsets: _IntArray, config: PlanConfig, topology: Topology, epoch: int) -> WorkerPlan:
+    shard, start, stop = stream
     ends = np.cumsum(stop - start)
     total = int(ends[-1]) if ends.size else 0
-    per_rank = samples_per_rank(total, world_size, drop_last)
-    begin, end = _worker_bounds(per_rank, num_workers, worker_id, batch_size)
+    rank = topology.rank
+    per_rank = samples_per_rank(total, topology.world_size, config.drop_last)
+    begin, end = _worker_bounds(per_rank, topology.num_workers, topology.worker_id, config.batch_size)
     begin, end = begin + rank * per_rank, end + rank * per_rank
     spans: list[Span] = []
     firsts: list[int] = []
@@ -631,11 +506,12 @@ def _plan(
             spans.append((int(shard[k]), s0, int(stop[k]) - back))
             firsts.append(int(offsets[shard[k]]) + s0)
         begin += hi - lo
+    window = config.shuffle_window if config.shuffle and config.shuffle_window > 1 else 0
     return WorkerPlan(
         rank=rank,
-        worker_id=worker_id,
+        worker_id=topology.worker_id,
         spans=tuple(spans),
         span_offsets=tuple(firsts),
-        shuffle_window=window if window > 1 else 0,
-        window_entropy=(*entropy, rank, worker_id) if window > 1 else (),
+        shuffle_window=window,
+        window_entropy=(config.seed, epoch, rank, topology.worker_id) if window else (),
     )

@@ -28,7 +28,7 @@ from typing import Any
 
 import fsspec
 
-from lightning_patterns.data.sharding.assignment import WorkerPlan, plan_epoch, samples_per_rank
+from lightning_patterns.data.sharding.assignment import PlanConfig, WorkerPlan, plan_epoch, samples_per_rank
 from lightning_patterns.data.shards.manifest import Manifest, load_manifest, read_shard
 from lightning_patterns.data.shards.writer import write_dataset
 from lightning_patterns.data.synthetic import FashionLikeSamples
@@ -505,16 +505,14 @@ def _inspect(args: argparse.Namespace) -> int:
     _echo()
     _print_shards(manifest)
     _echo()
-    plans = plan_epoch(
+    config = PlanConfig(
         [shard.num_samples for shard in manifest.shards],
-        world_size=args.world_size,
-        num_workers=args.num_workers,
-        epoch=args.epoch,
+        batch_size=args.batch_size,
         seed=args.seed,
         shuffle=args.shuffle,
         drop_last=args.drop_last,
-        batch_size=args.batch_size,
     )
+    plans = plan_epoch(config, args.epoch, world_size=args.world_size, num_workers=args.num_workers)
     ok = _print_plan(args, manifest, plans)
     if args.plot:
         _plot(args.plot, manifest, plans, storage_options)

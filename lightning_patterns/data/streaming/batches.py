@@ -153,7 +153,6 @@ class BatchPositions:
         first_position: plain batches start here (positions before it were yielded before a resume).
         skip_batches: balanced batches already yielded before a resume.
         balancer: regroups positions into class-balanced batches, or ``None``.
-        read_labels: labels of positions ``[start, stop)`` (used only with a balancer).
     """
 
     def __init__(
@@ -164,40 +163,47 @@ class BatchPositions:
         first_position: int,
         skip_batches: int,
         balancer: ClassBalancer | None,
-        read_labels: Callable[[int, int], _IntArray],
     ) -> None:
         self.num_positions = num_positions
         self.step = step
         self.first_position = min(first_position, num_positions)
         self.skip_batches = skip_batches
         self.balancer = balancer
-        self._read_labels = read_labels
-        self.on_labels: Callable[[int], None] = lambda upto: None
 
     @property
     def first_needed(self) -> int:
         """The first position whose shard is needed: labels are read from the start when balancing."""
         return 0 if self.balancer is not None else self.first_position
 
-    def __iter__(self) -> Iterator[tuple[_IntArray, bool]]:
-        """``(positions, skipped)`` for every batch; skipped batches were yielded before a resume."""
+    def batches(
+        self, read_labels: Callable[[int, int], _IntArray], on_labels: Callable[[int], None]
+    ) -> Iterator[tuple[_IntArray, bool]]:
+        """``(positions, skipped)`` for every batch; skipped batches were yielded before a resume.
+
+        Args:
+            read_labels: labels of positions ``[start, stop)`` (called only with a balancer).
+            on_labels: told ``upto`` once the labels of positions ``< upto`` have been read.
+        """
         if self.balancer is None:
             for begin in range(self.first_position, self.num_positions, self.step):
                 yield np.arange(begin, min(begin + self.step, self.num_positions), dtype=np.int64), False
             return
         num_batches = -(-self.num_positions // self.step)
         last = self.num_positions - (num_batches - 1) * self.step if num_batches else None
-        batches = self.balancer.iter_batches(self._label_chunks(), num_batches=num_batches, last_batch_size=last)
+        chunks = self._label_chunks(read_labels, on_labels)
+        batches = self.balancer.iter_batches(chunks, num_batches=num_batches, last_batch_size=last)
         # A resumed balanced epoch replays the plan from the start (it is deterministic) and skips what was
         # yielded: the labels of the skipped part must be read again, the samples need not be.
         for index, positions in enumerate(batches):
             yield positions, index < self.skip_batches
 
-    def _label_chunks(self) -> Iterator[_IntArray]:
+    def _label_chunks(
+        self, read_labels: Callable[[int, int], _IntArray], on_labels: Callable[[int], None]
+    ) -> Iterator[_IntArray]:
         for begin in range(0, self.num_positions, _LABEL_CHUNK):
             end = min(begin + _LABEL_CHUNK, self.num_positions)
-            labels = self._read_labels(begin, end)
-            self.on_labels(end)
+            labels = read_labels(begin, end)
+            on_labels(end)
             yield labels
 
 

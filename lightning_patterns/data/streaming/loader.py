@@ -17,6 +17,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_patterns._warnings import silence_known_noise
 from lightning_patterns.data.sharding.assignment import Span
+from lightning_patterns.data.streaming.cursor import StreamCursor
 from lightning_patterns.data.streaming.dataset import StreamingDataset
 from lightning_patterns.data.streaming.resume import ResumePoint, remaining_stream
 
@@ -83,7 +84,7 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
         self._batches_yielded = 0
         if self._pending is not None:
             point, self._pending = self._pending, None
-            dataset.resume(point, self._pending_stream)
+            dataset.reset(dataset.cursor_at(point, self._pending_stream))
             self._epoch = point.epoch
             if dataset.min_per_class is None:
                 self._stream = tuple(self._pending_stream)
@@ -96,7 +97,7 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
         else:
             if self._started:
                 self._epoch += 1
-            dataset.set_epoch(self._epoch)
+            dataset.reset(StreamCursor(self._epoch))
             self._stream = None
             self._batches_before = 0
         self._started = True
@@ -180,7 +181,7 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
         point = ResumePoint.from_state(state_dict[_STATE_KEY])
         dataset: StreamingDataset = self.dataset
         if dataset.min_per_class is not None:
-            # Balanced batches resume by replaying the plan on the same topology (see StreamingDataset.resume).
+            # Balanced batches resume by replaying the plan on the same topology (see StreamingDataset.cursor_at).
             self._pending, self._pending_stream, self._epoch = point, [], point.epoch
             return
         stream = remaining_stream(point)

@@ -16,12 +16,12 @@ from concurrent.futures import TimeoutError as FutureTimeoutError
 
 from lightning_patterns.data.shards.reader import ShardReader
 
-__all__ = ["ReadAhead"]
+__all__ = ["ReadAheadPipeline"]
 
 log = logging.getLogger(__name__)
 
 
-class ReadAhead:
+class ReadAheadPipeline:
     """Keeps the next shards of a schedule fetched, in order of first use.
 
     Args:
@@ -97,7 +97,7 @@ class ReadAhead:
             except FutureTimeoutError:
                 raise TimeoutError(
                     f"Fetching {self._describe(shard)} took longer than {self._timeout} s. Check the remote, or raise "
-                    "`fetch_timeout` for very large shards on a slow link."
+                    "`ReadAhead(timeout=...)` for very large shards on a slow link."
                 ) from None
             finally:
                 self.wait_seconds += time.perf_counter() - started

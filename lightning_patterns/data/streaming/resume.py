@@ -10,80 +10,23 @@ special case where the split gives every worker the rest of its own plan.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_patterns.data.sharding.assignment import Span, WorkerPlan, plan_spans, plan_worker
-from lightning_patterns.data.streaming.topology import Topology
+from lightning_patterns.data.sharding.assignment import PlanConfig, Span, WorkerPlan, plan, plan_epoch
+from lightning_patterns.data.sharding.topology import Topology
 
 __all__ = [
-    "PlanConfig",
     "ResumePoint",
     "batches_per_worker",
-    "plan_for",
+    "delivered",
     "remaining_stream",
     "spans_from_state",
     "spans_to_state",
 ]
 
 RESUME_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class PlanConfig:
-    """Everything besides the topology and epoch that decides which samples a worker yields.
-
-    Args:
-        shard_sizes: samples per shard, in manifest order.
-        batch_size: samples per yielded batch (``1`` when the dataset yields single samples).
-        seed: shared shuffle seed.
-        shuffle: shuffle span order per epoch and samples within windows.
-        drop_last: drop up to ``world_size - 1`` samples instead of padding with repeats.
-        shuffle_window: window of the within-worker shuffle.
-        span_samples: split shards into spans of at most this many samples before shuffling.
-    """
-
-    shard_sizes: tuple[int, ...]
-    batch_size: int
-    seed: int
-    shuffle: bool
-    drop_last: bool
-    shuffle_window: int
-    span_samples: int | None
-
-    def to_state(self) -> dict[str, Any]:
-        """A plain dict of builtins."""
-        state = asdict(self)
-        state["shard_sizes"] = list(self.shard_sizes)
-        return state
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> PlanConfig:
-        """Rebuild from :meth:`to_state`'s dict."""
-        values = dict(state)
-        values["shard_sizes"] = tuple(int(size) for size in values["shard_sizes"])
-        return cls(**values)
-
-
-def plan_for(config: PlanConfig, topology: Topology, epoch: int, stream: Sequence[Span] | None) -> WorkerPlan:
-    """The worker's plan: over the whole epoch, or over ``stream`` when resuming an interrupted epoch."""
-    common: dict[str, Any] = {
-        "world_size": topology.world_size,
-        "rank": topology.rank,
-        "num_workers": topology.num_workers,
-        "worker_id": topology.worker_id,
-        "epoch": epoch,
-        "seed": config.seed,
-        "shuffle": config.shuffle,
-        "drop_last": config.drop_last,
-        "batch_size": config.batch_size,
-        "shuffle_window": config.shuffle_window,
-    }
-    if stream is None:
-        return plan_worker(config.shard_sizes, span_samples=config.span_samples, **common)
-    # The remaining stream already holds the padding it needs: pad again only as the new topology requires.
-    return plan_spans(stream, config.shard_sizes, **common)
 
 
 def batches_per_worker(batch_counts: Sequence[int], batches_yielded: int) -> list[int]:
@@ -190,20 +133,25 @@ def spans_from_state(spans: Sequence[Sequence[int]] | None) -> tuple[Span, ...] 
 
 def delivered(point: ResumePoint, rank: int) -> list[tuple[WorkerPlan, int]]:
     """Each worker of ``rank`` at ``point``: its plan and the batches (units) it had delivered."""
-    unit = point.config.batch_size
-    plans = [
-        plan_for(point.config, Topology(point.world_size, rank, point.num_workers, worker), point.epoch, point.stream)
-        for worker in range(max(point.num_workers, 1))
-    ]
-    counts = [-(-plan.num_samples // unit) for plan in plans]
-    return list(zip(plans, batches_per_worker(counts, point.batches_yielded), strict=True))
+    workers = range(max(point.num_workers, 1))
+    topologies = [Topology(point.world_size, rank, point.num_workers, worker) for worker in workers]
+    return _with_delivered(point, [plan(point.config, topology, point.epoch, point.stream) for topology in topologies])
 
 
 def remaining_stream(point: ResumePoint) -> list[Span]:
     """The spans no rank or worker had yielded at ``point``, rank-major, in each worker's read order."""
     unit = point.config.batch_size
+    every_rank = plan_epoch(
+        point.config, point.epoch, world_size=point.world_size, num_workers=point.num_workers, resume=point.stream
+    )
     remaining: list[Span] = []
-    for rank in range(point.world_size):
-        for plan, batches in delivered(point, rank):
-            remaining.extend(plan.remaining_spans(min(batches * unit, plan.num_samples)))
+    for rank_plans in every_rank:
+        for worker_plan, batches in _with_delivered(point, rank_plans):
+            remaining.extend(worker_plan.remaining_spans(min(batches * unit, worker_plan.num_samples)))
     return remaining
+
+
+def _with_delivered(point: ResumePoint, plans: list[WorkerPlan]) -> list[tuple[WorkerPlan, int]]:
+    """The plans of one rank's workers, each with the batches it had delivered at ``point``."""
+    counts = [-(-worker_plan.num_samples // point.config.batch_size) for worker_plan in plans]
+    return list(zip(plans, batches_per_worker(counts, point.batches_yielded), strict=True))

@@ -1,42 +1,21 @@
-"""Who am I in the job: rank and world size for a streaming dataset, and which DataLoader worker.
+"""Who am I in the job, at run time: rank and world size for a streaming dataset, and which DataLoader worker.
 
 Inside a Trainer the DataModule hands the strategy's ``global_rank`` and ``world_size`` to the dataset.
 Outside one, an initialised ``torch.distributed`` process group answers, then the ``RANK`` /
-``WORLD_SIZE`` environment variables that torchrun and SLURM wrappers set, then a single process.
+``WORLD_SIZE`` environment variables that torchrun and SLURM wrappers set, then a single process. The
+values are checked by :func:`~lightning_patterns.data.sharding.topology.check_rank`, as every rank is.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch.distributed as dist
 from torch.utils.data import get_worker_info
 
-__all__ = ["Topology", "check_rank", "current_worker", "resolve_rank"]
+from lightning_patterns.data.sharding.topology import check_rank
 
-
-@dataclass(frozen=True)
-class Topology:
-    """Where one DataLoader worker sits: ``rank`` of ``world_size``, worker ``worker_id`` of ``num_workers``.
-
-    ``num_workers`` is the DataLoader's setting: ``0`` means the main process alone, as worker ``0``.
-    """
-
-    world_size: int
-    rank: int
-    num_workers: int
-    worker_id: int
-
-
-def check_rank(rank: int, world_size: int, source: str) -> None:
-    """Raise a clear error unless ``0 <= rank < world_size``; ``source`` says where the values came from."""
-    if world_size < 1:
-        raise ValueError(f"world_size must be at least 1, got world_size={world_size} (from {source}).")
-    if not 0 <= rank < world_size:
-        raise ValueError(
-            f"rank must satisfy 0 <= rank < world_size, got rank={rank}, world_size={world_size} (from {source})."
-        )
+__all__ = ["current_worker", "resolve_rank"]
 
 
 def _env_int(name: str) -> int:

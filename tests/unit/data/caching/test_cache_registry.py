@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 from cache_helpers import CountingSource
 
-from lightning_patterns.data.caching import CACHES, DiskEpochCache, EpochCache, MemoryEpochCache, make_cache
+from lightning_patterns.data.caching import (
+    CACHES,
+    CacheConfig,
+    DiskEpochCache,
+    EpochCache,
+    MemoryEpochCache,
+    make_cache,
+)
 from lightning_patterns.data.caching import __all__ as public_names
 
 
@@ -35,6 +42,15 @@ def test_names_build_their_caches(tmp_path: Path) -> None:
     assert make_cache(None, cache_dir=None, cache_limit=None) is None
 
 
+def test_cache_configs_build_their_caches(tmp_path: Path) -> None:
+    disk = make_cache(CacheConfig("disk", cache_dir=str(tmp_path), cache_limit=7), cache_dir=None, cache_limit=None)
+    assert isinstance(disk, DiskEpochCache)
+    assert (disk.cache_dir, disk.cache_limit) == (str(tmp_path), 7)
+    memory = make_cache(CacheConfig("memory", cache_limit=5), cache_dir=None, cache_limit=None)
+    assert isinstance(memory, MemoryEpochCache)
+    assert memory.cache_limit == 5
+
+
 @pytest.mark.parametrize(
     ("cache", "kwargs", "message"),
     [
@@ -46,6 +62,13 @@ def test_names_build_their_caches(tmp_path: Path) -> None:
         ("memory", {"cache_dir": "/tmp/c"}, r"cache='memory' .* takes no folder.*cache_dir='/tmp/c'"),
         (None, {"cache_dir": "/tmp/c"}, r"cache_dir='/tmp/c' given with cache=None.*pass cache='disk'"),
         (MemoryEpochCache(), {"cache_limit": 10}, r"cache_limit=10 given with .*set them on the MemoryEpochCache"),
+        (
+            CacheConfig("disk", cache_dir="d"),
+            {"cache_dir": "/tmp/c"},
+            r"cache_dir='/tmp/c' given with cache=CacheConfig\(name='disk'.*set them in the CacheConfig instead",
+        ),
+        (CacheConfig("disk"), {}, r"cache='disk' needs a folder.*`cache_dir` is None"),
+        (CacheConfig("memory", cache_dir="/tmp/c"), {}, r"cache='memory' .* takes no folder.*cache_dir='/tmp/c'"),
     ],
 )
 def test_invalid_arguments_are_explained(cache: Any, kwargs: dict[str, Any], message: str) -> None:
@@ -63,6 +86,11 @@ def test_invalid_arguments_are_explained(cache: Any, kwargs: dict[str, Any], mes
         (lambda: DiskEpochCache("d", min_free_bytes=-1), r"`min_free_bytes` must be .* min_free_bytes=-1"),
         (lambda: DiskEpochCache("d", lock_timeout=0), r"`lock_timeout` must be a positive.*lock_timeout=0"),
         (lambda: DiskEpochCache("d", cache_limit=-2), r"cache_limit=-2"),
+        (lambda: CacheConfig("ram"), r"CacheConfig\(name='ram'\) names no cache\. Expected one of: 'disk', 'memory'"),
+        (
+            lambda: CacheConfig("memory", cache_limit=-3),
+            r"`cache_limit` must be a number of bytes >= 0.*cache_limit=-3",
+        ),
     ],
 )
 def test_invalid_constructor_arguments_are_explained(build: Any, message: str) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from lightning_patterns.data.streaming.dataset import StreamingDataset
 from lightning_patterns.data.streaming.loader import StreamingDataLoader
+from lightning_patterns.data.streaming.options import ClassBalance
 
 N = 2000
 BATCH = 40
@@ -94,7 +95,10 @@ def test_balanced_resume_on_another_topology_fails_clearly(make_dataset: Callabl
     [
         ({"batch_size": 15}, r"batch_size=15 cannot hold min_per_class=2 samples of each of 10 classes"),
         ({"batch_size": None}, r"min_per_class=2 balances whole batches: construct the dataset with `batch_size=N`"),
-        ({"label_field": "kind"}, r"needs the label field 'kind', but the dataset's fields are"),
+        (
+            {"min_per_class": None, "class_balance": ClassBalance(K, label_field="kind")},
+            r"needs the label field 'kind', but the dataset's fields are .*: pass `ClassBalance\(label_field=\.\.\.\)`",
+        ),
     ],
 )
 def test_invalid_balancing_fails_at_construction(

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from lightning_patterns.data.shards import load_manifest
 from lightning_patterns.data.streaming.dataset import StreamingDataset
 from lightning_patterns.data.streaming.loader import StreamingDataLoader
+from lightning_patterns.data.streaming.options import ClassBalance, ReadAhead
 from lightning_patterns.exceptions import ManifestError
 
 
@@ -101,7 +102,7 @@ def test_metrics_are_summed_over_worker_processes(make_dataset: Callable[..., st
 
 def test_bounded_read_ahead_still_yields_everything(make_dataset: Callable[..., str]) -> None:
     url = make_dataset(600, num_shards=12)
-    dataset = StreamingDataset(url, batch_size=40, read_ahead=0, read_ahead_bytes=1, read_threads=1)
+    dataset = StreamingDataset(url, batch_size=40, read_ahead=ReadAhead(shards=0, max_bytes=1, threads=1))
     assert sorted(_indices(list(dataset))) == list(range(600))
 
 
@@ -109,17 +110,14 @@ def test_bounded_read_ahead_still_yields_everything(make_dataset: Callable[..., 
     ("kwargs", "message"),
     [
         ({"batch_size": 0}, r"`batch_size` must be at least 1 \(or None\), got batch_size=0"),
-        ({"read_threads": 0}, r"`read_threads` must be at least 1"),
-        ({"span_samples": 0}, r"`span_samples` must be at least 1"),
-        ({"seed": -1}, r"`seed` must be >= 0, got seed=-1"),
-        ({"shuffle_window": -2}, r"`shuffle_window` must be >= 0"),
-        ({"read_ahead": -1}, r"`read_ahead` must be >= 0"),
-        ({"fetch_timeout": 0}, r"`fetch_timeout` must be positive"),
-        ({"read_ahead_bytes": 0}, r"`read_ahead_bytes` must be positive or None"),
-        ({"rank": 2, "world_size": 2}, r"rank must satisfy 0 <= rank < world_size, got rank=2, world_size=2"),
-        ({"rank": 0, "world_size": 0}, r"world_size must be at least 1, got world_size=0"),
+        ({"span_samples": 0}, r"Expected span_samples >= 1 or None, got span_samples=0"),
+        ({"seed": -1}, r"Expected seed >= 0, got seed=-1"),
+        ({"shuffle_window": -2}, r"Expected shuffle_window >= 0, got shuffle_window=-2"),
+        ({"rank": 2, "world_size": 2}, r"0 <= rank < world_size, got rank=2 with world_size=2 \(from the arguments\)"),
+        ({"rank": 0, "world_size": 0}, r"Expected world_size >= 1, got world_size=0 \(from the arguments\)"),
         ({"rank": 0}, r"Give both rank and world_size or neither"),
         ({"cache": "nope"}, r"nope"),
+        ({"min_per_class": 2, "class_balance": ClassBalance(3)}, r"Both min_per_class=2 and class_balance=ClassB"),
     ],
 )
 def test_invalid_arguments(make_dataset: Callable[..., str], kwargs: dict[str, Any], message: str) -> None:
@@ -144,7 +142,7 @@ def test_rank_from_the_environment(make_dataset: Callable[..., str], monkeypatch
     with pytest.raises(ValueError, match=r"RANK='two' is not an integer"):
         StreamingDataset(url, batch_size=10)
     monkeypatch.setenv("RANK", "5")
-    with pytest.raises(ValueError, match=r"rank=5, world_size=2 \(from the RANK and WORLD_SIZE environment"):
+    with pytest.raises(ValueError, match=r"rank=5 with world_size=2 \(from the RANK and WORLD_SIZE environment"):
         StreamingDataset(url, batch_size=10)
 
 

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lightning_patterns.data.sharding import PlanConfig
 from lightning_patterns.data.streaming.dataset import StreamingDataset
 from lightning_patterns.data.streaming.loader import StreamingDataLoader
-from lightning_patterns.data.streaming.resume import PlanConfig, ResumePoint, batches_per_worker
+from lightning_patterns.data.streaming.resume import ResumePoint, batches_per_worker
 
 N = 487
 BATCH = 8

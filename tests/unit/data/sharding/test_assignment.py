@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pytest
 
+from lightning_patterns.data.sharding import PlanConfig, Topology
 from lightning_patterns.data.sharding.assignment import (
+    Span,
     WorkerPlan,
     epoch_spans,
+    plan,
     plan_epoch,
-    plan_spans,
-    plan_worker,
     samples_per_rank,
 )
 
@@ -26,15 +28,24 @@ BASE: dict[str, Any] = {
     "shuffle": False,
     "drop_last": False,
 }
+_TOPOLOGY = ("world_size", "rank", "num_workers", "worker_id")
 
 
-def _plan(sizes: list[int], **overrides: Any) -> WorkerPlan:
-    return plan_worker(sizes, **{**BASE, **overrides})
+def _plan(sizes: Sequence[int], resume: Sequence[Span] | None = None, **overrides: Any) -> WorkerPlan:
+    """`plan` from one flat set of keyword arguments: the topology's, the epoch, and the config's."""
+    kwargs = {**BASE, **overrides}
+    topology = Topology(**{name: kwargs.pop(name) for name in _TOPOLOGY})
+    epoch = kwargs.pop("epoch")
+    return plan(PlanConfig(sizes, **kwargs), topology, epoch, resume)
+
+
+def _every(sizes: Sequence[int], *, world_size: int, num_workers: int, **config: Any) -> list[list[WorkerPlan]]:
+    return plan_epoch(PlanConfig(sizes, **config), 0, world_size=world_size, num_workers=num_workers)
 
 
 def test_example_uneven_shards_two_ranks_two_workers() -> None:
     # 8 samples: shard 0 is 0..2, shard 1 is empty, shard 2 is 3..7. Each rank takes 4, each worker 2.
-    plans = plan_epoch([3, 0, 5], world_size=2, num_workers=2, epoch=0, seed=0, shuffle=False, drop_last=False)
+    plans = _every([3, 0, 5], world_size=2, num_workers=2)
     assert [[p.indices().tolist() for p in rank] for rank in plans] == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
     assert plans[0][1].spans == ((0, 2, 3), (2, 0, 1))
     assert plans[0][1].span_offsets == (2, 3)
@@ -46,29 +57,29 @@ def test_example_uneven_shards_two_ranks_two_workers() -> None:
 
 def test_example_padding_repeats_the_start_of_the_stream() -> None:
     # 5 samples on 3 ranks: ceil(5/3) = 2 each, the one extra position wraps to sample 0.
-    plans = plan_epoch([5], world_size=3, num_workers=0, epoch=0, seed=0, shuffle=False, drop_last=False)
+    plans = _every([5], world_size=3, num_workers=0)
     assert [rank[0].indices().tolist() for rank in plans] == [[0, 1], [2, 3], [4, 0]]
     assert plans[2][0].spans == ((0, 4, 5), (0, 0, 1))
 
 
 def test_example_drop_last_drops_the_tail() -> None:
-    plans = plan_epoch([5], world_size=3, num_workers=0, epoch=0, seed=0, shuffle=False, drop_last=True)
+    plans = _every([5], world_size=3, num_workers=0, drop_last=True)
     assert [rank[0].indices().tolist() for rank in plans] == [[0], [1], [2]]
 
 
 def test_example_fewer_samples_than_ranks() -> None:
-    plans = plan_epoch([1], world_size=4, num_workers=0, epoch=0, seed=0, shuffle=False, drop_last=False)
+    plans = _every([1], world_size=4, num_workers=0)
     assert [rank[0].indices().tolist() for rank in plans] == [[0], [0], [0], [0]]
-    dropped = plan_epoch([1], world_size=4, num_workers=0, epoch=0, seed=0, shuffle=False, drop_last=True)
+    dropped = _every([1], world_size=4, num_workers=0, drop_last=True)
     assert all(rank[0].num_samples == 0 and rank[0].shards_opened == 0 for rank in dropped)
 
 
 def test_example_workers_get_whole_batches() -> None:
     # 10 samples, batch 3 -> 4 batches over 3 workers: 2, 1, 1 batches; the last worker's is partial.
-    plans = plan_epoch([10], world_size=1, num_workers=3, epoch=0, seed=0, shuffle=False, drop_last=False, batch_size=3)
+    plans = _every([10], world_size=1, num_workers=3, batch_size=3)
     assert [p.indices().tolist() for p in plans[0]] == [[0, 1, 2, 3, 4, 5], [6, 7, 8], [9]]
     # More workers than batches: the extra workers get nothing.
-    plans = plan_epoch([4], world_size=1, num_workers=4, epoch=0, seed=0, shuffle=False, drop_last=False, batch_size=2)
+    plans = _every([4], world_size=1, num_workers=4, batch_size=2)
     assert [p.num_samples for p in plans[0]] == [2, 2, 0, 0]
 
 
@@ -82,23 +93,23 @@ def test_empty_manifest_plans_nothing() -> None:
 
 def test_shuffle_is_seeded_by_seed_and_epoch() -> None:
     sizes = [10] * 20
-    order = [s for s, _, _ in epoch_spans(sizes, epoch=0, seed=1, shuffle=True)]
+    order = [s for s, _, _ in epoch_spans(PlanConfig(sizes, seed=1, shuffle=True), 0)]
     assert sorted(order) == list(range(20))
     assert order != list(range(20))
-    assert order == [s for s, _, _ in epoch_spans(sizes, epoch=0, seed=1, shuffle=True)]
-    assert order != [s for s, _, _ in epoch_spans(sizes, epoch=1, seed=1, shuffle=True)]
-    assert order != [s for s, _, _ in epoch_spans(sizes, epoch=0, seed=2, shuffle=True)]
+    assert order == [s for s, _, _ in epoch_spans(PlanConfig(sizes, seed=1, shuffle=True), 0)]
+    assert order != [s for s, _, _ in epoch_spans(PlanConfig(sizes, seed=1, shuffle=True), 1)]
+    assert order != [s for s, _, _ in epoch_spans(PlanConfig(sizes, seed=2, shuffle=True), 0)]
 
 
 def test_shuffle_is_the_same_on_every_machine() -> None:
     # Pinned values: PCG64 + SeedSequence are stable across numpy versions and platforms.
-    assert [s for s, _, _ in epoch_spans([1] * 8, epoch=2, seed=7, shuffle=True)] == [6, 0, 2, 3, 7, 5, 1, 4]
-    plan = plan_worker([8], **{**BASE, "world_size": 1, "num_workers": 0, "shuffle": True}, shuffle_window=4)
+    assert [s for s, _, _ in epoch_spans(PlanConfig([1] * 8, seed=7, shuffle=True), 2)] == [6, 0, 2, 3, 7, 5, 1, 4]
+    plan = _plan([8], world_size=1, num_workers=0, shuffle=True, shuffle_window=4)
     assert plan.indices().tolist() == [1, 0, 3, 2, 6, 4, 7, 5]
 
 
 def test_span_samples_splits_huge_shards() -> None:
-    assert epoch_spans([0, 7, 2], epoch=0, seed=0, shuffle=False, span_samples=3) == [
+    assert epoch_spans(PlanConfig([0, 7, 2], span_samples=3), 0) == [
         (1, 0, 3),
         (1, 3, 6),
         (1, 6, 7),
@@ -107,17 +118,17 @@ def test_span_samples_splits_huge_shards() -> None:
 
 
 def test_window_shuffle_keeps_samples_in_their_window() -> None:
-    plan = plan_worker([100], **{**BASE, "world_size": 1, "num_workers": 0, "shuffle": True}, shuffle_window=10)
+    plan = _plan([100], world_size=1, num_workers=0, shuffle=True, shuffle_window=10)
     yielded = plan.indices()
     assert not np.array_equal(yielded, np.arange(100))
     assert np.array_equal(np.sort(yielded.reshape(10, 10), axis=1), np.arange(100).reshape(10, 10))
-    no_window = plan_worker([100], **{**BASE, "world_size": 1, "num_workers": 0, "shuffle": True}, shuffle_window=0)
+    no_window = _plan([100], world_size=1, num_workers=0, shuffle=True, shuffle_window=0)
     assert np.array_equal(no_window.indices(), no_window.span_indices())
 
 
-def test_plan_spans_replans_remaining_spans() -> None:
+def test_resume_replans_remaining_spans() -> None:
     # Samples 0..3 of a 10-sample shard were consumed; re-plan the other 6 on 4 ranks.
-    plans = [plan_spans([(0, 4, 10)], [10], **{**BASE, "world_size": 4, "rank": r, "num_workers": 0}) for r in range(4)]
+    plans = [_plan([10], [(0, 4, 10)], world_size=4, rank=r, num_workers=0) for r in range(4)]
     assert [p.indices().tolist() for p in plans] == [[4, 5], [6, 7], [8, 9], [4, 5]]
 
 
@@ -148,10 +159,10 @@ def test_samples_per_rank() -> None:
     ],
 )
 def test_invalid_arguments(overrides: dict[str, Any], match: str) -> None:
-    kwargs = {**BASE, **overrides}
+    kwargs = dict(overrides)
     sizes = kwargs.pop("shard_sizes", [3, 0, 5])
     with pytest.raises(ValueError, match=match):
-        plan_worker(sizes, **kwargs)
+        _plan(sizes, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -159,15 +170,14 @@ def test_invalid_arguments(overrides: dict[str, Any], match: str) -> None:
     [
         (lambda: samples_per_rank(-1, 2, drop_last=False), r"total >= 0 samples, got total=-1"),
         (lambda: samples_per_rank(5, 0, drop_last=False), r"world_size >= 1, got world_size=0"),
-        (
-            lambda: plan_epoch([1], world_size=1, num_workers=-3, epoch=0, seed=0, shuffle=False, drop_last=False),
-            r"num_workers >= 0, got num_workers=-3",
-        ),
-        (lambda: epoch_spans([1, -4], epoch=0, seed=0, shuffle=False), r"shard_sizes\[1\]=-4"),
-        (lambda: plan_spans([(0, 2, 1)], [3], **BASE), r"got spans\[0\]=\(0, 2, 1\)"),
-        (lambda: plan_spans([(0, 0, 1), (1, 0, 4)], [3, 3], **BASE), r"got spans\[1\]=\(1, 0, 4\)"),
-        (lambda: plan_spans([(2, 0, 1)], [3, 3], **BASE), r"0 <= shard < 2"),
-        (lambda: plan_spans([(0, 0, 1)], [], **BASE), r"0 <= shard < 0"),
+        (lambda: _every([1], world_size=1, num_workers=-3), r"num_workers >= 0, got num_workers=-3"),
+        (lambda: _every([1], world_size=0, num_workers=0), r"world_size >= 1, got world_size=0"),
+        (lambda: epoch_spans(PlanConfig([1]), -2), r"epoch >= 0, got epoch=-2"),
+        (lambda: PlanConfig([1, -4]), r"shard_sizes\[1\]=-4"),
+        (lambda: _plan([3], [(0, 2, 1)]), r"got resume\[0\]=\(0, 2, 1\)"),
+        (lambda: _plan([3, 3], [(0, 0, 1), (1, 0, 4)]), r"got resume\[1\]=\(1, 0, 4\)"),
+        (lambda: _plan([3, 3], [(2, 0, 1)]), r"0 <= shard < 2"),
+        (lambda: _plan([], [(0, 0, 1)]), r"0 <= shard < 0"),
     ],
 )
 def test_invalid_arguments_of_helpers(call: Any, match: str) -> None:
@@ -176,24 +186,24 @@ def test_invalid_arguments_of_helpers(call: Any, match: str) -> None:
 
 
 def test_remaining_spans_without_shuffle() -> None:
-    plan = plan_worker([3, 0, 5], **{**BASE, "world_size": 1, "num_workers": 0})
+    plan = _plan([3, 0, 5], world_size=1, num_workers=0)
     assert plan.remaining_spans(0) == [(0, 0, 3), (2, 0, 5)]
     assert plan.remaining_spans(4) == [(2, 1, 5)]
     assert plan.remaining_spans(8) == []
 
 
 def test_remaining_spans_in_a_shuffled_window() -> None:
-    plan = plan_worker([8], **{**BASE, "world_size": 1, "num_workers": 0, "shuffle": True}, shuffle_window=4)
+    plan = _plan([8], world_size=1, num_workers=0, shuffle=True, shuffle_window=4)
     assert plan.indices().tolist() == [1, 0, 3, 2, 6, 4, 7, 5]
     # Yielded 1 and 0: the window's 3 and 2 remain (one run), then the next window whole.
     assert plan.remaining_spans(2) == [(0, 2, 4), (0, 4, 8)]
-    plan = plan_worker([8], **{**BASE, "world_size": 1, "num_workers": 0, "shuffle": True}, shuffle_window=4)
+    plan = _plan([8], world_size=1, num_workers=0, shuffle=True, shuffle_window=4)
     # Yielded 1, 0 and 3: only 2 remains of the first window.
     assert plan.remaining_spans(3) == [(0, 2, 3), (0, 4, 8)]
 
 
 def test_any_window_can_be_computed_alone() -> None:
-    plan = plan_worker([50], **{**BASE, "world_size": 1, "num_workers": 0, "shuffle": True}, shuffle_window=8)
+    plan = _plan([50], world_size=1, num_workers=0, shuffle=True, shuffle_window=8)
     whole = plan.indices()
     for lo, hi in [(0, 50), (3, 11), (16, 24), (45, 50), (7, 8)]:
         assert np.array_equal(plan.indices_between(lo, hi), whole[lo:hi])
@@ -201,6 +211,24 @@ def test_any_window_can_be_computed_alone() -> None:
 
 @pytest.mark.parametrize("consumed", [-1, 9])
 def test_remaining_spans_rejects_consumed_out_of_range(consumed: int) -> None:
-    plan = plan_worker([8], **{**BASE, "world_size": 1, "num_workers": 0})
+    plan = _plan([8], world_size=1, num_workers=0)
     with pytest.raises(ValueError, match=rf"0 <= consumed <= num_samples, got consumed={consumed} with num_samples=8"):
         plan.remaining_spans(consumed)
+
+
+def test_plan_config_compares_by_value_and_round_trips_through_builtins() -> None:
+    config = PlanConfig(np.array([3, 0, 5]), batch_size=2, seed=1, shuffle=True, shuffle_window=4)
+    assert config == PlanConfig([3, 0, 5], 2, 1, True, False, 4, None)
+    assert config.shard_sizes == (3, 0, 5)
+    state = config.to_state()
+    assert state["shard_sizes"] == [3, 0, 5]
+    assert all(isinstance(value, (int, bool, list, type(None))) for value in state.values())
+    assert PlanConfig.from_state(state) == config
+
+
+def test_plan_epoch_is_every_worker_planned_alone() -> None:
+    config = PlanConfig([7, 0, 4, 9], batch_size=2, seed=3, shuffle=True, shuffle_window=3, span_samples=4)
+    resume = [(3, 2, 9), (0, 0, 5)]
+    for stream in (None, resume):
+        every = plan_epoch(config, 5, world_size=3, num_workers=2, resume=stream)
+        assert every == [[plan(config, Topology(3, r, 2, w), 5, stream) for w in range(2)] for r in range(3)]
