@@ -4,23 +4,45 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
-from cache_helpers import CountingSource
 
+from lightning_patterns.commands.cache import run_cache_command
 from lightning_patterns.data.caching import DiskEpochCache, cache_info
-from lightning_patterns.data.caching.cli import run_cache_command
 from lightning_patterns.data.caching.layout import store_root
+from lightning_patterns.data.shards import Manifest, load_manifest, write_dataset
 
 
-def _fill(cache_dir: Path, source: CountingSource, shards: int) -> None:
+class _Source:
+    def __init__(self, root: Path) -> None:
+        images = np.random.default_rng(0).integers(0, 255, size=(600, 8, 8), dtype=np.uint8)
+        write_dataset([{"image": image, "label": i} for i, image in enumerate(images)], str(root), shard_bytes=8192)
+        self.root = root
+        self.manifest: Manifest = load_manifest(str(root))
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recipe caches are found under ./lightning_logs, the demo shards under the user cache: both in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LIGHTNING_PATTERNS_CACHE", str(tmp_path / "home"))
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> _Source:
+    return _Source(tmp_path / "dataset")
+
+
+def _fill(cache_dir: Path, source: _Source, shards: int) -> None:
     cache = DiskEpochCache(cache_dir, min_free_bytes=0)
     cache.bind(source.manifest)
     for shard in range(shards):
-        cache.get_or_fetch(shard, source.fetcher(shard))
+        path = source.root / source.manifest.shards[shard].path
+        cache.get_or_fetch(shard, path.read_bytes)
 
 
 def test_info_counts_entries_bytes_and_datasets(
-    source: CountingSource, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    source: _Source, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _fill(tmp_path / "c", source, 4)
     expected_bytes = sum(s.num_bytes for s in source.manifest.shards[:4])
@@ -33,7 +55,7 @@ def test_info_counts_entries_bytes_and_datasets(
 
 
 def test_info_uses_the_environment_default(
-    source: CountingSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    source: _Source, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("LIGHTNING_PATTERNS_CACHE", str(tmp_path / "env"))
     _fill(tmp_path / "env", source, 2)
@@ -42,7 +64,7 @@ def test_info_uses_the_environment_default(
 
 
 def test_clear_removes_only_the_cache_files(
-    source: CountingSource, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    source: _Source, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _fill(tmp_path / "c", source, 3)
     keep = [tmp_path / "c" / "user.txt", store_root(tmp_path / "c") / "entries" / "notes.lps.txt"]

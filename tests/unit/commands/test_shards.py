@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lightning_patterns._units import parse_size
+from lightning_patterns.commands.shards import _option_arg, _storage_options, run_shards_command
 from lightning_patterns.data.sharding import bucket_of
 from lightning_patterns.data.shards import load_manifest, read_shard
-from lightning_patterns.data.shards.cli import _option_arg, _storage_options, parse_size, run_shards_command
 from lightning_patterns.data.synthetic import fashion_like_arrays
 
 
