@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from lightning_patterns.commands import COMMANDS
-from lightning_patterns.commands.base import PROG
+from lightning_patterns.commands.base import PROG, Command
 from lightning_patterns.commands.errors import DEBUG_ENV, did_you_mean, report_error, run_reporting_errors
 
 __all__ = ["main"]
@@ -66,4 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     command = COMMANDS.get(name)()
-    return run_reporting_errors(lambda: command.run(rest), prog=command.prog, traceback=traceback)
+    return run_reporting_errors(lambda: _exit_status(command, rest), prog=command.prog, traceback=traceback)
+
+
+def _exit_status(command: Command, argv: list[str]) -> int:
+    """Run ``command``; an argparse ``--help`` or usage error (``SystemExit``) becomes its exit status."""
+    try:
+        return command.run(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)

@@ -180,10 +180,7 @@ def run_lightning_cli(argv: Sequence[str]) -> int:
     with warnings.catch_warnings():
         # A recipe writes its checkpoints to the same folder on every run, on purpose.
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        try:
-            _cli_class()(args=list(argv))
-        except SystemExit as exit_:  # --help, --print_config
-            return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        _cli_class()(args=list(argv))  # --help and --print_config end in SystemExit(0)
     return 0
 
 

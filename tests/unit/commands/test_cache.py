@@ -84,3 +84,46 @@ def test_usage_errors_return_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cache_command(["shrink"]) == 2
     assert "invalid choice" in capsys.readouterr().err
     assert run_cache_command([]) == 2
+
+
+def _demo_dataset(root: Path) -> int:
+    """A folder shaped like the embedded dataset's (train/ and val/ datasets); returns its bytes."""
+    for split in ("train", "val"):
+        images = np.zeros((20, 4, 4), dtype=np.uint8)
+        write_dataset([{"image": image} for image in images], str(root / split), progress=False)
+    return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
+
+
+def test_info_and_clear_cover_every_cache(source: _Source, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fill(tmp_path / "home", source, 1)  # the default disk cache ($LIGHTNING_PATTERNS_CACHE)
+    _fill(tmp_path / "lightning_logs" / "fashion_mnist_ddp" / "cache", source, 2)  # a recipe's cache_dir
+    (tmp_path / "lightning_logs" / "fashion_mnist" / "checkpoints").mkdir(parents=True)  # not a cache
+    demo = tmp_path / "home" / "demo" / "fashion_like-40-40-seed0-1024"
+    demo_bytes = _demo_dataset(demo)
+    (tmp_path / "home" / "demo" / "notes.txt").write_text("mine")
+
+    assert run_cache_command(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"disk cache\n  cache: {store_root(tmp_path / 'home')}\n  entries: 1\n" in out
+    recipe_root = store_root(Path("lightning_logs") / "fashion_mnist_ddp" / "cache")
+    assert f"recipe cache (fashion_mnist_ddp)\n  cache: {recipe_root}\n  entries: 2\n" in out
+    assert "recipe cache (fashion_mnist)" not in out
+    assert f"demo shards\n  folder: {tmp_path / 'home' / 'demo'}\n  bytes: {demo_bytes} " in out
+    assert f"  datasets: 1\n    {demo.name}  " in out
+    entries = sum(s.num_bytes for s in source.manifest.shards[:3])
+    assert f"total: {entries + demo_bytes} bytes" in out
+
+    assert run_cache_command(["clear", "--demo"]) == 0
+    assert "demo shards: removed 1 datasets" in capsys.readouterr().out
+    assert not demo.exists()
+    assert (tmp_path / "home" / "demo" / "notes.txt").read_text() == "mine"
+    assert cache_info(tmp_path / "home").entries == 1  # --demo leaves the disk caches alone
+
+    assert run_cache_command(["clear", "--recipes"]) == 0
+    assert "recipe cache (fashion_mnist_ddp): removed 5 files" in capsys.readouterr().out
+    assert cache_info(tmp_path / "lightning_logs" / "fashion_mnist_ddp" / "cache").entries == 0
+    assert cache_info(tmp_path / "home").entries == 1
+
+    assert run_cache_command(["clear"]) == 0  # everything left
+    assert "disk cache: removed 3 files" in capsys.readouterr().out
+    assert cache_info(tmp_path / "home").entries == 0
