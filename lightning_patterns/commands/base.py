@@ -13,7 +13,7 @@ from typing import ClassVar, NoReturn
 
 from lightning_patterns.commands.errors import did_you_mean
 
-__all__ = ["PROG", "Command", "CommandParser", "echo", "option_strings"]
+__all__ = ["Command", "CommandParser", "PROG", "echo", "option_strings"]
 
 PROG = "lightning-patterns"
 
