@@ -82,7 +82,7 @@ def test_every_recipe_keeps_its_files_where_the_commands_look() -> None:
     """validate --recipe loads recipe_root/checkpoints/best.ckpt, cache info lists recipe_root/cache."""
     for name, path in list_recipes().items():
         config = yaml.safe_load(path.read_text())
-        checkpoints = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith(".ModelCheckpoint")]
+        checkpoints = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
         assert len(checkpoints) == 1, name
         init_args = checkpoints[0]["init_args"]
         assert init_args["dirpath"] == str(best_checkpoint(name).parent), name

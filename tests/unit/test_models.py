@@ -67,6 +67,20 @@ def test_trains_on_tuple_batches_and_lowers_the_loss(model_class: type[Any], opt
     assert after < before * 0.7
 
 
+def _one_epoch_trainer() -> Any:
+    # Imported here: these tests are about the models, and the Lightning package they run under is the Trainer's.
+    import pytorch_lightning
+
+    return pytorch_lightning.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+
+
 @pytest.mark.parametrize(
     ("model", "shape"),
     [
@@ -75,18 +89,11 @@ def test_trains_on_tuple_batches_and_lowers_the_loss(model_class: type[Any], opt
         (CNNClassifier(input_shape=(3, 12, 16), num_classes=3, channels=4), (3, 12, 16)),
     ],
 )
-def test_other_shapes_train(model: pl.LightningModule, shape: tuple[int, ...]) -> None:
+def test_other_shapes_train(model: Any, shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
     images = torch.randint(0, 256, (64, *shape), dtype=torch.uint8)
     labels = torch.arange(64) % 3
-    trainer = pl.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = _one_epoch_trainer()
     loader = DataLoader(TensorDataset(images, labels), batch_size=16)
     trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader)
     assert model(images[:5].float()).shape == (5, 3)
@@ -118,16 +125,9 @@ def test_other_shapes_train(model: pl.LightningModule, shape: tuple[int, ...]) -
     ],
 )
 def test_data_of_another_shape_fails_at_the_first_batch(
-    model: pl.LightningModule, images: torch.Tensor, labels: torch.Tensor, message: str
+    model: Any, images: torch.Tensor, labels: torch.Tensor, message: str
 ) -> None:
-    trainer = pl.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = _one_epoch_trainer()
     loader = DataLoader(TensorDataset(images, labels), batch_size=4)
     with pytest.raises(ValueError, match=message):
         trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader)
