@@ -172,10 +172,11 @@ def _cli_class() -> type[LightningCLI]:
 
 
 def run_lightning_cli(argv: Sequence[str]) -> int:
-    """Run LightningCLI with ``argv`` (``["fit", "--recipe", "fashion_mnist", ...]``); return the exit status.
+    """Run LightningCLI with ``argv`` (``["fit", "--recipe", "fashion_mnist", ...]``); returns ``0`` when it ran.
 
     Raises:
         UsageError: a wrong key, value, recipe name or constructor argument.
+        SystemExit: ``--help`` and ``--print_config``, with status 0, after printing.
     """
     with warnings.catch_warnings():
         # A recipe writes its checkpoints to the same folder on every run, on purpose.
