@@ -70,3 +70,16 @@ def test_argparse_commands_name_only_the_bad_option(tmp_path: Path, capsys: pyte
     assert "Did you mean `--cache-dir`?" in capsys.readouterr().err
     assert main(["cache", "inf"]) == 2
     assert "Did you mean `info`?" in capsys.readouterr().err
+
+
+def test_only_the_top_level_imports_the_commands() -> None:
+    """The layers below (data, demo, testing, strategies) never import a command: commands sit on top."""
+    package = Path(__file__).resolve().parents[3] / "lightning_patterns"
+    offenders = [
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if path.parent != package / "commands"
+        and path not in (package / "cli.py", package / "__main__.py")
+        and "lightning_patterns.commands" in path.read_text()
+    ]
+    assert not offenders
