@@ -181,7 +181,7 @@ CLASSES: dict[str, tuple[str, str, str]] = {
     "IDXDataModule": ("lightning_patterns.data.idx_datamodule:_IDXDataModule", "", "LightningDataModule"),
     "ImageClassifier": ("lightning_patterns.models:_ImageClassifier", "", "LightningModule"),
     "InMemoryDataModule": ("lightning_patterns.data.in_memory:_InMemoryDataModule", "", "LightningDataModule"),
-    "LightningPatternsCLI": ("lightning_patterns.cli:_LightningPatternsCLI", "cli", "LightningCLI"),
+    "LightningPatternsCLI": ("lightning_patterns.commands.fit:_LightningPatternsCLI", "cli", "LightningCLI"),
     "MLPClassifier": ("lightning_patterns.models:_MLPClassifier", "", "LightningModule"),
     "ParameterServerStrategy": (
         "lightning_patterns.strategies.parameter_server.strategy:_ParameterServerStrategy",
@@ -238,13 +238,13 @@ def built_class(name: str, package: str | None = None) -> type:
         return _BUILT[key]
 
 
-def class_getter(names: Sequence[str], package: str | None = None) -> Callable[[str], type]:
-    """A module ``__getattr__`` giving the public classes ``names`` for ``package`` (default: the active one)."""
+def class_getter(module: str, names: Sequence[str], package: str | None = None) -> Callable[[str], type]:
+    """Module ``module``'s ``__getattr__``: its public classes ``names`` for ``package`` (default: the active one)."""
     known = frozenset(names)
 
     def __getattr__(attribute: str) -> type:
         if attribute not in known:
-            raise AttributeError(attribute)
+            raise AttributeError(f"module {module!r} has no attribute {attribute!r}")
         return built_class(attribute, package)
 
     return __getattr__

@@ -1,8 +1,11 @@
 """``DataMetricsCallback``: how the data pipeline did, logged to any Lightning logger and summarised after ``fit``.
 
-Per training epoch it logs, for this rank: samples per second, the fraction of the epoch spent waiting
-for data, bytes read from the remote, the cache hit rate, and the samples each rank yielded. At the
-end of ``fit`` rank zero prints one screen with a line per epoch.
+Per training epoch it gathers every rank's counters (samples, bytes read from the remote, cache hits and
+misses, retries, time waiting for data) and reduces them once: counts are summed over the ranks, the hit rate
+is hits over lookups of all ranks, samples per second is all samples over the slowest rank's time, and the
+waiting fraction is the ranks' mean. The logged values, the table rank zero prints at the end of ``fit`` and
+:attr:`DataMetricsCallback.last_logged` (which ``lightning-patterns`` prints as its closing line) all come from
+those reduced counters, so they agree; counts stay integers.
 """
 
 from __future__ import annotations
@@ -26,12 +29,24 @@ else:
 __all__ = ["DataMetricsCallback", "EpochDataMetrics"]
 
 # The public classes are the bodies below built for the Lightning package in use (lightning_patterns._lightning).
-__getattr__ = _lightning.class_getter(["DataMetricsCallback"])
+__getattr__ = _lightning.class_getter(__name__, ["DataMetricsCallback"])
 
 
 @dataclass(frozen=True)
 class EpochDataMetrics:
-    """What the data pipeline did in one training epoch (per rank, except ``samples_per_rank``)."""
+    """What the data pipeline did in one training epoch, over all ranks.
+
+    Args:
+        epoch: the epoch.
+        seconds: training time of the slowest rank (validation left out).
+        samples: samples yielded, summed over the ranks.
+        samples_per_second: ``samples / seconds``.
+        wait_fraction: the fraction of its time a rank waited for data, averaged over the ranks.
+        remote_bytes: bytes read from the remote, summed over the ranks.
+        cache_hit_rate: cache hits over cache lookups of all ranks (``None`` without a cache).
+        retries: remote reads retried, summed over the ranks.
+        samples_per_rank: the samples each rank yielded.
+    """
 
     epoch: int
     seconds: float
@@ -70,6 +85,8 @@ class _DataMetricsCallback(_Callback):
         self.prefix = prefix
         self.print_summary = print_summary
         self.epochs: list[EpochDataMetrics] = []
+        # What the last epoch logged, exactly (counts as int): the closing line of `lightning-patterns fit`.
+        self.last_logged: dict[str, int | float] = {}
         self._start: dict[str, float] = {}
         self._epoch_started = 0.0
         self._batch_requested = 0.0
@@ -113,40 +130,50 @@ class _DataMetricsCallback(_Callback):
         self._batch_requested = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log this epoch's metrics."""
+        """Reduce this epoch's counters over the ranks and log them."""
         seconds = max(time.perf_counter() - self._epoch_started - self._validation_seconds, 1e-9)
         now = self._counters(trainer)
         delta = {name: now.get(name, 0.0) - self._start.get(name, 0.0) for name in now}
-        samples = int(delta["samples"]) if "samples" in delta else self._samples
-        wait = delta.get("loader_wait_seconds", self._wait)
-        lookups = delta.get("cache_hits", 0.0) + delta.get("cache_misses", 0.0)
-        # On the module's device: NCCL (DDP or the parameter server on GPUs) gathers CUDA tensors only.
-        per_rank = trainer.strategy.all_gather(torch.tensor([samples], dtype=torch.int64, device=pl_module.device))
+        local = [
+            delta.get("samples", self._samples),
+            delta.get("remote_bytes", 0.0),
+            delta.get("cache_hits", 0.0),
+            delta.get("cache_misses", 0.0),
+            delta.get("retries", 0.0),
+            min(delta.get("loader_wait_seconds", self._wait) / seconds, 1.0),
+            seconds,
+        ]
+        # float64 keeps byte counts exact (to 2**53); on the module's device, since NCCL gathers CUDA tensors only.
+        gathered = trainer.strategy.all_gather(torch.tensor(local, dtype=torch.float64, device=pl_module.device))
+        per_rank = gathered.reshape(-1, len(local)).cpu()
+        samples, remote_bytes, hits, misses, retries = (round(float(v)) for v in per_rank[:, :5].sum(dim=0))
+        slowest = float(per_rank[:, 6].max())
         metrics = EpochDataMetrics(
             epoch=trainer.current_epoch,
-            seconds=seconds,
+            seconds=slowest,
             samples=samples,
-            samples_per_second=samples / seconds,
-            wait_fraction=min(wait / seconds, 1.0),
-            remote_bytes=int(delta.get("remote_bytes", 0)),
-            cache_hit_rate=delta["cache_hits"] / lookups if lookups else None,
-            retries=int(delta.get("retries", 0)),
-            samples_per_rank=tuple(int(n) for n in per_rank.reshape(-1).tolist()),
+            samples_per_second=samples / slowest,
+            wait_fraction=float(per_rank[:, 5].mean()),
+            remote_bytes=remote_bytes,
+            cache_hit_rate=hits / (hits + misses) if hits + misses else None,
+            retries=retries,
+            samples_per_rank=tuple(round(float(n)) for n in per_rank[:, 0]),
         )
         self.epochs.append(metrics)
-        logged = {
+        logged: dict[str, int | float] = {
             "samples_per_second": metrics.samples_per_second,
             "wait_fraction": metrics.wait_fraction,
-            "remote_bytes": float(metrics.remote_bytes),
-            "retries": float(metrics.retries),
-            "samples": float(metrics.samples),
-            "samples_per_rank_min": float(min(metrics.samples_per_rank)),
-            "samples_per_rank_max": float(max(metrics.samples_per_rank)),
+            "remote_bytes": metrics.remote_bytes,
+            "retries": metrics.retries,
+            "samples": metrics.samples,
+            "samples_per_rank_min": min(metrics.samples_per_rank),
+            "samples_per_rank_max": max(metrics.samples_per_rank),
         }
         if metrics.cache_hit_rate is not None:
             logged["cache_hit_rate"] = metrics.cache_hit_rate
-        # Per-rank values, averaged over ranks (the per-rank minimum and maximum of samples are logged too).
-        pl_module.log_dict({self.prefix + name: value for name, value in logged.items()}, sync_dist=True)
+        self.last_logged = {self.prefix + name: value for name, value in logged.items()}
+        # The same value on every rank already: sync_dist's mean leaves it as it is.
+        pl_module.log_dict({name: float(value) for name, value in self.last_logged.items()}, sync_dist=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Print the summary."""
@@ -155,12 +182,13 @@ class _DataMetricsCallback(_Callback):
 
     @rank_zero_only
     def _print_summary(self, trainer: pl.Trainer) -> None:
-        lines = ["", "Data pipeline (rank 0; samples/s and bytes per rank)"]
+        world = len(self.epochs[-1].samples_per_rank)
+        lines = ["", f"Data pipeline ({world} rank{'s' if world > 1 else ''}: counts summed, waiting averaged)"]
         lines.append(
             f"{'epoch':>5}  {'samples/s':>11}  {'waiting':>7}  {'remote bytes':>14}  {'cache hits':>10}  retries"
         )
         for m in self.epochs:
-            hits = "-" if m.cache_hit_rate is None else f"{m.cache_hit_rate:.0%}"
+            hits = "-" if m.cache_hit_rate is None else f"{m.cache_hit_rate:.1%}"
             lines.append(
                 f"{m.epoch:>5}  {m.samples_per_second:>11,.0f}  {m.wait_fraction:>7.1%}  {m.remote_bytes:>14,}  "
                 f"{hits:>10}  {m.retries:>7}"

@@ -26,7 +26,9 @@ __all__ = [
     "ShardedStreamingDataModule",
 ]
 
-__getattr__ = _lightning.class_getter([*__all__, "LightningPatternsCLI", "TinyRegressor"], package="pytorch_lightning")
+__getattr__ = _lightning.class_getter(
+    __name__, [*__all__, "LightningPatternsCLI", "TinyRegressor"], package="pytorch_lightning"
+)
 
 if TYPE_CHECKING:  # type checkers see the bodies; at run time `__getattr__` builds the classes
     from lightning_patterns.callbacks import _DataMetricsCallback as DataMetricsCallback

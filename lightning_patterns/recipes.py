@@ -2,6 +2,10 @@
 
 A recipe is a LightningCLI YAML file in the repository's ``recipes/`` folder; its first comment line is
 its one-line description. ``LIGHTNING_PATTERNS_RECIPES`` points at another folder.
+
+A recipe keeps what it makes under ``lightning_logs/<recipe>/`` (:func:`recipe_root`, relative to the working
+folder): its logs, its disk cache (``cache/``) and its checkpoints (``checkpoints/last.ckpt`` and
+``checkpoints/best.ckpt``), which ``validate``/``test``/``predict --recipe NAME`` load by default.
 """
 
 from __future__ import annotations
@@ -9,9 +13,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["UnknownRecipeError", "describe_recipe", "find_recipe", "list_recipes", "recipes_dir"]
+__all__ = [
+    "LOGS_DIR",
+    "RECIPES_ENV",
+    "UnknownRecipeError",
+    "best_checkpoint",
+    "describe_recipe",
+    "find_recipe",
+    "list_recipes",
+    "recipe_root",
+    "recipes_dir",
+]
 
 RECIPES_ENV = "LIGHTNING_PATTERNS_RECIPES"
+LOGS_DIR = "lightning_logs"
 
 
 class UnknownRecipeError(ValueError):
@@ -55,3 +70,13 @@ def find_recipe(name: str) -> Path:
             f"with a description, or pass a file with `--config PATH`."
         )
     return recipes[name]
+
+
+def recipe_root(name: str) -> Path:
+    """Where the recipe called ``name`` keeps its logs, cache and checkpoints: ``lightning_logs/<name>``."""
+    return Path(LOGS_DIR) / name
+
+
+def best_checkpoint(name: str) -> Path:
+    """The checkpoint of the recipe's best validation score, written by its ``ModelCheckpoint`` during ``fit``."""
+    return recipe_root(name) / "checkpoints" / "best.ckpt"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import pytest
 import torch
 import torch.distributed as dist
@@ -77,3 +79,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def memory_url() -> Iterator[str]:
+    """A unique ``memory://`` dataset root; fsspec's memory store is global, so remove it afterwards."""
+    root = f"/shards-test-{uuid.uuid4().hex}"
+    yield f"memory://{root}"
+    fs = fsspec.filesystem("memory")
+    for path in [p for p in fs.store if p.startswith(root)]:
+        fs.store.pop(path, None)
+    fs.pseudo_dirs[:] = [d for d in fs.pseudo_dirs if not d.startswith(root)]

@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 __getattr__ = lazy_exports(
+    __name__,
     {
         "CacheConfig": "lightning_patterns.data.caching:CacheConfig",
         "ClassBalance": "lightning_patterns.data.streaming.options:ClassBalance",
@@ -45,5 +46,5 @@ __getattr__ = lazy_exports(
         "StreamingDataset": "lightning_patterns.data.streaming:StreamingDataset",
         "load_manifest": "lightning_patterns.data.shards:load_manifest",
         "write_dataset": "lightning_patterns.data.shards:write_dataset",
-    }
+    },
 )

@@ -31,7 +31,7 @@ else:
 __all__ = ["ShardedStreamingDataModule"]
 
 # The public classes are the bodies below built for the Lightning package in use (lightning_patterns._lightning).
-__getattr__ = _lightning.class_getter(["ShardedStreamingDataModule"])
+__getattr__ = _lightning.class_getter(__name__, ["ShardedStreamingDataModule"])
 
 silence_known_noise()
 

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lightning_patterns.data.caching.layout import default_cache_dir
-from lightning_patterns.data.shards import manifest_exists, write_dataset
-from lightning_patterns.data.synthetic import FashionLikeSamples
 
 __all__ = ["EmbeddedFashionMNIST", "default_data_root", "prepare_embedded_dataset"]
 
@@ -59,6 +57,10 @@ class EmbeddedFashionMNIST:
 
 def prepare_embedded_dataset(source: EmbeddedFashionMNIST, *, progress: bool = True) -> Path:
     """Write the dataset's ``train`` and ``val`` splits to shards unless a previous run already did."""
+    # Imported here: `lightning-patterns cache` reads `default_data_root` without the shard writer's imports.
+    from lightning_patterns.data.shards import manifest_exists, write_dataset
+    from lightning_patterns.data.synthetic import FashionLikeSamples
+
     root = source.root
     for split, count in (("train", source.train_samples), ("val", source.val_samples)):
         url = str(root / split)

@@ -23,7 +23,7 @@ else:
 __all__ = ["IDXDataModule"]
 
 # The public classes are the bodies below built for the Lightning package in use (lightning_patterns._lightning).
-__getattr__ = _lightning.class_getter(["IDXDataModule"])
+__getattr__ = _lightning.class_getter(__name__, ["IDXDataModule"])
 
 silence_known_noise()
 

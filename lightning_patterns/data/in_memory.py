@@ -18,7 +18,7 @@ else:
 __all__ = ["InMemoryDataModule"]
 
 # The public classes are the bodies below built for the Lightning package in use (lightning_patterns._lightning).
-__getattr__ = _lightning.class_getter(["InMemoryDataModule"])
+__getattr__ = _lightning.class_getter(__name__, ["InMemoryDataModule"])
 
 
 class _InMemoryDataModule(_LightningDataModule):

@@ -1,8 +1,9 @@
 """A static HTTP server for a folder, run in its own process on 127.0.0.1 and always stopped.
 
-A separate process keeps the server off the training process's GIL, as a real remote would be. The
-server exits by itself when the process that started it dies (it watches its parent), so even a
-``kill -9`` of the trainer leaves no server behind.
+A separate process keeps the server off the training process's GIL, as a real remote would be. The child runs
+``python -m lightning_patterns.demo ROOT PARENT_PID`` (:func:`main`, serving with
+:class:`~lightning_patterns.demo.file_server.FileServer`) and exits by itself when the process that started it
+dies (it watches its parent), so even a ``kill -9`` of the trainer leaves no server behind.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class LocalHTTPServer:
         if not self.root.is_dir():
             raise FileNotFoundError(f"Cannot serve {str(self.root)!r}: it is not a folder.")
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "lightning_patterns.demo.server", str(self.root), str(os.getpid())],
+            # The package's __main__, never this module: running a module the package imported makes runpy warn.
+            [sys.executable, "-m", "lightning_patterns.demo", str(self.root), str(os.getpid())],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
@@ -104,19 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     """Child process: serve ``argv[0]`` until terminated or until process ``argv[1]`` is gone."""
     import signal
 
-    from lightning_patterns.testing.http_server import serve_directory
+    from lightning_patterns.demo.file_server import FileServer
 
     args = sys.argv[1:] if argv is None else argv
     root, parent_pid = args[0], int(args[1])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
-    with serve_directory(root) as server:
+    with FileServer(root) as server:
         sys.stdout.write(server.url.rstrip("/") + "\n")
         sys.stdout.flush()
         stop.wait()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

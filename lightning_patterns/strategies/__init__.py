@@ -9,4 +9,4 @@ from lightning_patterns._lazy import lazy_exports
 
 __all__ = ["ParameterServerStrategy"]
 
-__getattr__ = lazy_exports({"ParameterServerStrategy": "lightning:ParameterServerStrategy"})
+__getattr__ = lazy_exports(__name__, {"ParameterServerStrategy": "lightning:ParameterServerStrategy"})

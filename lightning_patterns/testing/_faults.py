@@ -6,15 +6,16 @@ answer comes from (a file or the upstream server) and what an error answer carri
 error). Everything else lives here, so the two cannot drift apart:
 
 - :class:`_FaultInjectingServer` validates the fault settings, draws faults (scheduled ones first, then seeded
-  random ones), keeps the request log under a lock and starts and stops the serving thread.
-- :class:`_FaultHandler` acts out ``"stall"``, ``"reset"``, ``"500"`` and ``"503"``, and streams a body up to a
-  byte limit, which is how ``"truncate"`` cuts an answer short.
+  random ones) and keeps the request log under a lock; binding, the serving thread and stopping come from the
+  demo's :class:`~lightning_patterns.demo.file_server.LocalServer`.
+- :class:`_FaultHandler` acts out ``"stall"``, ``"reset"``, ``"500"`` and ``"503"``; streaming a body up to a byte
+  limit (how ``"truncate"`` cuts an answer short) comes from the demo's
+  :class:`~lightning_patterns.demo.file_server.QuietRequestHandler`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.server
 import random
 import socket
 import struct
@@ -22,19 +23,13 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from typing import Any, Generic, Protocol, TypeVar
+
+from lightning_patterns.demo.file_server import LocalServer, QuietRequestHandler
 
 __all__ = ["FAULTS", "_FaultHandler", "_FaultInjectingServer", "_check_faults"]
 
 FAULTS: tuple[str, ...] = ("reset", "500", "503", "truncate", "stall")
-_COPY_CHUNK = 64 * 1024
-
-
-class _Readable(Protocol):
-    """A body source: a file, an upstream ``http.client.HTTPResponse`` or a ``BytesIO``."""
-
-    def read(self, size: int, /) -> bytes: ...
 
 
 class _Record(Protocol):
@@ -48,7 +43,6 @@ class _Record(Protocol):
 
 
 _RecordT = TypeVar("_RecordT", bound=_Record)
-_ServerT = TypeVar("_ServerT", bound="_FaultInjectingServer[Any]")
 
 
 def _check_faults(faults: Sequence[str]) -> None:
@@ -65,7 +59,7 @@ def _check_faults(faults: Sequence[str]) -> None:
         raise ValueError(f"faults={faults!r} has unknown entries {unknown!r}; choose from {FAULTS!r}.")
 
 
-class _FaultInjectingServer(http.server.ThreadingHTTPServer, Generic[_RecordT]):
+class _FaultInjectingServer(LocalServer, Generic[_RecordT]):
     """A threading HTTP server on ``127.0.0.1`` (a free port) that draws faults and logs every request.
 
     Subclasses validate their own arguments, then call ``super().__init__``, which validates the fault settings
@@ -79,12 +73,7 @@ class _FaultInjectingServer(http.server.ThreadingHTTPServer, Generic[_RecordT]):
         seed: Seeds the fault draws: the ``k``-th request meets the same fault in every run with this seed.
     """
 
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-    # Names the serving thread, ``<prefix>-<port>``, so a leaked one is easy to attribute.
     _thread_prefix = "fault-server"
-    _noun = "server"  # what the "already started" error tells the caller to make anew
 
     def __init__(
         self,
@@ -112,20 +101,7 @@ class _FaultInjectingServer(http.server.ThreadingHTTPServer, Generic[_RecordT]):
         self._lock = threading.Lock()
         self._log: list[_RecordT] = []
         self._scheduled: defaultdict[str, deque[str]] = defaultdict(deque)
-        self._thread: threading.Thread | None = None
-        super().__init__(("127.0.0.1", 0), handler)
-
-    # ------------------------------------------------------------------ addresses
-
-    @property
-    def port(self) -> int:
-        """The port the server listens on."""
-        return int(self.server_address[1])
-
-    @property
-    def url(self) -> str:
-        """The server's base URL, ``http://127.0.0.1:<port>``."""
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__(handler)
 
     # ------------------------------------------------------------------ faults
 
@@ -197,57 +173,11 @@ class _FaultInjectingServer(http.server.ThreadingHTTPServer, Generic[_RecordT]):
         with self._lock:
             self._log.clear()
 
-    # ------------------------------------------------------------------ lifecycle
 
-    def start(self: _ServerT) -> _ServerT:
-        """Serve from a daemon thread; returns ``self``.
-
-        Raises:
-            RuntimeError: If the server was started before (a stopped server has closed its socket).
-        """
-        if self._thread is not None:
-            raise RuntimeError(f"{type(self).__name__}.start() was already called; use a new {self._noun}.")
-        self._thread = threading.Thread(
-            target=self.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"{self._thread_prefix}-{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving and close the listening socket.
-
-        Args:
-            timeout: Seconds to wait for the serving thread; after that it is left to die with the process.
-        """
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join(timeout)
-            self._thread = None
-        self.server_close()
-
-    def __enter__(self: _ServerT) -> _ServerT:
-        return self.start() if self._thread is None else self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        """Stay quiet: clients that give up (timeouts, resets) make writes fail, and that is expected."""
-
-
-class _FaultHandler(http.server.BaseHTTPRequestHandler):
-    """Request handler base: quiet, keep-alive, and able to act out the faults that precede any real answer."""
+class _FaultHandler(QuietRequestHandler):
+    """Request handler base: able to act out the faults that precede any real answer."""
 
     server: _FaultInjectingServer[Any]
-    protocol_version = "HTTP/1.1"
-    timeout = 30  # an idle keep-alive connection frees its thread eventually
-    disable_nagle_algorithm = True  # headers and body are separate writes: avoid 40 ms delayed-ACK stalls
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Stay quiet (the default logs request lines, whose query strings may carry signatures)."""
 
     def _act_out_fault(self, fault: str | None, log: Callable[[int], object], answer: Callable[[int], None]) -> bool:
         """Act out ``"stall"``, ``"reset"``, ``"500"`` and ``"503"``; other faults need the real answer.
@@ -271,35 +201,6 @@ class _FaultHandler(http.server.BaseHTTPRequestHandler):
             answer(int(fault))
             return True
         return False
-
-    def _send_body(self, source: AbstractContextManager[_Readable], limit: int) -> int:
-        """End the buffered headers, then copy up to ``limit`` body bytes from ``source`` to the client.
-
-        ``source`` is entered only after the headers are out, inside the same guard, so a body that cannot be
-        opened or read ends the connection after the headers, just like a client that goes away.
-
-        Args:
-            source: Opens the body; ``limit`` below its length truncates the answer (the ``"truncate"`` fault).
-            limit: The most body bytes to write.
-
-        Returns:
-            The body bytes written, which fall short of ``limit`` when the source ends early or the client leaves.
-        """
-        sent = 0
-        try:
-            self.end_headers()
-            with source as body:
-                while sent < limit:
-                    chunk = body.read(min(_COPY_CHUNK, limit - sent))
-                    if not chunk:
-                        break
-                    self.wfile.write(chunk)
-                    sent += len(chunk)
-            self.wfile.flush()
-        except OSError:
-            # The client went away (e.g. it timed out during a stall), or the source broke off; nothing left to do.
-            self.close_connection = True
-        return sent
 
     def _reset(self) -> None:
         """Abort the connection with a TCP reset (SO_LINGER 0), as a crashing server or load balancer would."""

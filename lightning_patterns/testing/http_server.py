@@ -1,8 +1,8 @@
 """A local HTTP file server that injects faults, for testing remote reads against a real protocol.
 
-:func:`serve_directory` serves a directory on ``127.0.0.1`` (a free port) from a daemon thread, with ``GET``
-(including single ``Range`` requests, answered ``206`` with ``Content-Range``) and ``HEAD`` (with
-``Content-Length``), as fsspec's ``HTTPFileSystem`` needs. Requests fail at random with probability
+:func:`serve_directory` serves a directory on ``127.0.0.1`` (a free port) from a daemon thread: the demo's
+:class:`~lightning_patterns.demo.file_server.FileServer` (``GET`` with single ``Range`` requests, ``HEAD``), plus
+faults and a request log. Requests fail at random with probability
 ``failure_rate``, or deterministically with :meth:`FaultInjectingHTTPServer.inject`. Every request is logged,
 so tests can count requests and bytes served.
 
@@ -28,17 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
-import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
+from lightning_patterns.demo.file_server import FileRequestHandler
 from lightning_patterns.testing._faults import FAULTS, _FaultHandler, _FaultInjectingServer
 
 __all__ = ["FAULTS", "FaultInjectingHTTPServer", "RequestRecord", "serve_directory"]
-
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,17 +90,6 @@ class FaultInjectingHTTPServer(_FaultInjectingServer[RequestRecord]):
             _FaultInjectingHandler, failure_rate=failure_rate, faults=faults, stall_seconds=stall_seconds, seed=seed
         )
 
-    def url_for(self, relpath: str) -> str:
-        """The URL of a file given by its path relative to ``root``.
-
-        Args:
-            relpath: e.g. ``"shards/000.bin"``.
-
-        Returns:
-            The full URL.
-        """
-        return f"{self.url}/{urllib.parse.quote(relpath.lstrip('/'))}"
-
     @property
     def bytes_sent(self) -> int:
         """Body bytes sent over all logged requests."""
@@ -112,98 +97,41 @@ class FaultInjectingHTTPServer(_FaultInjectingServer[RequestRecord]):
             return sum(r.bytes_sent for r in self._log)
 
 
-class _FaultInjectingHandler(_FaultHandler):
+class _FaultInjectingHandler(_FaultHandler, FileRequestHandler):
+    """The demo's file handler, with the request's fault acted out first and every answer logged."""
+
     server: FaultInjectingHTTPServer
+    _fault: str | None = None
 
-    def do_HEAD(self) -> None:
-        self._serve(head=True)
+    def _log_unanswered(self, method: str, path: str, status: int) -> None:
+        self.server._record(RequestRecord(method, path, None, status, 0, self._fault))
 
-    def do_GET(self) -> None:
-        self._serve(head=False)
+    def _before_answer(self, method: str, path: str) -> bool:
+        self._fault = self.server._choose_fault(path)
+        return self._act_out_fault(
+            self._fault, lambda status: self._log_unanswered(method, path, status), self._send_empty
+        )
 
-    def _serve(self, *, head: bool) -> None:
-        method = "HEAD" if head else "GET"
-        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-        fault = self.server._choose_fault(path)
-        requested = self.headers.get("Range")
+    def _answer_empty(self, method: str, path: str, status: int, headers: dict[str, str] | None = None) -> None:
+        self._log_unanswered(method, path, status)
+        self._send_empty(status, headers)
 
-        def record(status: int) -> None:
-            self.server._record(RequestRecord(method, path, None, status, 0, fault))
-
-        if self._act_out_fault(fault, record, self._send_empty):
-            return
-
-        target = (self.server.root / path.lstrip("/")).resolve()
-        if not target.is_relative_to(self.server.root):
-            record(403)
-            self._send_empty(403)
-            return
-        if not target.is_file():
-            record(404)
-            self._send_empty(404)
-            return
-
-        size = target.stat().st_size
-        byte_range = _parse_range(requested, size) if requested else None
-        if byte_range == (-1, -1):
-            record(416)
-            self._send_empty(416, {"Content-Range": f"bytes */{size}"})
-            return
-        start, end = byte_range if byte_range is not None else (0, size)
-        status = 206 if byte_range is not None else 200
-        limit = 0 if head else end - start
-        if fault == "truncate" and not head:
+    def _answering(
+        self, method: str, path: str, byte_range: tuple[int, int] | None, status: int, limit: int
+    ) -> tuple[int, Callable[[int], None]]:
+        if self._fault == "truncate" and method == "GET":
             # A graceful close after half the body: the client keeps what arrived and sees a short body.
             limit //= 2
             self.close_connection = True
         # Log before the first byte leaves, so a client that has its answer always finds it in the log.
-        planned = RequestRecord(method, path, byte_range, status, limit, fault)
+        planned = RequestRecord(method, path, byte_range, status, limit, self._fault)
         index = self.server._record(planned)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(end - start))
-        if byte_range is not None:
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
-        sent = self._send_body(_open_at(target, start), limit)
-        if sent != limit:
-            self.server._amend(index, planned, dataclasses.replace(planned, bytes_sent=sent))
 
-    def _send_empty(self, status: int, headers: dict[str, str] | None = None) -> None:
-        try:
-            self.send_response(status)
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-        except OSError:
-            self.close_connection = True
+        def amend(sent: int) -> None:
+            if sent != limit:
+                self.server._amend(index, planned, dataclasses.replace(planned, bytes_sent=sent))
 
-
-@contextlib.contextmanager
-def _open_at(path: Path, start: int) -> Iterator[BinaryIO]:
-    """Open ``path`` for reading from byte ``start``, lazily: on entering, inside the caller's error guard."""
-    with path.open("rb") as f:
-        f.seek(start)
-        yield f
-
-
-def _parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """``(start, end)`` for a single-range header, ``None`` to ignore it, ``(-1, -1)`` if unsatisfiable."""
-    match = _RANGE.match(header.strip())
-    if match is None:
-        return None  # malformed or multi-range: RFC 9110 lets us answer with the whole file
-    first, last = match.groups()
-    if not first and not last:
-        return None
-    if not first:  # suffix range: the last N bytes
-        length = int(last)
-        return (-1, -1) if length == 0 else (max(size - length, 0), size)
-    start = int(first)
-    end = size if not last else min(int(last) + 1, size)
-    if start >= size or end <= start:
-        return (-1, -1)
-    return start, end
+        return limit, amend
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ else:
 __all__ = ["TinyJob", "TinyRegressor", "single_process_reference"]
 
 # The public classes are the bodies below built for the Lightning package in use (lightning_patterns._lightning).
-__getattr__ = _lightning.class_getter(["TinyRegressor"])
+__getattr__ = _lightning.class_getter(__name__, ["TinyRegressor"])
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lightning_patterns.commands.shards import run_shards_command
 from lightning_patterns.data.shards import load_manifest, read_shard
-from lightning_patterns.data.shards.cli import run_shards_command
 from lightning_patterns.testing.http_server import FaultInjectingHTTPServer, serve_directory
 
 pytestmark = pytest.mark.remote

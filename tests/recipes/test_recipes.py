@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_patterns.recipes import list_recipes
+from lightning_patterns.recipes import best_checkpoint, list_recipes, recipe_root
 
 # Recipes that need the internet are documented, not run here.
 NOT_RUN_IN_CI = {"fashion_mnist_public"}
@@ -57,6 +58,17 @@ def test_recipe_runs_shortened(name: str, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "validation accuracy: " in result.stdout
+    best = tmp_path / best_checkpoint(name)
+    assert best.is_file()
+    assert (best.parent / "last.ckpt").is_file()
+    if "Data pipeline" in result.stdout:
+        # The closing line and the table come from the same counters, reduced over the ranks; counts are integers.
+        closing = result.stdout.split("fit finished: ")[1]
+        last_epoch = [line.split() for line in result.stdout.splitlines() if re.match(r"\s+1\s+[0-9,]+\s", line)]
+        assert f"data/remote_bytes={int(last_epoch[-1][3].replace(',', ''))}," in closing
+        assert re.search(r"data/retries=\d+,", closing)
+        per_rank = result.stdout.split("samples per rank in the last epoch: ")[1].splitlines()[0]
+        assert f"data/samples={sum(int(n.replace(',', '')) for n in per_rank.split(', '))}," in closing
 
 
 def test_every_recipe_has_a_description_and_valid_yaml() -> None:
@@ -64,3 +76,19 @@ def test_every_recipe_has_a_description_and_valid_yaml() -> None:
         assert path.read_text().startswith("# "), f"{name} has no one-line description"
         config = yaml.safe_load(path.read_text())
         assert {"trainer", "model", "data"} <= set(config), name
+
+
+def test_every_recipe_keeps_its_files_where_the_commands_look() -> None:
+    """validate --recipe loads recipe_root/checkpoints/best.ckpt, cache info lists recipe_root/cache."""
+    for name, path in list_recipes().items():
+        config = yaml.safe_load(path.read_text())
+        checkpoints = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+        assert len(checkpoints) == 1, name
+        init_args = checkpoints[0]["init_args"]
+        assert init_args["dirpath"] == str(best_checkpoint(name).parent), name
+        assert (init_args["filename"], init_args["monitor"], init_args["save_last"]) == ("best", "val_acc", True), name
+        assert config["trainer"]["default_root_dir"] == str(recipe_root(name)), name
+        cache_dir = config["data"].get("init_args", {}).get("cache_dir")
+        assert cache_dir in (None, str(recipe_root(name) / "cache")), name
+        model = config["model"]["init_args"]
+        assert (model["input_shape"], model["num_classes"]) == ([28, 28], 10), name

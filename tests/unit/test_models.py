@@ -29,6 +29,11 @@ def test_logits_shape_for_uint8_and_float_images(model_class: type[Any]) -> None
         (MLPClassifier, {"num_layers": 0}, r"num_layers=0"),
         (CNNClassifier, {"channels": 0}, r"channels=0"),
         (CNNClassifier, {"hidden_dim": -1}, r"hidden_dim=-1"),
+        (MLPClassifier, {"input_shape": (0, 28)}, r"`input_shape` must be the positive sizes .* input_shape=\(0, 28\)"),
+        (MLPClassifier, {"input_shape": ()}, r"input_shape=\(\)"),
+        (MLPClassifier, {"num_classes": 1}, r"`num_classes` must be at least 2, got num_classes=1"),
+        (CNNClassifier, {"input_shape": (784,)}, r"CNNClassifier needs input_shape=\(height, width\)"),
+        (CNNClassifier, {"input_shape": (3, 2, 2)}, r"at least 4×4 .* input_shape=\(3, 2, 2\)"),
     ],
 )
 def test_invalid_arguments(model_class: type[Any], kwargs: dict[str, Any], message: str) -> None:
@@ -62,3 +67,69 @@ def test_trains_on_tuple_batches_and_lowers_the_loss(
     with torch.no_grad():
         after = torch.nn.functional.cross_entropy(model(images.float() / 255), labels).item()
     assert after < before * 0.7
+
+
+def _one_epoch_trainer() -> Any:
+    # Imported here: these tests are about the models, and the Lightning package they run under is the Trainer's.
+    import pytorch_lightning
+
+    return pytorch_lightning.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [
+        (MLPClassifier(input_shape=(8, 8), num_classes=3, hidden_dim=16), (8, 8)),
+        (CNNClassifier(input_shape=(8, 8), num_classes=3, channels=4), (1, 8, 8)),
+        (CNNClassifier(input_shape=(3, 12, 16), num_classes=3, channels=4), (3, 12, 16)),
+    ],
+)
+def test_other_shapes_train(model: Any, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, *shape), dtype=torch.uint8)
+    labels = torch.arange(64) % 3
+    trainer = _one_epoch_trainer()
+    loader = DataLoader(TensorDataset(images, labels), batch_size=16)
+    trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader)
+    assert model(images[:5].float()).shape == (5, 3)
+
+
+@pytest.mark.parametrize(
+    ("model", "images", "labels", "message"),
+    [
+        (
+            MLPClassifier(),
+            torch.zeros(4, 8, 8),
+            torch.zeros(4, dtype=torch.int64),
+            r"MLPClassifier\(input_shape=\(28, 28\)\) got a batch of images of shape \(8, 8\) .*"
+            r"MLPClassifier\(input_shape=\[8, 8\]\), or --model.init_args.input_shape='\[8, 8\]'",
+        ),
+        (
+            CNNClassifier(input_shape=(3, 8, 8)),
+            torch.zeros(4, 8, 8),
+            torch.zeros(4, dtype=torch.int64),
+            r"got a batch of images of shape \(8, 8\)",
+        ),
+        (
+            MLPClassifier(input_shape=(8, 8), num_classes=5),
+            torch.zeros(4, 8, 8),
+            torch.tensor([0, 1, 7, 2]),
+            r"MLPClassifier\(num_classes=5\) got labels from 0 to 7; expected 0 to 4\. "
+            r".*--model.init_args.num_classes=8",
+        ),
+    ],
+)
+def test_data_of_another_shape_fails_at_the_first_batch(
+    model: Any, images: torch.Tensor, labels: torch.Tensor, message: str
+) -> None:
+    trainer = _one_epoch_trainer()
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader)

@@ -168,6 +168,7 @@ def clear_cache(cache_dir: str | os.PathLike[str], *, timeout: float = 60.0) -> 
     patterns = {"entries": (_ENTRY, _TEMP), "locks": (_LOCK,), "datasets": (_RECORD,)}
     with file_lock(str(root / "index.lock"), timeout=timeout, what=f"the cache index of {root}"):
         for folder, names in patterns.items():
+            doomed: list[str] = []  # stays empty when the folder is gone (a cache cleared before)
             with contextlib.suppress(FileNotFoundError), os.scandir(root / folder) as it:
                 doomed = [item.path for item in it if any(p.match(item.name) for p in names) and item.is_file()]
             for path in doomed:

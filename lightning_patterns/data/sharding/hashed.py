@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
+from lightning_patterns._lazy import instance_of_loaded
 from lightning_patterns.data.sharding.base import DEFAULT_SHARD_BYTES, Sharder
 
 __all__ = ["HASH_NAME", "HashSharder", "bucket_of", "stable_hash"]
@@ -39,7 +39,7 @@ def _canonical_bytes(key: Any) -> bytes:
         return str(int(key)).encode("ascii")
     if isinstance(key, (float, np.floating)):
         return repr(float(key)).encode("ascii")
-    if isinstance(key, (torch.Tensor, np.ndarray)) and key.ndim == 0:
+    if (isinstance(key, np.ndarray) or instance_of_loaded(key, "torch", "Tensor")) and key.ndim == 0:
         # .item() gives the Python bool/int/float (or complex, refused below) of the same value.
         item = key.item()
         if isinstance(item, (bool, int, float)):
@@ -59,6 +59,7 @@ def stable_hash(key: Any) -> int:
     Examples:
         >>> stable_hash("a") == stable_hash(b"a")
         True
+        >>> import torch
         >>> stable_hash(3) == stable_hash(np.int16(3)) == stable_hash(torch.tensor(3))
         True
     """

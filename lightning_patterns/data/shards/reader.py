@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from lightning_patterns.data.shards.layout import MAGIC, PREFIX
 from lightning_patterns.data.shards.schema import FieldSpec, Schema
@@ -235,6 +234,8 @@ class ShardReader:
 
     def read(self, i: int) -> dict[str, Any]:
         """Decode sample ``i`` (negative indices count from the end)."""
+        import torch  # here, not at the top: reading a header (a light command) needs no torch
+
         i = self._check_index(i)
         out: dict[str, Any] = {}
         for name, column in self._columns.items():
@@ -246,6 +247,8 @@ class ShardReader:
 
     def read_range(self, start: int, stop: int) -> dict[str, Any]:
         """Decode samples ``start`` to ``stop`` (exclusive) as a batch: tensors of shape ``(k, *shape)``, lists."""
+        import torch  # here, not at the top: reading a header (a light command) needs no torch
+
         n = self.num_samples
         if not 0 <= start <= stop <= n:
             raise IndexError(f"Range [{start}, {stop}) is invalid for a shard of {n} samples; need 0 <= start <= stop.")
@@ -267,6 +270,8 @@ class ShardReader:
 
     def read_batch(self, indices: np.ndarray | Sequence[int]) -> dict[str, Any]:
         """Decode the samples at ``indices`` (any order, repeats allowed) as a batch, like :meth:`read_range`."""
+        import torch  # here, not at the top: reading a header (a light command) needs no torch
+
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = self.num_samples
         if idx.size and (int(idx.min()) < -n or int(idx.max()) >= n):

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
+from lightning_patterns._lazy import instance_of_loaded
 from lightning_patterns.exceptions import SchemaMismatchError
 
 __all__ = ["FieldSpec", "Schema"]
+
 
 # Every numpy dtype that round-trips through ``torch.from_numpy``.
 _NUMERIC_DTYPES = frozenset(
@@ -38,7 +39,11 @@ _NUMERIC_DTYPES = frozenset(
     ]
 )
 _VARLEN_DTYPES = frozenset(["bytes", "str"])
-_TORCH_TO_NUMPY = {getattr(torch, name): name for name in _NUMERIC_DTYPES}
+
+
+def _torch_dtype_name(dtype: object) -> str:
+    """``"float32"`` for ``torch.float32``: a tensor's dtype by name, so checking one needs no torch import."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
@@ -97,9 +102,9 @@ def _spec_of(field: str, value: Any) -> FieldSpec:
         return FieldSpec("int64", ())
     if isinstance(value, float):
         return FieldSpec("float64", ())
-    if isinstance(value, torch.Tensor):
-        name = _TORCH_TO_NUMPY.get(value.dtype)
-        if name is None:
+    if instance_of_loaded(value, "torch", "Tensor"):
+        name = _torch_dtype_name(value.dtype)
+        if name not in _NUMERIC_DTYPES:
             raise TypeError(
                 f"Field {field!r} is a tensor of dtype {value.dtype}, which has no numpy equivalent. "
                 f"Convert it first, for example `tensor.float()`."
@@ -137,7 +142,7 @@ class Schema(Mapping[str, FieldSpec]):
         self._np_dtypes = {
             n: np.dtype(s.dtype).newbyteorder("<") for n, s in self._fields.items() if s.shape is not None
         }
-        self._torch_dtypes = {n: getattr(torch, s.dtype) for n, s in self._fields.items() if s.shape is not None}
+        self._torch_dtypes = {n: s.dtype for n, s in self._fields.items() if s.shape is not None}
         self._plan = [
             (n, s.shape, self._np_dtypes.get(n), self._torch_dtypes.get(n), "U" if s.dtype == "str" else "S")
             if s.shape is None
@@ -239,8 +244,8 @@ class Schema(Mapping[str, FieldSpec]):
             elif kind is np.ndarray or isinstance(value, np.generic):
                 if value.dtype != np_dtype or value.shape != shape:
                     self._mismatch(name, value)
-            elif isinstance(value, torch.Tensor):
-                if value.dtype != torch_dtype or tuple(value.shape) != shape:
+            elif instance_of_loaded(value, "torch", "Tensor"):
+                if _torch_dtype_name(value.dtype) != torch_dtype or tuple(value.shape) != shape:
                     self._mismatch(name, value)
                 value = value.numpy(force=True)
             # Python scalars are weakly typed: any field of their kind and shape () accepts them.

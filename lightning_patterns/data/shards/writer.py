@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
+from lightning_patterns._lazy import instance_of_loaded
 from lightning_patterns.data.sharding import SHARDERS, Sharder
 from lightning_patterns.data.shards.builder import ShardBuilder
 from lightning_patterns.data.shards.manifest import (
@@ -298,7 +298,7 @@ def _iterate(samples: Any) -> tuple[Iterator[Any], int | None]:
         )
     if isinstance(samples, (list, tuple)):
         return iter(samples), len(samples)
-    if isinstance(samples, IterableDataset):
+    if instance_of_loaded(samples, "torch.utils.data", "IterableDataset"):
         # torch's IterableDataset inherits a __getitem__ that raises: it is an iterable, not map-style.
         return iter(samples), _len_or_none(samples)
     if hasattr(samples, "__len__") and hasattr(samples, "__getitem__"):

@@ -35,6 +35,7 @@ __all__ = [
 _REMOTE = "lightning_patterns.data.remote"
 _HERE = "lightning_patterns.data.streaming"
 __getattr__ = lazy_exports(
+    __name__,
     {
         "ClassBalance": f"{_HERE}.options:ClassBalance",
         "FetchStats": f"{_REMOTE}:FetchStats",
@@ -51,5 +52,5 @@ __getattr__ = lazy_exports(
         "is_transient_error": f"{_REMOTE}:is_transient_error",
         "open_url": f"{_REMOTE}:open_url",
         "read_idx_header": f"{_HERE}.idx:read_idx_header",
-    }
+    },
 )

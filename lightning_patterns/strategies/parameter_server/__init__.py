@@ -8,11 +8,12 @@ __all__ = ["Chunk", "ParameterServerStrategy", "ParameterServerTelemetry", "part
 
 _PARTITION = "lightning_patterns.strategies.parameter_server.partition"
 __getattr__ = lazy_exports(
+    __name__,
     {
         "Chunk": f"{_PARTITION}:Chunk",
         "ParameterServerStrategy": "lightning:ParameterServerStrategy",
         "ParameterServerTelemetry": "lightning_patterns.strategies.parameter_server.telemetry:ParameterServerTelemetry",
         "partition_parameters": f"{_PARTITION}:partition_parameters",
         "server_loads": f"{_PARTITION}:server_loads",
-    }
+    },
 )

@@ -51,7 +51,7 @@ else:
 __all__ = ["ParameterServerStrategy"]
 
 # `ParameterServerStrategy` is `_ParameterServerStrategy` built for the Lightning package in use.
-__getattr__ = _lightning.class_getter(__all__)
+__getattr__ = _lightning.class_getter(__name__, __all__)
 
 log = logging.getLogger(__name__)
 

@@ -1,25 +1,12 @@
-"""Fixtures for shard tests: a fresh memory:// root per test, cleaned afterwards."""
+"""Fixtures for shard tests (``memory_url`` is suite-wide, in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import fsspec
 import numpy as np
 import pytest
-
-
-@pytest.fixture
-def memory_url() -> Iterator[str]:
-    """A unique ``memory://`` dataset root; fsspec's memory store is global, so remove it afterwards."""
-    root = f"/shards-test-{uuid.uuid4().hex}"
-    yield f"memory://{root}"
-    fs = fsspec.filesystem("memory")
-    for path in [p for p in fs.store if p.startswith(root)]:
-        fs.store.pop(path, None)
-    fs.pseudo_dirs[:] = [d for d in fs.pseudo_dirs if not d.startswith(root)]
 
 
 def _mnist_like(n: int, seed: int = 0) -> list[dict[str, Any]]:

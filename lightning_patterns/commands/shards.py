@@ -10,8 +10,7 @@
 
 ``shards inspect`` prints the per-shard table, the shard-size balance, and the plan of
 :func:`~lightning_patterns.data.sharding.assignment.plan_epoch` for a world size and worker count, and can
-plot both. The ``lightning-patterns`` command dispatches ``shards`` here through
-``register_tool("shards", run_shards_command)``.
+plot both. The data layers are imported when a subcommand runs, so ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -19,40 +18,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import fsspec
+from lightning_patterns._units import human_bytes, parse_size
+from lightning_patterns.commands.base import PROG, Command, CommandParser, echo
+from lightning_patterns.commands.errors import report_error
 
-from lightning_patterns.data.sharding.assignment import PlanConfig, WorkerPlan, plan_epoch, samples_per_rank
-from lightning_patterns.data.shards.manifest import Manifest, load_manifest, read_shard
-from lightning_patterns.data.shards.writer import write_dataset
-from lightning_patterns.data.synthetic import FashionLikeSamples
+if TYPE_CHECKING:
+    from lightning_patterns.data.sharding.assignment import WorkerPlan
+    from lightning_patterns.data.shards.manifest import Manifest
+    from lightning_patterns.data.synthetic import FashionLikeSamples
 
-__all__ = ["human_bytes", "parse_size", "run_shards_command"]
+__all__ = ["ShardsCommand", "run_shards_command"]
 
-_PROG = "lightning-patterns shards"
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "kib": 2**10,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "mib": 2**20,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "gib": 2**30,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "tib": 2**40,
-}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+_PROG = f"{PROG} shards"
 _SPLITS = ("train", "val", "test")
 _SPANS_SHOWN = 4
 
@@ -63,56 +46,6 @@ class _UsageError(Exception):
 
 class _SourceError(Exception):
     """The source cannot be read: reported with exit status 1."""
-
-
-def _echo(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
-
-
-def parse_size(text: str) -> int:
-    """Parse a byte count with an optional unit: ``1048576``, ``64MB`` (10⁶), ``32MiB`` (2²⁰), ``1.5GiB``.
-
-    Units are case-insensitive: ``B``, ``K``/``KB``, ``KiB``, ``M``/``MB``, ``MiB``, ``G``/``GB``, ``GiB``,
-    ``T``/``TB``, ``TiB``.
-
-    Args:
-        text: the size as typed.
-
-    Returns:
-        The number of bytes, at least 1.
-
-    Raises:
-        ValueError: ``text`` is not a size, or is below one byte.
-
-    Examples:
-        >>> parse_size("32MiB"), parse_size("64MB"), parse_size("1048576")
-        (33554432, 64000000, 1048576)
-    """
-    match = _SIZE.fullmatch(text)
-    unit = match.group(2).lower() if match else ""
-    if match is None or unit not in _UNITS:
-        raise ValueError(
-            f"Expected a byte count such as 1048576, 64MB or 32MiB, got {text!r}. "
-            f"Units: B, KB, KiB, MB, MiB, GB, GiB, TB, TiB."
-        )
-    value = int(float(match.group(1)) * _UNITS[unit])
-    if value < 1:
-        raise ValueError(f"Expected a size of at least 1 byte, got {text!r}.")
-    return value
-
-
-def human_bytes(n: float) -> str:
-    """A byte count for people: ``B`` below 1 KiB, else one decimal in ``KiB``, ``MiB``, ``GiB`` or ``TiB``.
-
-    Examples:
-        >>> human_bytes(512), human_bytes(3 * 2**29), human_bytes(5 * 2**40)
-        ('512 B', '1.5 GiB', '5.0 TiB')
-    """
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 # --- argument types --------------------------------------------------------------------------------
@@ -171,7 +104,7 @@ def _storage_options(pairs: Sequence[tuple[str, Any]] | None) -> dict[str, Any]:
 
 
 def _write_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=f"{_PROG} write",
         description="Write samples as shards plus a manifest at DEST (any writable fsspec URL or local path).",
         usage=(
@@ -192,7 +125,6 @@ def _write_parser() -> argparse.ArgumentParser:
             "      --idx-labels https://host/train-labels-idx1-ubyte.gz s3://bucket/fashion --shard-bytes 32MiB"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
     )
     parser.add_argument("src", nargs="?", metavar="SRC", help="dataset URL or synthetic:N[:SPLIT]; omit with --idx-*")
     parser.add_argument("dest", metavar="DEST", help="where to write the dataset")
@@ -234,13 +166,12 @@ def _write_parser() -> argparse.ArgumentParser:
 
 
 def _inspect_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=f"{_PROG} inspect",
         description=(
             "Print a dataset's shards (samples and bytes), their balance, and which samples every rank and "
             "DataLoader worker reads in an epoch."
         ),
-        allow_abbrev=False,
     )
     parser.add_argument("url", metavar="URL", help="the dataset root (any fsspec URL or local path)")
     parser.add_argument("--world-size", type=_int_arg(1), default=1, metavar="N", help="number of ranks (default 1)")
@@ -260,7 +191,7 @@ def _inspect_parser() -> argparse.ArgumentParser:
 
 
 def _main_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=_PROG, description="Write and inspect sharded datasets.", allow_abbrev=False)
+    parser = CommandParser(prog=_PROG, description="Write and inspect sharded datasets.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{write,inspect}")
     commands.add_parser("write", help="write samples (a dataset, IDX files, synthetic:N) as shards")
     commands.add_parser("inspect", help="print shard sizes and the per-rank, per-worker plan")
@@ -282,6 +213,8 @@ class _DatasetSamples:
         return self.manifest.num_samples
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        from lightning_patterns.data.shards.manifest import read_shard
+
         for shard in self.manifest.shards:
             reader = read_shard(self.url, shard, storage_options=self.storage_options, schema=self.manifest.schema)
             yield from reader
@@ -308,6 +241,8 @@ class _IDXSamples:
 
 
 def _synthetic(spec: str) -> FashionLikeSamples:
+    from lightning_patterns.data.synthetic import FashionLikeSamples
+
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not parts[1].isdigit() or int(parts[1]) < 1:
         raise _UsageError(f"SRC {spec!r}: expected synthetic:N or synthetic:N:SPLIT with N >= 1, e.g. synthetic:1000")
@@ -336,6 +271,7 @@ def _source(args: argparse.Namespace, storage_options: dict[str, Any]) -> tuple[
         )
     if args.src.startswith("synthetic:"):
         return _synthetic(args.src), args.src
+    from lightning_patterns.data.shards.manifest import load_manifest
     from lightning_patterns.exceptions import ManifestError
 
     try:
@@ -364,6 +300,8 @@ def _write(args: argparse.Namespace) -> int:
             f"--hash-key {args.hash_key} applies to hash sharding only; add --num-shards S "
             f"(e.g. --num-shards 16 --hash-key {args.hash_key}) or drop --hash-key"
         )
+    from lightning_patterns.data.shards.writer import write_dataset
+
     dest_options = _storage_options(args.storage_option)
     src_options = dest_options if args.src_storage_option is None else _storage_options(args.src_storage_option)
     samples, described = _source(args, src_options)
@@ -385,12 +323,12 @@ def _write(args: argparse.Namespace) -> int:
     for warning in caught:
         if issubclass(warning.category, UserWarning):
             sys.stderr.write(f"{_PROG} write: warning: {warning.message}\n")
-    _echo(f"wrote {described} to {args.dest}")
-    _echo(f"shards:   {len(manifest.shards)}")
-    _echo(f"samples:  {manifest.num_samples}")
-    _echo(f"bytes:    {manifest.num_bytes} ({human_bytes(manifest.num_bytes)})")
-    _echo(f"seconds:  {seconds:.2f}")
-    _echo(f"sharding: {_describe_sharding(manifest.sharding)}")
+    echo(f"wrote {described} to {args.dest}")
+    echo(f"shards:   {len(manifest.shards)}")
+    echo(f"samples:  {manifest.num_samples}")
+    echo(f"bytes:    {manifest.num_bytes} ({human_bytes(manifest.num_bytes)})")
+    echo(f"seconds:  {seconds:.2f}")
+    echo(f"sharding: {_describe_sharding(manifest.sharding)}")
     return 0
 
 
@@ -408,19 +346,19 @@ def _print_shards(manifest: Manifest) -> None:
     buckets = any(shard.bucket is not None for shard in shards)
     width = max(5, len(str(len(shards) - 1)))
     header = f"{'shard':>{width}} {'samples':>9} {'bytes':>12}" + (f" {'bucket':>6}" if buckets else "") + "  path"
-    _echo(header)
+    echo(header)
     for i, shard in enumerate(shards):
         bucket = f" {'-' if shard.bucket is None else shard.bucket:>6}" if buckets else ""
-        _echo(f"{i:>{width}} {shard.num_samples:>9} {shard.num_bytes:>12}{bucket}  {shard.path}")
+        echo(f"{i:>{width}} {shard.num_samples:>9} {shard.num_bytes:>12}{bucket}  {shard.path}")
     if not shards:
-        _echo("(no shards)")
+        echo("(no shards)")
         return
     sizes = [shard.num_samples for shard in shards]
     nbytes = [shard.num_bytes for shard in shards]
     mean = sum(sizes) / len(sizes)
     ratio = f"{max(sizes) / mean:.3f}" if mean else "n/a"
-    _echo(f"shard samples: min {min(sizes)}, max {max(sizes)}, mean {mean:.1f}, imbalance ratio (max/mean) {ratio}")
-    _echo(
+    echo(f"shard samples: min {min(sizes)}, max {max(sizes)}, mean {mean:.1f}, imbalance ratio (max/mean) {ratio}")
+    echo(
         f"shard bytes:   min {min(nbytes)}, max {max(nbytes)}, mean {sum(nbytes) / len(nbytes):.0f}, "
         f"imbalance ratio (max/mean) {max(nbytes) / (sum(nbytes) / len(nbytes)):.3f}"
     )
@@ -428,7 +366,7 @@ def _print_shards(manifest: Manifest) -> None:
 
 def _print_plan(args: argparse.Namespace, manifest: Manifest, plans: list[list[WorkerPlan]]) -> bool:
     batch = args.batch_size
-    _echo(
+    echo(
         f"plan: epoch {args.epoch}, seed {args.seed}, shuffle {'on' if args.shuffle else 'off'}, "
         f"drop_last {'on' if args.drop_last else 'off'}, world_size {args.world_size}, "
         f"num_workers {args.num_workers}, batch_size {batch}"
@@ -440,29 +378,33 @@ def _print_plan(args: argparse.Namespace, manifest: Manifest, plans: list[list[W
         batches = sum(math.ceil(plan.num_samples / batch) for plan in workers)
         rank_samples.append(samples)
         rank_batches.append(batches)
-        _echo(f"rank {rank}: {samples} samples, {batches} batches")
+        echo(f"rank {rank}: {samples} samples, {batches} batches")
         for plan in workers:
-            _echo(
+            echo(
                 f"  worker {plan.worker_id}: {plan.num_samples} samples, "
                 f"{math.ceil(plan.num_samples / batch)} batches, {plan.shards_opened} shards opened, "
                 f"{_spans_summary(plan)}"
             )
+    from lightning_patterns.data.sharding.assignment import samples_per_rank
+
     total = manifest.num_samples
     expected = samples_per_rank(total, args.world_size, args.drop_last)
     equal = len(set(rank_samples)) == 1 and len(set(rank_batches)) == 1 and rank_samples[0] == expected
     extra = expected * args.world_size - total
     adjust = f"{-extra} samples dropped" if extra < 0 else f"{extra} padding repeats"
     if equal:
-        _echo(
+        echo(
             f"check: every rank gets the same number of samples: OK "
             f"({expected} samples, {rank_batches[0]} batches per rank; {adjust})"
         )
     else:
-        _echo(f"check: every rank gets the same number of samples: FAILED (samples per rank {rank_samples})")
+        echo(f"check: every rank gets the same number of samples: FAILED (samples per rank {rank_samples})")
     return equal
 
 
 def _plot(path: str, manifest: Manifest, plans: list[list[WorkerPlan]], storage_options: Mapping[str, Any]) -> None:
+    import fsspec
+
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -493,18 +435,21 @@ def _plot(path: str, manifest: Manifest, plans: list[list[WorkerPlan]], storage_
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from lightning_patterns.data.sharding.assignment import PlanConfig, plan_epoch
+    from lightning_patterns.data.shards.manifest import load_manifest
+
     storage_options = _storage_options(args.storage_option)
     manifest = load_manifest(args.url, storage_options)
-    _echo(f"dataset: {args.url}")
-    _echo(f"sharding: {_describe_sharding(manifest.sharding)}")
-    _echo("schema: " + ", ".join(f"{name} {spec.describe()}" for name, spec in manifest.schema.items()))
-    _echo(
+    echo(f"dataset: {args.url}")
+    echo(f"sharding: {_describe_sharding(manifest.sharding)}")
+    echo("schema: " + ", ".join(f"{name} {spec.describe()}" for name, spec in manifest.schema.items()))
+    echo(
         f"total: {len(manifest.shards)} shards, {manifest.num_samples} samples, {manifest.num_bytes} bytes "
         f"({human_bytes(manifest.num_bytes)})"
     )
-    _echo()
+    echo()
     _print_shards(manifest)
-    _echo()
+    echo()
     config = PlanConfig(
         [shard.num_samples for shard in manifest.shards],
         batch_size=args.batch_size,
@@ -516,7 +461,7 @@ def _inspect(args: argparse.Namespace) -> int:
     ok = _print_plan(args, manifest, plans)
     if args.plot:
         _plot(args.plot, manifest, plans, storage_options)
-        _echo(f"plot: {args.plot}")
+        echo(f"plot: {args.plot}")
     return 0 if ok else 1
 
 
@@ -551,12 +496,23 @@ def run_shards_command(argv: Sequence[str]) -> int:
         except _UsageError as err:
             parser.error(str(err))  # exits with status 2
         except FileExistsError as err:
-            sys.stderr.write(f"{parser.prog}: error: {err} On the command line: --mode append or --mode overwrite.\n")
+            report_error(parser.prog, f"{err} On the command line: --mode append or --mode overwrite.")
             return 1
         except (_SourceError, ValueError, OSError) as err:
-            sys.stderr.write(f"{parser.prog}: error: {err}\n")
+            report_error(parser.prog, str(err))
             return 1
     except SystemExit as exit_:
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     raise AssertionError("unreachable")  # parser.error never returns
+
+
+class ShardsCommand(Command):
+    """``lightning-patterns shards write|inspect``."""
+
+    name = "shards"
+    help = "write datasets as shards (from a dataset, IDX files or synthetic:N) and inspect their plan"
+
+    def run(self, argv: list[str]) -> int:
+        """Run :func:`run_shards_command`."""
+        return run_shards_command(argv)

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lightning_patterns._units import parse_size
+from lightning_patterns.commands.shards import _option_arg, _storage_options, run_shards_command
 from lightning_patterns.data.sharding import bucket_of
 from lightning_patterns.data.shards import load_manifest, read_shard
-from lightning_patterns.data.shards.cli import _option_arg, _storage_options, parse_size, run_shards_command
 from lightning_patterns.data.synthetic import fashion_like_arrays
 
 
@@ -272,7 +273,35 @@ def test_errors(argv: list[str], code: int, message: str, tmp_path: Path, capsys
     assert got == code
     assert fill(message) in err
     assert out == ""
+    assert "usage:" not in err  # only the offending argument, never the whole usage
+    assert err.count("error:") == 1
     assert not (tmp_path / "dest" / "manifest.json").exists()
+
+
+def _not_datasets(tmp_path: Path) -> dict[str, Path]:
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"not a dataset")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"name": "some other tool\'s manifest", "files": []}')
+    return {"is a file": plain, "not a lightning_patterns manifest": other}
+
+
+def test_inspect_of_what_is_not_a_dataset_is_one_paragraph(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for path in _not_datasets(tmp_path).values():
+        code, out, err = run(capsys, "inspect", str(path))
+        assert (code, out) == (1, "")
+        assert err.startswith("lightning-patterns shards inspect: error: ")
+        assert len(err.splitlines()) == 1
+        assert str(path) in err
+
+
+def test_inspect_says_what_the_path_is_instead(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for substance, path in _not_datasets(tmp_path).items():
+        code, _, err = run(capsys, "inspect", str(path))
+        assert code == 1
+        assert substance in err, err
+        assert "Upgrade lightning_patterns" not in err
 
 
 def test_existing_dest_points_to_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
