@@ -22,9 +22,9 @@ from torch.utils.data import IterableDataset
 
 from lightning_patterns.data.batching import ClassBalancer, check_class_counts
 from lightning_patterns.data.caching import EpochCache, make_cache
-from lightning_patterns.data.remote import FetchStatsSnapshot, RemoteReader, RetryPolicy
+from lightning_patterns.data.remote import Deadline, FetchStatsSnapshot, RemoteReader, RetryPolicy
 from lightning_patterns.data.sharding.assignment import Span, WorkerPlan, samples_per_rank
-from lightning_patterns.data.shards.manifest import Manifest, fetch_shard, read_manifest, shard_url
+from lightning_patterns.data.shards.manifest import Manifest, fetch_shard, open_shard, read_manifest, shard_url
 from lightning_patterns.data.shards.reader import ShardReader, read_column
 from lightning_patterns.data.streaming.batches import BatchPositions, PlanIndices, ShardUse, only_shard, shard_use_of
 from lightning_patterns.data.streaming.metrics import StreamCounters
@@ -66,7 +66,8 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         read_ahead: shards to fetch ahead of the one in use.
         read_ahead_bytes: bytes to fetch ahead at most (``None``: only ``read_ahead`` bounds it).
         read_threads: background threads that fetch shards.
-        fetch_timeout: seconds to wait for one shard, retries included, before failing.
+        fetch_timeout: seconds one read may take, retries included, before failing: the manifest, each shard
+            (its download is cancelled then, so no thread outlives it), and the wait for a shard in use.
         storage_options: passed unchanged to fsspec (an S3 ``endpoint_url`` goes in ``client_kwargs``).
         retry: retry policy for transient remote faults.
         verify_checksums: check every shard against the manifest's checksum.
@@ -157,8 +158,9 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         self._current_stream: tuple[Span, ...] | None = None
 
     def _read_manifest(self) -> Manifest:
-        # Through the reader, so a transient fault on the manifest is retried like one on a shard.
-        return read_manifest(self._reader)
+        # Through the reader, so a transient fault on the manifest is retried like one on a shard; bounded in
+        # bytes (the default cap) and in time, like every shard read.
+        return read_manifest(self._reader, deadline=Deadline(self.fetch_timeout))
 
     def _make_balancer(
         self, min_per_class: int | None, num_classes: int | None, lookahead: int
@@ -190,10 +192,12 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         total = np.zeros(0, dtype=np.int64)
         for shard in self.manifest.shards:
             labels = read_column(
-                functools.partial(self._reader.read_range, shard.path),
+                functools.partial(self._reader.read_range, shard.path, deadline=Deadline(self.fetch_timeout)),
                 self.label_field,
                 size=shard.num_bytes,
                 schema=self.manifest.schema,
+                url=shard_url(self.url, shard.path),
+                num_samples=shard.num_samples,
             )
             if labels.size and int(labels.min()) < 0:
                 raise ValueError(
@@ -348,15 +352,17 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
     def _describe(self, shard: int) -> str:
         return shard_url(self.url, self.manifest.shards[shard].path)
 
-    def _fetch(self, shard: int) -> memoryview:
-        return fetch_shard(self._reader, self.manifest.shards[shard], verify=self.verify_checksums)
+    def _fetch(self, shard: int, deadline: Deadline | None) -> memoryview:
+        info = self.manifest.shards[shard]
+        return fetch_shard(self._reader, info, verify=self.verify_checksums, deadline=deadline)
 
-    def _load(self, shard: int) -> ShardReader:
+    def _load(self, shard: int, deadline: Deadline | None = None) -> ShardReader:
         if self.cache is None:
-            data: Any = self._fetch(shard)
+            data: Any = self._fetch(shard, deadline)
         else:
-            data = self.cache.get_or_fetch(shard, lambda: self._fetch(shard))
-        return ShardReader(data, self.manifest.schema)
+            data = self.cache.get_or_fetch(shard, lambda: self._fetch(shard, deadline))
+        # The header is checked against the manifest entry before any sample of the shard is decoded.
+        return open_shard(data, self.manifest.shards[shard], self.manifest.schema, self._describe(shard))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._resume_pending:
