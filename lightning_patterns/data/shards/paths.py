@@ -7,17 +7,24 @@ form must be a ``/``-separated relative path with no empty, ``.`` or ``..`` comp
 ``:`` (so no URL scheme and no drive letter), no ``?`` or ``#`` (no query or fragment), and no control or
 invisible formatting character. Symlinks are the other way out of a root; local reads refuse those that
 lead outside it (see :class:`~lightning_patterns.data.remote.RemoteReader`).
+
+The writer names its shard files ``shard-<generation>-<token>-[b<bucket>-]<index>.lps``
+(:func:`shard_file_name`); garbage collection only ever considers files named so
+(:func:`shard_file_generation`).
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 import urllib.parse
 from typing import Any
 
 from lightning_patterns.exceptions import UnsafePathError
 
-__all__ = ["validate_shard_path"]
+__all__ = ["shard_file_generation", "shard_file_name", "validate_shard_path"]
+
+_SHARD_FILE = re.compile(r"^shard-(\d{5,})-[0-9a-f]{8}-(?:b\d{5,}-)?\d{5,}\.lps$")
 
 # Percent-decoding rounds tried; a path still changing after them is refused as obfuscated.
 _MAX_DECODES = 4
@@ -97,3 +104,24 @@ def validate_shard_path(path: Any, url: str = "<manifest>") -> str:
             f"The manifest was edited or is not trustworthy; rewrite the dataset."
         )
     return str(path)
+
+
+def shard_file_name(generation: int, token: str, bucket: int | None, index: int) -> str:
+    """The name the writer gives the ``index``-th shard file it writes (of hash ``bucket``, if any).
+
+    Example:
+        >>> shard_file_name(3, "0a1b2c3d", None, 7), shard_file_name(3, "0a1b2c3d", 12, 7)
+        ('shard-00003-0a1b2c3d-00007.lps', 'shard-00003-0a1b2c3d-b00012-00007.lps')
+    """
+    return f"shard-{generation:05d}-{token}-{'' if bucket is None else f'b{bucket:05d}-'}{index:05d}.lps"
+
+
+def shard_file_generation(name: str) -> int | None:
+    """The generation in a file name the writer gives shards (:func:`shard_file_name`), ``None`` for any other.
+
+    Example:
+        >>> shard_file_generation("shard-00003-0a1b2c3d-00007.lps"), shard_file_generation("notes.txt")
+        (3, None)
+    """
+    match = _SHARD_FILE.match(name)
+    return None if match is None else int(match.group(1))
