@@ -42,7 +42,7 @@ from lightning_patterns.data.shards.limits import (
 from lightning_patterns.data.shards.paths import validate_shard_path
 from lightning_patterns.data.shards.reader import ShardReader
 from lightning_patterns.data.shards.schema import Schema
-from lightning_patterns.exceptions import ManifestError, ObjectTooLargeError, ShardNotFoundError
+from lightning_patterns.exceptions import ManifestError, ObjectTooLargeError, ShardNotFoundError, UnsafePathError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -212,8 +212,11 @@ class Manifest:
             if not isinstance(entries, list):
                 raise ValueError(f"'shards' must be a list, got {type(entries).__name__}")
             retired = _retired(data.get("retired", []), url)
+        except UnsafePathError:
+            raise
         except (KeyError, ValueError, TypeError) as err:
-            raise ManifestError(f"Manifest {url!r} is malformed: {err}. Rewrite the dataset.") from err
+            reason = str(err).rstrip(".")
+            raise ManifestError(f"Manifest {url!r} is malformed: {reason}. Rewrite the dataset.") from err
         if len(entries) > MAX_SHARDS:
             raise ManifestError(
                 f"Manifest {url!r} lists {len(entries)} shards, more than the {MAX_SHARDS} a dataset may have. "

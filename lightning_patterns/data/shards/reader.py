@@ -7,6 +7,7 @@ reads) both go through it, so a check added there guards both.
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -36,6 +37,10 @@ __all__ = [
     "parse_header",
     "read_column",
 ]
+
+
+# Bytes of a str column decoded at a time when it is checked (bounds the memory the check takes).
+_UTF8_CHUNK = 2**20
 
 
 class ShardFormatError(ValueError):
@@ -283,7 +288,7 @@ class ShardReader:
 
     The header passes every check of :func:`parse_header` (against the manifest's sample count when
     ``num_samples`` is given) and each variable-length index is checked to be monotone before this returns,
-    so a shard that fails them yields no sample at all; a ``str`` value that is not UTF-8 fails when read.
+    so a shard that fails them yields no sample at all; so is every ``str`` value (valid UTF-8).
 
     Args:
         buffer: the whole shard file as a bytes-like object.
@@ -335,7 +340,34 @@ class ShardReader:
                 f"the index of field {name!r} decreases at sample {at} ({int(index[at])} then {int(index[at + 1])}); "
                 "an index must be monotone",
             )
+        if spec.dtype == "str":
+            self._check_utf8(name, extent, index)
         return _Column(name, spec, extent.offset, extent.nbytes, index, None, 0)
+
+    def _check_utf8(self, name: str, extent: ColumnExtent, index: np.ndarray) -> None:
+        """Every value of a ``str`` column is UTF-8, checked once here so that no read can fail on it later.
+
+        The whole payload must decode (in bounded chunks), and no value may start inside a character (on a
+        continuation byte): together these mean each value decodes alone.
+        """
+        payload = self._buffer[extent.offset : extent.offset + extent.nbytes]
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        for start in range(0, len(payload) + 1, _UTF8_CHUNK):
+            held = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk
+            try:
+                decoder.decode(payload[start : start + _UTF8_CHUNK], final=start + _UTF8_CHUNK > len(payload))
+            except UnicodeDecodeError as err:
+                at = int(np.searchsorted(index, start - held + err.start, side="right")) - 1
+                raise _corrupt(self.url, f"field {name!r} of sample {at} is not valid UTF-8 ({err.reason})") from err
+        starts = index[:-1][index[:-1] < extent.nbytes]
+        if starts.size:
+            first_bytes = np.frombuffer(payload, dtype=np.uint8)[starts]
+            split = np.flatnonzero((first_bytes & 0xC0) == 0x80)
+            if split.size:
+                at = int(np.flatnonzero(index[:-1] == starts[split[0]])[0])
+                raise _corrupt(
+                    self.url, f"field {name!r} of sample {at} is not valid UTF-8 (it starts inside a character)"
+                )
 
     def __len__(self) -> int:
         return self.num_samples
@@ -358,12 +390,8 @@ class ShardReader:
     def _varlen(self, column: _Column, i: int) -> bytes | str:
         assert column.index is not None
         data = self._buffer[column.offset + int(column.index[i]) : column.offset + int(column.index[i + 1])].tobytes()
-        if column.spec.dtype != "str":
-            return data
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise _corrupt(self.url, f"field {column.name!r} of sample {i} is not valid UTF-8 ({err})") from err
+        # Checked to be UTF-8 when the shard was opened.
+        return data.decode("utf-8") if column.spec.dtype == "str" else data
 
     def read(self, i: int) -> dict[str, Any]:
         """Decode sample ``i`` (negative indices count from the end)."""

@@ -206,7 +206,10 @@ class Schema(Mapping[str, FieldSpec]):
             shape = entry["shape"]
             if shape is not None and not isinstance(shape, list):
                 raise ValueError(f"Schema entry for field {name!r} has shape {shape!r}; expected a list or null.")
-            fields[name] = FieldSpec(str(entry["dtype"]), None if shape is None else tuple(shape))
+            try:
+                fields[name] = FieldSpec(str(entry["dtype"]), None if shape is None else tuple(shape))
+            except ValueError as err:
+                raise ValueError(f"Schema entry for field {name!r} is invalid: {err}") from err
         return cls(fields)
 
     def describe_difference(self, other: Schema) -> str:

@@ -13,12 +13,12 @@ cancelled and the threads finish, so the process can exit.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeoutError
 
 from lightning_patterns.data.remote.deadline import Deadline
 from lightning_patterns.data.shards.reader import ShardReader
@@ -105,14 +105,14 @@ class ReadAhead:
         if not future.done():
             started = time.perf_counter()
             try:
-                future.result(timeout=self._timeout)
-            except FutureTimeoutError:
+                concurrent.futures.wait([future], timeout=self._timeout)
+            finally:
+                self.wait_seconds += time.perf_counter() - started
+            if not future.done():  # (a fetch that failed on its own deadline raises its own error below)
                 raise TimeoutError(
                     f"Fetching {self._describe(shard)} took longer than {self._timeout} s. Check the remote, or raise "
                     "`fetch_timeout` for very large shards on a slow link."
-                ) from None
-            finally:
-                self.wait_seconds += time.perf_counter() - started
+                )
         return future.result()
 
     def release(self, shard: int) -> None:
