@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ChecksumMismatchError",
     "DeadlineExceededError",
+    "DestinationNotEmptyError",
     "ManifestError",
     "ObjectTooLargeError",
     "PeerLostError",
@@ -54,3 +55,7 @@ class DeadlineExceededError(TimeoutError):
 
 class ObjectTooLargeError(ValueError):
     """A remote object is larger than the reader was told to accept (a manifest over its byte cap)."""
+
+
+class DestinationNotEmptyError(FileExistsError):
+    """A dataset would be written into a folder that holds other files but no manifest (pass ``force=True``)."""

@@ -24,7 +24,7 @@ from lightning_patterns.data.shards import (
 )
 from lightning_patterns.data.shards.paths import shard_file_generation
 from lightning_patterns.data.streaming import StreamingDataset
-from lightning_patterns.exceptions import ShardNotFoundError
+from lightning_patterns.exceptions import DestinationNotEmptyError, ShardNotFoundError
 from lightning_patterns.testing.http_server import serve_directory
 
 
@@ -124,7 +124,9 @@ def test_orphans_of_a_killed_writer_are_collected_and_nothing_else(tmp_path: Pat
     assert set(young.kept) == orphans
 
     # A new dataset may be written there (the leftovers are a writer's), but not beside the notes without force.
-    with pytest.raises(FileExistsError, match=r"is not empty but holds no dataset manifest: it has 'notes.txt'"):
+    with pytest.raises(
+        DestinationNotEmptyError, match=r"is not empty but holds no dataset manifest: it has 'notes\.txt'"
+    ):
         write_dataset(samples(8), str(folder), progress=False)
     manifest = write_dataset(samples(8), str(folder), progress=False, force=True)
 
@@ -145,17 +147,18 @@ def test_a_non_empty_folder_without_a_manifest_is_refused_unless_forced(tmp_path
     folder.mkdir()
     for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
         (folder / name).write_bytes(b"\xff\xd8")
-    with pytest.raises(FileExistsError) as info:
+    with pytest.raises(DestinationNotEmptyError) as info:
         write_dataset(samples(4), str(folder), progress=False)
+    assert isinstance(info.value, FileExistsError)
     message = str(info.value)
     assert (
         f"{str(folder)!r} is not empty but holds no dataset manifest: it has 'a.jpg', 'b.jpg', 'c.jpg' and 1 more"
         in (message)
     )
-    assert "pass force=True (`--force` on the command line)" in message
+    assert "Choose a new or empty folder, or pass force=True to write there anyway" in message
     assert sorted(p.name for p in folder.iterdir()) == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]  # nothing written
     for mode in ("append", "overwrite"):
-        with pytest.raises(FileExistsError, match="holds no dataset manifest"):
+        with pytest.raises(DestinationNotEmptyError, match="holds no dataset manifest"):
             write_dataset(samples(4), str(folder), mode=mode, progress=False)
     write_dataset(samples(4), str(folder), progress=False, force=True)
     write_dataset(samples(4), str(folder), mode="append", progress=False)  # it holds a manifest now

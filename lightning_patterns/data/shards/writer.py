@@ -33,7 +33,7 @@ from lightning_patterns.data.shards.manifest import (
 )
 from lightning_patterns.data.shards.paths import shard_file_generation, shard_file_name
 from lightning_patterns.data.shards.schema import Schema
-from lightning_patterns.exceptions import ManifestError, SchemaMismatchError
+from lightning_patterns.exceptions import DestinationNotEmptyError, ManifestError, SchemaMismatchError
 
 __all__ = ["ShardWriter", "write_dataset"]
 
@@ -171,10 +171,10 @@ class ShardWriter:
             shown = ", ".join(repr(name) for name in foreign[:3]) + (
                 f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
             )
-            raise FileExistsError(
+            raise DestinationNotEmptyError(
                 f"{self.url!r} is not empty but holds no dataset manifest: it has {shown}. Writing a dataset there "
-                "would put its shards beside unrelated files. Choose a new or empty folder, or pass force=True "
-                "(`--force` on the command line) to write there anyway."
+                "would put its shards beside unrelated files. Choose a new or empty folder, or pass force=True to "
+                "write there anyway."
             )
         if names:
             log.info(
@@ -416,8 +416,9 @@ def write_dataset(
 
     Raises:
         ValueError: invalid arguments, or an empty dataset.
-        FileExistsError: ``mode="create"`` and a dataset exists at ``url``, or ``url`` holds other files but no
-            manifest and ``force`` is not set.
+        FileExistsError: ``mode="create"`` and a dataset exists at ``url``.
+        DestinationNotEmptyError: ``url`` holds other files but no manifest, and ``force`` is not set (a
+            ``FileExistsError``).
         SchemaMismatchError: a sample differs from the first one, or from the dataset appended to.
 
     Examples:
