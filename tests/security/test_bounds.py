@@ -154,10 +154,10 @@ def test_after_fetch_timeout_the_process_exits_within_twice_the_timeout(hostile:
     shards = make_dataset(folder, n=128, shard_bytes=2048)["shards"]
     assert len(shards) >= 4
     # Shard 0 is served; every other shard request is accepted and never answered. Reading shard 0 takes
-    # 1.5 s of training steps, so the fetch of shard 3 (read ahead once shard 0 is done) starts 1.5 s after
+    # 2.4 s of training steps, so the fetch of shard 3 (read ahead once shard 0 is done) starts 2.4 s after
     # that of shard 1, whose timeout ends the epoch: only cancelling it lets the process exit at once.
     url = hostile.serve_folder("data", folder, **{shard["path"]: stall() for shard in shards[1:]})
-    timeout, step = 2.0, 1.5 / shards[0]["num_samples"]
+    timeout, step = 3.0, 2.4 / shards[0]["num_samples"]
     child = subprocess.Popen(
         [sys.executable, "-c", _EXIT_CHILD, url, str(timeout), str(step)],
         stdout=subprocess.PIPE,
