@@ -9,7 +9,10 @@ from __future__ import annotations
 
 __all__ = [
     "ChecksumMismatchError",
+    "DeadlineExceededError",
+    "DestinationNotEmptyError",
     "ManifestError",
+    "ObjectTooLargeError",
     "PeerLostError",
     "RemoteUnreachableError",
     "SchemaMismatchError",
@@ -44,3 +47,15 @@ class RemoteUnreachableError(ConnectionRefusedError):
 
 class PeerLostError(RuntimeError):
     """A process of a distributed job stopped answering within the configured timeout."""
+
+
+class DeadlineExceededError(TimeoutError):
+    """A read did not finish by its deadline, or whoever waited for it stopped waiting (never retried)."""
+
+
+class ObjectTooLargeError(ValueError):
+    """A remote object is larger than the reader was told to accept (a manifest over its byte cap)."""
+
+
+class DestinationNotEmptyError(FileExistsError):
+    """A dataset would be written into a folder that holds other files but no manifest (pass ``force=True``)."""

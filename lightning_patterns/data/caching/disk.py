@@ -4,9 +4,17 @@ How it stays correct:
 
 - **Atomic entries.** A shard is written to a temp file, fsync-ed and renamed to its entry name, so an
   entry is either absent or complete; readers never see a torn file, and need no lock to read.
-- **Verified reads.** An entry is checked against the manifest's sha256 the first time a rank reads it (the
-  result is shared by the rank's DataLoader workers); a corrupt or truncated entry is deleted, with a
-  :class:`CacheEntryCorruptWarning`, and fetched again.
+- **Verified reads.** An entry is checked in full against the manifest's sha256 the first time a rank reads
+  it (the result is shared by the rank's DataLoader workers), and on *every* read its stat signature
+  (device, inode, size, mtime, ctime) is compared with the one recorded when it was verified or written:
+  if any differs it is checked in full again before use. A write through the file system always moves the
+  ctime, even one that puts the mtime back with ``utime``, so in-place corruption is caught on the next
+  read without hashing every read. A corrupt or truncated entry is deleted, with a
+  :class:`CacheEntryCorruptWarning`, and fetched again. Two cases this signature cannot see: a change that
+  bypasses the file system (a failing disk, a write to the block device) and a write within the file
+  system's timestamp granularity (a few milliseconds) of the verification itself; the full check at each
+  run's first read catches both, and ``verify_every_read=True`` checks every read in full. The check is
+  independent of the shard format.
 - **Content-addressed.** Entries are named by the shard's checksum from the manifest (see
   :mod:`~lightning_patterns.data.caching.layout`), so a changed dataset never reads stale bytes.
 - **One fetch per shard per machine.** A per-entry ``flock`` makes one process fetch a shard while the
@@ -19,7 +27,8 @@ How it stays correct:
   lock belongs to a writer that died (live writers only have one while holding it), so it is deleted. After
   ``kill -9`` the next run reuses every complete entry and fetches only the rest.
 
-Reads are fast: an entry is memory-mapped read-only, and verification happens once per entry per rank.
+Reads are fast: an entry is memory-mapped read-only, and a full verification happens once per entry per rank
+(one ``fstat`` per read otherwise).
 """
 
 from __future__ import annotations
@@ -33,7 +42,6 @@ import os
 import re
 import secrets
 import shutil
-import time
 import warnings
 from collections.abc import Callable
 from multiprocessing.context import get_spawning_popen
@@ -53,14 +61,19 @@ log = logging.getLogger(__name__)
 _SHA256 = re.compile(r"^sha256:([0-9a-f]{64})$")
 _CORRUPT = object()
 _WRITE_CHUNK = 8 * 2**20
-_SIGNATURE = 5
+# (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) of a verified entry, then a tag mixing them.
+_SIGNATURE = 6
 
 
 def _new_verified(num_shards: int) -> Any:
     return multiprocessing.RawArray("q", _SIGNATURE * num_shards)
 
 
-def _tag(signature: tuple[int, int, int, int]) -> int:
+def _signature(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _tag(signature: tuple[int, ...]) -> int:
     digest = hashlib.blake2b(repr(signature).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True) or 1
 
@@ -82,6 +95,8 @@ class DiskEpochCache(EpochCache):
         cache_limit: bytes of entries the folder may hold; ``None`` for no limit but the free space.
         min_free_bytes: stop adding entries when the file system's free space would fall below this.
         lock_timeout: seconds to wait for another process that is fetching the same shard.
+        verify_every_read: check every read of an entry in full against its sha256, instead of the first read
+            of each rank and any read after the entry's stat signature changed (see the module docstring).
 
     Raises:
         ValueError: an argument is out of range.
@@ -96,6 +111,7 @@ class DiskEpochCache(EpochCache):
         cache_limit: int | None = None,
         min_free_bytes: int = 2**30,
         lock_timeout: float = 600.0,
+        verify_every_read: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir):
@@ -114,13 +130,14 @@ class DiskEpochCache(EpochCache):
         self.cache_limit = check_cache_limit(cache_limit)
         self.min_free_bytes = min_free_bytes
         self.lock_timeout = float(lock_timeout)
+        self.verify_every_read = bool(verify_every_read)
         self.root = store_root(self.cache_dir)
         self._manifest: Manifest | None = None
         self._digests: list[str] = []
         self._protected: frozenset[str] = frozenset()
-        # Per shard: (st_dev, st_ino, st_size, st_mtime_ns, tag) of the entry file last verified, shared by the
-        # rank's workers. No lock (a SemLock cannot go to "spawn" workers once made in a "fork" context): the tag
-        # mixes the other four, so a torn read or write never looks like a verified signature.
+        # Per shard: (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns, tag) of the entry file last verified,
+        # shared by the rank's workers. No lock (a SemLock cannot go to "spawn" workers once made in a "fork"
+        # context): the tag mixes the other five, so a torn read or write never looks like a verified signature.
         self._verified: Any = None
         self._warned_full = False
 
@@ -218,7 +235,7 @@ class DiskEpochCache(EpochCache):
         if found is not None and found is not _CORRUPT:
             self._count(hit=True)
             return found
-        lock_path = str(self.root / "locks" / f"{digest}.lock")
+        lock_path = str(self._lock_path(digest))
         with file_lock(lock_path, timeout=self.lock_timeout, what=f"disk cache entry {digest[:16]}… (shard {shard})"):
             # Another process may have stored it while we waited.
             found = self._open_verified(shard, locked=True)
@@ -242,7 +259,7 @@ class DiskEpochCache(EpochCache):
             return None
         try:
             st = os.fstat(fd)
-            signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            signature = _signature(st)
             if st.st_size != size:
                 problem = f"it has {st.st_size} bytes, the manifest says {size}"
                 region = None
@@ -252,7 +269,7 @@ class DiskEpochCache(EpochCache):
         finally:
             os.close(fd)
         view: Any = memoryview(region) if region is not None else b""
-        if not problem and not self._is_verified(shard, signature):
+        if not problem and (self.verify_every_read or not self._is_verified(shard, signature)):
             actual = hashlib.sha256(view).hexdigest()
             if actual == digest:
                 self._mark_verified(shard, signature)
@@ -274,16 +291,28 @@ class DiskEpochCache(EpochCache):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             return None
-        with contextlib.suppress(OSError):
-            # Mark it recently used (atime); keep mtime, which is part of the verification signature.
-            os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
+        self._mark_used(digest)
         return view
 
-    def _is_verified(self, shard: int, signature: tuple[int, int, int, int]) -> bool:
+    def _lock_path(self, digest: str) -> Path:
+        return self.root / "locks" / f"{digest}.lock"
+
+    def _mark_used(self, digest: str) -> None:
+        """Record that the entry was just read, on its lock file: touching the entry would move its ctime."""
+        lock = self._lock_path(digest)
+        try:
+            os.utime(lock)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                lock.touch()
+        except OSError:
+            pass
+
+    def _is_verified(self, shard: int, signature: tuple[int, ...]) -> bool:
         base = _SIGNATURE * shard
         return list(self._verified[base : base + _SIGNATURE]) == [*signature, _tag(signature)]
 
-    def _mark_verified(self, shard: int, signature: tuple[int, int, int, int]) -> None:
+    def _mark_verified(self, shard: int, signature: tuple[int, ...]) -> None:
         base = _SIGNATURE * shard
         self._verified[base : base + _SIGNATURE] = [*signature, _tag(signature)]
 
@@ -333,15 +362,16 @@ class DiskEpochCache(EpochCache):
                 while written < len(view):
                     written += os.write(fd, view[written : written + _WRITE_CHUNK])
                 os.fsync(fd)
-                st = os.fstat(fd)
             finally:
                 os.close(fd)
             os.rename(temp, self._entry_path(digest))
+            # After the rename, which moves the ctime on most file systems: these bytes were verified when fetched.
+            st = os.stat(self._entry_path(digest))
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise
-        self._mark_verified(shard, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        self._mark_verified(shard, _signature(st))
         with contextlib.suppress(OSError):
             dir_fd = os.open(entries_dir, os.O_RDONLY)
             try:
@@ -358,13 +388,20 @@ class DiskEpochCache(EpochCache):
                 try:
                     if digest is not None:
                         st = item.stat(follow_symlinks=False)
-                        entries.append(CacheEntry(item.name, st.st_size, st.st_atime_ns, digest in self._protected))
+                        used = max(st.st_atime_ns, self._last_marked_used(digest))
+                        entries.append(CacheEntry(item.name, st.st_size, used, digest in self._protected))
                     elif is_temp_name(item.name):
                         log.info("Deleting %s, left half-written by a process that died", item.path)
                         os.unlink(item.path)
                 except FileNotFoundError:
                     continue
         return entries
+
+    def _last_marked_used(self, digest: str) -> int:
+        try:
+            return os.stat(self._lock_path(digest)).st_mtime_ns
+        except OSError:
+            return 0
 
     def _note_not_stored(self, shard: int, reason: str, free: int) -> None:
         if self._warned_full:

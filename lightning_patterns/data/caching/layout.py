@@ -6,7 +6,8 @@ Everything lives in one folder of its own inside the user's ``cache_dir``::
         index.lock                      flock held while entries are added, evicted or cleared
         entries/<sha256>.lps            complete entries, named by the sha256 of their bytes
         entries/<sha256>.lps.<pid>.<token>.tmp    an entry being written (renamed when complete)
-        locks/<sha256>.lock             per-entry flock: one process fetches a shard, the others wait
+        locks/<sha256>.lock             per-entry flock: one process fetches a shard, the others wait;
+                                        its mtime is when the entry was last read (for LRU eviction)
         datasets/<sha256>.json          the manifest of each dataset read through the cache
 
 Entries are content-addressed: an entry's name is the checksum the manifest records for the shard, so a

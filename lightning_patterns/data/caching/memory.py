@@ -9,7 +9,11 @@ The memory file has no name, so the kernel frees it when the last process using 
 way it exits: nothing is left behind after a crash or ``kill -9``.
 
 Shards that do not fit under the limit (first fit, in manifest order) are not cached, so each epoch reads
-at most ``dataset - cache_limit + one shard`` from the remote. A shard is filled once: per-shard record
+at most ``dataset - cache_limit + one shard`` from the remote. Without a ``cache_limit`` the limit is the
+dataset, but never more than :data:`MEMORY_FRACTION` of the machine's physical memory: the region is sized
+from the sizes the manifest declares, so a manifest that declares huge shards must not reserve a region
+beyond the machine, and a single shard larger than that limit is refused at :meth:`MemoryEpochCache.bind`
+with an error naming it. A shard is filled once: per-shard record
 locks (``fcntl.lockf`` on the memory file, which die with their process) make concurrent readers wait for
 the one filling it, and a ready flag in a shared array marks it complete.
 """
@@ -33,11 +37,13 @@ from typing import Any, ClassVar
 from lightning_patterns.data.caching.base import EpochCache, check_cache_limit
 from lightning_patterns.data.shards.manifest import Manifest
 
-__all__ = ["MemoryEpochCache"]
+__all__ = ["MEMORY_FRACTION", "MemoryEpochCache"]
 
 log = logging.getLogger(__name__)
 
 _READY = 1
+# The share of physical memory a memory cache without `cache_limit` may take.
+MEMORY_FRACTION = 0.8
 
 
 def _anonymous_file(size: int) -> int:
@@ -119,7 +125,8 @@ class MemoryEpochCache(EpochCache):
         """Lay the shards out and create the shared region (call before DataLoader workers start).
 
         Raises:
-            ValueError: the cache is already bound to another dataset.
+            ValueError: the cache is already bound to another dataset, or (without ``cache_limit``) a shard is
+                larger than :data:`MEMORY_FRACTION` of this machine's memory.
         """
         if self._manifest is not None:
             if self._manifest == manifest:
@@ -128,7 +135,7 @@ class MemoryEpochCache(EpochCache):
                 "This MemoryEpochCache is already bound to another dataset. Give every StreamingDataset its own "
                 "cache, e.g. `cache='memory'` or a new `MemoryEpochCache()`."
             )
-        limit = manifest.num_bytes if self.cache_limit is None else self.cache_limit
+        limit = self._effective_limit(manifest)
         offsets, used = [], 0
         for shard in manifest.shards:
             if used + shard.num_bytes <= limit:
@@ -138,17 +145,47 @@ class MemoryEpochCache(EpochCache):
                 offsets.append(-1)
         self._manifest, self._offsets, self._capacity = manifest, offsets, used
         physical = _physical_memory()
-        if physical and used > 0.8 * physical:
+        if physical and used > MEMORY_FRACTION * physical:
             log.warning(
-                "The memory cache may hold %s bytes, over 80%% of this machine's %s bytes of memory; set "
+                "The memory cache may hold %s bytes, over %d%% of this machine's %s bytes of memory; set "
                 "`cache_limit` lower, or use cache='disk'.",
                 used,
+                round(100 * MEMORY_FRACTION),
                 physical,
             )
         self._fd = _anonymous_file(used)
         self._region = mmap.mmap(self._fd, used) if used else None
         self._ready = multiprocessing.RawArray("b", len(offsets))
         log.debug("Memory cache: %s of %s shards fit in %s bytes", len(self.cached_shards()), len(offsets), used)
+
+    def _effective_limit(self, manifest: Manifest) -> int:
+        """The region's limit: ``cache_limit``, else the dataset capped at a share of physical memory."""
+        if self.cache_limit is not None:
+            return self.cache_limit
+        physical = _physical_memory()
+        if not physical or manifest.num_bytes <= MEMORY_FRACTION * physical:
+            return manifest.num_bytes
+        limit = int(MEMORY_FRACTION * physical)
+        for shard in manifest.shards:
+            if shard.num_bytes > limit:
+                raise ValueError(
+                    f"The memory cache cannot hold shard {shard.path!r}: its manifest entry declares "
+                    f"{shard.num_bytes} bytes, more than the cache's limit of {limit} bytes "
+                    f"({round(100 * MEMORY_FRACTION)}% of this machine's {physical} bytes of memory, as "
+                    "cache_limit=None). A shard that large cannot be read into memory at all: check the manifest "
+                    "(it may be corrupt or hostile), rewrite the dataset with smaller shards (`shard_bytes`), or "
+                    "use cache='disk'."
+                )
+        log.warning(
+            "The dataset declares %s bytes, more than %d%% of this machine's %s bytes of memory: the memory cache "
+            "keeps the shards that fit in %s bytes and reads the others every epoch. Set `cache_limit`, or use "
+            "cache='disk'.",
+            manifest.num_bytes,
+            round(100 * MEMORY_FRACTION),
+            physical,
+            limit,
+        )
+        return limit
 
     def __getstate__(self) -> dict[str, Any]:
         state = {

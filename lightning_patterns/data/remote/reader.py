@@ -2,9 +2,14 @@
 
 A reader picks one :class:`~lightning_patterns.data.remote.transports.Transport` for its filesystem and
 wraps every request in one retry loop (:meth:`RemoteReader._read_with_retries` for bytes,
-:meth:`RemoteReader._call_with_retries` for lookups). Transient faults are retried with exponential backoff
+:meth:`RemoteReader._lookup_with_retries` for lookups). Transient faults are retried with exponential backoff
 and jitter (see :class:`~lightning_patterns.data.remote.retry.RetryPolicy`), and every retry resumes at the
 byte offset already reached instead of starting over. A missing object is never retried.
+
+Every read is bounded: it never accepts more bytes than asked for (``end``, a known ``size``, or
+``max_bytes`` when the size is unknown), and a :class:`~lightning_patterns.data.remote.deadline.Deadline`
+bounds it in time, the request in flight included. On a local filesystem, a path under the reader's root
+that resolves (through symlinks) outside it is refused.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import fsspec.core
+from fsspec.implementations.local import LocalFileSystem
 
 from lightning_patterns.data.remote.checksum import checksum_mismatch, parse_checksum
+from lightning_patterns.data.remote.deadline import Deadline
 from lightning_patterns.data.remote.retry import (
     RetryPolicy,
     describe_error,
@@ -33,7 +40,12 @@ from lightning_patterns.data.remote.retry import (
 from lightning_patterns.data.remote.stats import FetchStats
 from lightning_patterns.data.remote.stream import buffered_stream
 from lightning_patterns.data.remote.transports import Transport, transport_for
-from lightning_patterns.exceptions import ShardNotFoundError
+from lightning_patterns.exceptions import (
+    DeadlineExceededError,
+    ObjectTooLargeError,
+    ShardNotFoundError,
+    UnsafePathError,
+)
 
 __all__ = ["RemoteReader", "open_url"]
 
@@ -159,30 +171,52 @@ class RemoteReader:
 
     # ------------------------------------------------------------------ public reads
 
-    def fetch(self, url: str, *, size: int | None = None, checksum: str | None = None) -> bytes:
+    def fetch(
+        self,
+        url: str,
+        *,
+        size: int | None = None,
+        checksum: str | None = None,
+        max_bytes: int | None = None,
+        deadline: Deadline | None = None,
+    ) -> bytes:
         """Read a whole object as ``bytes``; see :meth:`fetch_buffer`, which avoids the copy.
 
         Args:
             url: The object's URL, absolute or relative to this reader's ``url``.
             size: The object's size in bytes if known.
             checksum: ``"<algorithm>:<hex digest>"`` to verify the bytes against.
+            max_bytes: The most bytes to accept when ``size`` is not known.
+            deadline: When to give up, retries included.
 
         Returns:
             The object's bytes.
         """
-        return bytes(self.fetch_buffer(url, size=size, checksum=checksum))
+        return bytes(self.fetch_buffer(url, size=size, checksum=checksum, max_bytes=max_bytes, deadline=deadline))
 
-    def fetch_buffer(self, url: str, *, size: int | None = None, checksum: str | None = None) -> memoryview:
+    def fetch_buffer(
+        self,
+        url: str,
+        *,
+        size: int | None = None,
+        checksum: str | None = None,
+        max_bytes: int | None = None,
+        deadline: Deadline | None = None,
+    ) -> memoryview:
         """Read a whole object, retrying transient faults and resuming from the offset reached.
 
         The bytes are returned as a read-only view of the buffer they were received into: no second copy
-        of a large shard is ever made.
+        of a large shard is ever made. With ``size`` given, no more than ``size`` bytes are accepted whatever
+        the remote sends.
 
         Args:
             url: The object's URL, absolute or relative to this reader's ``url``.
             size: The object's size in bytes if known (saves a size lookup; a shorter body counts as truncated).
             checksum: ``"<algorithm>:<hex digest>"``, e.g. ``"sha256:9f86..."``, to verify the bytes against.
                 On a mismatch the object is fetched once more before giving up.
+            max_bytes: The most bytes to accept: an object found to be larger fails as soon as that is known
+                (from its size, or once ``max_bytes + 1`` bytes arrived), without reading the rest.
+            deadline: When to give up, retries and the request in flight included.
 
         Returns:
             A read-only view of the object's bytes.
@@ -190,6 +224,9 @@ class RemoteReader:
         Raises:
             ShardNotFoundError: The object does not exist (never retried).
             ChecksumMismatchError: The bytes did not match ``checksum`` on two fetches in a row.
+            ObjectTooLargeError: The object is larger than ``max_bytes``.
+            DeadlineExceededError: ``deadline`` passed or was cancelled.
+            UnsafePathError: A local path under the root resolves outside it.
             RemoteUnreachableError: The connection was refused, also when asked again.
             OSError: A transient fault persisted for ``retry.max_attempts`` attempts without progress. Errors
                 that asking again cannot fix (e.g. HTTP 403) propagate unchanged at once.
@@ -197,20 +234,30 @@ class RemoteReader:
         url = self.resolve(url)
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
             raise ValueError(f"fetch(size={size!r}) must be a non-negative number of bytes or None.")
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+            raise ValueError(f"fetch(max_bytes={max_bytes!r}) must be a non-negative number of bytes or None.")
         if checksum is not None:
             parse_checksum(checksum)  # a malformed checksum fails before any request
-        data = self._read(url, 0, size, missing=ShardNotFoundError)
+        data = self._read(url, 0, size, missing=ShardNotFoundError, max_bytes=max_bytes, deadline=deadline)
         if checksum is None or checksum_mismatch(data, checksum, url) is None:
             return memoryview(data).toreadonly()
         log.warning("Checksum mismatch for %s; fetching it once more", redact_url(url))
         self.stats.record(retries=1)
-        data = self._read(url, 0, size, missing=ShardNotFoundError)
+        data = self._read(url, 0, size, missing=ShardNotFoundError, max_bytes=max_bytes, deadline=deadline)
         error = checksum_mismatch(data, checksum, url, expected_size=size, fetches=2)
         if error is not None:
             raise error
         return memoryview(data).toreadonly()
 
-    def read_range(self, url: str, start: int = 0, end: int | None = None, *, short_ok: bool = False) -> bytes:
+    def read_range(
+        self,
+        url: str,
+        start: int = 0,
+        end: int | None = None,
+        *,
+        short_ok: bool = False,
+        deadline: Deadline | None = None,
+    ) -> bytes:
         """Read bytes ``[start, end)`` of an object with retries; ``end=None`` reads to its end.
 
         Args:
@@ -220,17 +267,20 @@ class RemoteReader:
                 ``short_ok``.
             short_ok: ``end`` is a most, not a promise: an answer that ends early is the object's end (for
                 objects whose size is unknown), not a truncation to retry.
+            deadline: When to give up, retries and the request in flight included.
 
         Returns:
             The bytes read.
 
         Raises:
             FileNotFoundError: The object does not exist.
+            DeadlineExceededError: ``deadline`` passed or was cancelled.
             OSError: A transient fault persisted, or the object ends before ``end``.
         """
         if start < 0 or (end is not None and end < start):
             raise ValueError(f"read_range(start={start!r}, end={end!r}) needs 0 <= start <= end.")
-        return bytes(self._read(self.resolve(url), start, end, missing=FileNotFoundError, short_ok=short_ok))
+        url = self.resolve(url)
+        return bytes(self._read(url, start, end, missing=FileNotFoundError, short_ok=short_ok, deadline=deadline))
 
     def size(self, url: str) -> int | None:
         """The object's size in bytes (``None`` if the backend cannot tell), looked up with retries.
@@ -289,37 +339,83 @@ class RemoteReader:
     # ------------------------------------------------------------------ the retry loop
 
     def _read(
-        self, url: str, start: int, end: int | None, *, missing: type[FileNotFoundError], short_ok: bool = False
+        self,
+        url: str,
+        start: int,
+        end: int | None,
+        *,
+        missing: type[FileNotFoundError],
+        short_ok: bool = False,
+        max_bytes: int | None = None,
+        deadline: Deadline | None = None,
     ) -> bytearray:
         started = time.perf_counter()
         try:
-            return self._read_with_retries(url, start, end, missing=missing, short_ok=short_ok)
+            self._check_inside_root(url)
+            return self._read_with_retries(
+                url, start, end, missing=missing, short_ok=short_ok, max_bytes=max_bytes, deadline=deadline
+            )
         finally:
             self.stats.record(seconds=time.perf_counter() - started)
 
+    def _check_inside_root(self, url: str) -> None:
+        """Refuse a local path under the reader's root that resolves, through symlinks, outside it."""
+        fs = self.fs
+        if not isinstance(fs, LocalFileSystem):
+            return
+        root, path = str(fs._strip_protocol(self.url)), str(fs._strip_protocol(url))
+        if not path.startswith(root.rstrip("/") + "/"):
+            return  # the root itself, or a path the caller chose outside it: nothing a manifest named
+        real_root, real = os.path.realpath(root), os.path.realpath(path)
+        if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+            raise UnsafePathError(
+                f"{path!r} resolves to {real!r}, outside the dataset root {real_root!r} (through a symlink). "
+                "Reads under a dataset root never leave it: copy the file into the dataset instead of linking it, "
+                "or rewrite the dataset."
+            )
+
     def _read_with_retries(
-        self, url: str, start: int, end: int | None, *, missing: type[FileNotFoundError], short_ok: bool
+        self,
+        url: str,
+        start: int,
+        end: int | None,
+        *,
+        missing: type[FileNotFoundError],
+        short_ok: bool,
+        max_bytes: int | None = None,
+        deadline: Deadline | None = None,
     ) -> bytearray:
         """Bytes ``[start, end)`` of ``url``, asking the transport again after each fault or short answer.
 
-        Every byte a public read returns passes through this loop, so it is the one place where a cap on the
-        bytes accepted and an overall deadline would be enforced.
+        Every byte a public read returns passes through this loop, so it is where the cap on the bytes
+        accepted (``end``, or ``max_bytes`` for an object of unknown size) and the deadline are enforced.
         """
         transport = self.transport
         path = transport.path(url)
         if end is None and not transport.reads_to_end:
-            end = self._lookup_with_retries(url, transport.size, missing=missing)
+            end = self._lookup_with_retries(url, transport.size, missing=missing, deadline=deadline)
+        if max_bytes is not None:
+            if end is None:
+                # One byte over the cap tells an object that is too large, without reading the rest of it.
+                end, short_ok = start + max_bytes + 1, True
+            elif end - start > max_bytes:
+                raise _too_large(url, max_bytes, f"it has {end - start} bytes")
         buf = bytearray()
         failures = 0
         while end is None or start + len(buf) < end:
+            if deadline is not None and deadline.expired():
+                raise deadline.error(url, received=len(buf))
             before = len(buf)
             self.stats.record(requests=1)
             error: BaseException | None = None
             ended = False
             try:
-                ended = transport.read_into(path, start + len(buf), end, buf)
+                ended = transport.read_into(path, start + len(buf), end, buf, deadline=deadline)
             except FileNotFoundError as exc:
                 raise missing(errno.ENOENT, _NOT_FOUND, redact_url(url)) from exc
+            except DeadlineExceededError:
+                self.stats.record(bytes_read=len(buf) - before)
+                raise
             except Exception as exc:
                 error = exc
             got = len(buf) - before
@@ -335,7 +431,9 @@ class RemoteReader:
             if got > 0:
                 failures = 0  # progress was made: only consecutive fruitless attempts count
             failures += 1
-            self._after_failure(url, error, failures, offset=start + len(buf))
+            self._after_failure(url, error, failures, offset=start + len(buf), deadline=deadline)
+        if max_bytes is not None and len(buf) > max_bytes:
+            raise _too_large(url, max_bytes, f"more than {max_bytes} bytes arrived")
         return buf
 
     def _lookup(self, url: str, lookup: Callable[[str], _T]) -> _T:
@@ -345,11 +443,20 @@ class RemoteReader:
         finally:
             self.stats.record(seconds=time.perf_counter() - started)
 
-    def _lookup_with_retries(self, url: str, lookup: Callable[[str], _T], *, missing: type[FileNotFoundError]) -> _T:
+    def _lookup_with_retries(
+        self,
+        url: str,
+        lookup: Callable[[str], _T],
+        *,
+        missing: type[FileNotFoundError],
+        deadline: Deadline | None = None,
+    ) -> _T:
         """``lookup(path)`` for ``url`` (a size or existence check: one request each time), with retries."""
         path = self.transport.path(url)
         failures = 0
         while True:
+            if deadline is not None and deadline.expired():
+                raise deadline.error(url)
             self.stats.record(requests=1)
             try:
                 return lookup(path)
@@ -357,9 +464,11 @@ class RemoteReader:
                 raise missing(errno.ENOENT, _NOT_FOUND, redact_url(url)) from exc
             except Exception as exc:
                 failures += 1
-                self._after_failure(url, exc, failures, offset=None)
+                self._after_failure(url, exc, failures, offset=None, deadline=deadline)
 
-    def _after_failure(self, url: str, exc: BaseException, failures: int, *, offset: int | None) -> None:
+    def _after_failure(
+        self, url: str, exc: BaseException, failures: int, *, offset: int | None, deadline: Deadline | None = None
+    ) -> None:
         """Raise if ``exc`` is permanent or its retries are used up; otherwise log, count and back off."""
         if failures >= self.retry.attempts_for(exc):
             if not is_transient_error(exc) and refused_address(exc) is None:
@@ -376,7 +485,18 @@ class RemoteReader:
             delay,
         )
         self.stats.record(retries=1)
-        time.sleep(delay)
+        if deadline is None:
+            time.sleep(delay)
+        else:
+            deadline.sleep(delay)  # the caller's loop raises at once if the deadline passed meanwhile
+
+
+def _too_large(url: str, max_bytes: int, found: str) -> ObjectTooLargeError:
+    return ObjectTooLargeError(
+        f"{redact_url(url)} is larger than the {max_bytes} bytes this read accepts ({found}); nothing more was "
+        "read. Check that the URL points at what you meant, or allow a larger object where the caller takes a "
+        "limit (e.g. `max_manifest_bytes`)."
+    )
 
 
 def _rebuild_reader(

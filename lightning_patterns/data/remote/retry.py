@@ -19,7 +19,7 @@ import errno
 import random
 import urllib.parse
 
-from lightning_patterns.exceptions import ChecksumMismatchError, RemoteUnreachableError
+from lightning_patterns.exceptions import ChecksumMismatchError, DeadlineExceededError, RemoteUnreachableError
 
 __all__ = [
     "REFUSED_ATTEMPTS",
@@ -118,7 +118,7 @@ def is_transient_error(exc: BaseException) -> bool:
     Transient: connection errors and resets (a refused connection included, though it is retried only
     :data:`REFUSED_ATTEMPTS` times), timeouts, truncated or malformed bodies, HTTP 5xx and 429, and any other
     ``OSError``. Not transient: missing objects (``FileNotFoundError``, HTTP 404), permission errors, other
-    HTTP 4xx, and programming errors.
+    HTTP 4xx, a read's own deadline passing, and programming errors.
 
     Args:
         exc: The exception a remote read raised.
@@ -129,7 +129,7 @@ def is_transient_error(exc: BaseException) -> bool:
     status = _http_status(exc)
     if status is not None:
         return status >= 500 or status in (408, 429)
-    if isinstance(exc, (*_PERMANENT_OS_ERRORS, ChecksumMismatchError)):
+    if isinstance(exc, (*_PERMANENT_OS_ERRORS, ChecksumMismatchError, DeadlineExceededError)):
         return False
     if isinstance(exc, OSError):
         return exc.errno not in _PERMANENT_ERRNOS

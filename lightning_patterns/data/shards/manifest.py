@@ -3,6 +3,12 @@
 A dataset at ``url`` is a folder of ``.lps`` shard files plus ``url/manifest.json``. Readers only trust
 the manifest: shards it does not list are invisible, so writing shards first and the manifest last (in
 one atomic step) means a reader never sees a half-written dataset.
+
+A manifest is bounded before it is trusted: its read has a byte cap (``max_bytes``, default
+:data:`~.limits.MAX_MANIFEST_BYTES`) and a deadline, its JSON nests at most :data:`~.limits.MAX_JSON_DEPTH`
+deep, and its counts and sizes keep to the maxima of :mod:`.limits` (a manifest beyond them is refused at
+load with a :class:`~lightning_patterns.exceptions.ManifestError` naming it). Each shard's header is then
+checked against its entry when the shard is opened (:func:`open_shard`), before any of its samples is read.
 """
 
 from __future__ import annotations
@@ -21,16 +27,28 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from lightning_patterns.data.remote import RemoteReader
+from lightning_patterns.data.remote import Deadline, RemoteReader
 from lightning_patterns.data.remote.checksum import checksum_mismatch
+from lightning_patterns.data.shards.layout import PREFIX
+from lightning_patterns.data.shards.limits import (
+    DEFAULT_MANIFEST_TIMEOUT,
+    MAX_MANIFEST_BYTES,
+    MAX_SHARD_BYTES,
+    MAX_SHARD_SAMPLES,
+    MAX_SHARDS,
+    is_count,
+    parse_json,
+)
+from lightning_patterns.data.shards.paths import validate_shard_path
 from lightning_patterns.data.shards.reader import ShardReader
 from lightning_patterns.data.shards.schema import Schema
-from lightning_patterns.exceptions import ManifestError, ShardNotFoundError, UnsafePathError
+from lightning_patterns.exceptions import ManifestError, ObjectTooLargeError, ShardNotFoundError, UnsafePathError
 
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "Manifest",
+    "RetiredGeneration",
     "ShardInfo",
     "checksum_of",
     "dataset_reader",
@@ -40,6 +58,7 @@ __all__ = [
     "manifest_exists",
     "manifest_url",
     "missing_manifest_error",
+    "open_shard",
     "publish_manifest",
     "read_manifest",
     "read_shard",
@@ -86,6 +105,25 @@ class ShardInfo:
 
 
 @dataclass(frozen=True)
+class RetiredGeneration:
+    """Shards of an earlier generation that an ``overwrite`` replaced, kept for readers still using them.
+
+    Args:
+        generation: the generation they belonged to.
+        retired_at: when the manifest that replaced them was published (Unix time, seconds).
+        shards: their paths, relative to the dataset root.
+    """
+
+    generation: int
+    retired_at: float
+    shards: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest entry."""
+        return {"generation": self.generation, "retired_at": self.retired_at, "shards": list(self.shards)}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything a reader needs to know about a dataset.
 
@@ -96,6 +134,9 @@ class Manifest:
         version: the manifest format version (:data:`FORMAT_VERSION` when written by this code).
         generation: how many writes made the dataset (each create, append or overwrite adds one); shard file
             names carry it, so appended shards never collide with existing ones.
+        retired: generations an ``overwrite`` replaced whose shards are kept for a grace period, so that
+            readers that loaded an older manifest finish their epoch; removed by the next write after the
+            grace period, or by :func:`~lightning_patterns.data.shards.collect_garbage`.
     """
 
     schema: Schema
@@ -103,6 +144,7 @@ class Manifest:
     sharding: dict[str, Any] = field(hash=False)
     version: int = FORMAT_VERSION
     generation: int = 1
+    retired: tuple[RetiredGeneration, ...] = ()
 
     @property
     def num_samples(self) -> int:
@@ -124,19 +166,22 @@ class Manifest:
             "sharding": self.sharding,
             "shards": [shard.to_json() for shard in self.shards],
         }
+        if self.retired:  # absent otherwise, so manifests without retired shards read as before
+            data["retired"] = [generation.to_json() for generation in self.retired]
         return json.dumps(data, indent=1) + "\n"
 
     @classmethod
-    def from_json(cls, text: str | bytes, url: str) -> Manifest:
+    def from_json(cls, text: str | bytes | bytearray, url: str) -> Manifest:
         """Parse and validate manifest text read from ``url`` (used in error messages).
 
         Raises:
-            ManifestError: the text is not valid JSON, is of an unknown format version, or is malformed.
+            ManifestError: the text is not valid JSON (or nests too deeply), is of an unknown format version, is
+                malformed, or declares counts or sizes beyond the limits of :mod:`.limits`.
             UnsafePathError: a shard path would escape the dataset root.
         """
         try:
-            data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as err:
+            data = parse_json(text)
+        except ValueError as err:  # UnicodeDecodeError included
             raise ManifestError(
                 f"Manifest {url!r} is not valid JSON ({err}). It was truncated or edited by hand; rewrite the "
                 f"dataset with `write_dataset(samples, url, mode='overwrite')`."
@@ -161,20 +206,30 @@ class Manifest:
             if not isinstance(sharding, dict) or not isinstance(sharding.get("rule"), str):
                 raise ValueError(f"'sharding' must be an object with a 'rule' string, got {sharding!r}")
             generation = data.get("generation", 1)
-            if not isinstance(generation, int) or generation < 0:
+            if not is_count(generation):
                 raise ValueError(f"'generation' must be a non-negative int, got {generation!r}")
             entries = data["shards"]
             if not isinstance(entries, list):
                 raise ValueError(f"'shards' must be a list, got {type(entries).__name__}")
+            retired = _retired(data.get("retired", []), url)
+        except UnsafePathError:
+            raise
         except (KeyError, ValueError, TypeError) as err:
-            raise ManifestError(f"Manifest {url!r} is malformed: {err}. Rewrite the dataset.") from err
-        shards = tuple(_shard_info(entry, url) for entry in entries)
+            reason = str(err).rstrip(".")
+            raise ManifestError(f"Manifest {url!r} is malformed: {reason}. Rewrite the dataset.") from err
+        if len(entries) > MAX_SHARDS:
+            raise ManifestError(
+                f"Manifest {url!r} lists {len(entries)} shards, more than the {MAX_SHARDS} a dataset may have. "
+                "Write the data with larger shards (`shard_bytes`), or as several datasets."
+            )
+        min_bytes = _min_shard_bytes(schema)
+        shards = tuple(_shard_info(entry, url, min_bytes) for entry in entries)
         seen: set[str] = set()
         for shard in shards:
             if shard.path in seen:
                 raise ManifestError(f"Manifest {url!r} lists shard {shard.path!r} twice. Rewrite the dataset.")
             seen.add(shard.path)
-        manifest = cls(schema, shards, sharding, version, generation)
+        manifest = cls(schema, shards, sharding, version, generation, retired)
         recorded = data.get("num_samples", manifest.num_samples)
         if recorded != manifest.num_samples:
             raise ManifestError(
@@ -184,60 +239,88 @@ class Manifest:
         return manifest
 
 
-def _shard_info(entry: Any, url: str) -> ShardInfo:
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _min_shard_bytes(schema: Schema) -> tuple[int, int]:
+    """``(per_sample, fixed)``: a shard of ``n`` samples has at least ``fixed + n * per_sample`` bytes.
+
+    The fixed-size columns take ``n`` rows each, and each variable-length field an index of ``n + 1``
+    offsets. A bound, not the exact size, so that a later format version may add regions.
+    """
+    per_sample = sum(8 if spec.variable_length else spec.sample_nbytes for spec in schema.values())
+    fixed = PREFIX.size + 8 * sum(spec.variable_length for spec in schema.values())
+    return per_sample, fixed
+
+
+def _shard_info(entry: Any, url: str, min_bytes: tuple[int, int]) -> ShardInfo:
     if not isinstance(entry, dict):
-        raise ManifestError(f"Manifest {url!r} has a shard entry {entry!r}; expected an object. Rewrite the dataset.")
-    validate_shard_path(entry.get("path"), url)
-    num_samples, num_bytes, checksum = entry.get("num_samples"), entry.get("num_bytes"), entry.get("checksum")
-    bucket = entry.get("bucket")
+        raise ManifestError(
+            f"Manifest {url!r} has a shard entry {_short(entry)}; expected an object. Rewrite the dataset."
+        )
+    path = validate_shard_path(entry.get("path"), url)
+    num_samples: Any = entry.get("num_samples")
+    num_bytes: Any = entry.get("num_bytes")
+    checksum: Any = entry.get("checksum")
+    bucket: Any = entry.get("bucket")
     ok = (
-        _is_count(num_samples)
-        and _is_count(num_bytes)
+        is_count(num_samples)
+        and is_count(num_bytes)
         and isinstance(checksum, str)
         and checksum.startswith(_CHECKSUM_PREFIX)
-        and (bucket is None or _is_count(bucket))
+        and (bucket is None or is_count(bucket))
     )
     if not ok:
         raise ManifestError(
-            f"Manifest {url!r} has a malformed shard entry {entry!r}; expected non-negative ints 'num_samples' and "
-            f"'num_bytes', a 'sha256:<hex>' 'checksum' and an int or null 'bucket'. Rewrite the dataset."
+            f"Manifest {url!r} has a malformed shard entry {_short(entry)}; expected non-negative ints "
+            f"'num_samples' and 'num_bytes', a 'sha256:<hex>' 'checksum' and an int or null 'bucket'. Rewrite the "
+            f"dataset."
         )
-    return ShardInfo(entry["path"], entry["num_samples"], entry["num_bytes"], entry["checksum"], bucket)
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def validate_shard_path(path: Any, url: str = "<manifest>") -> str:
-    """Return ``path`` if it is a safe relative path inside the dataset root, else raise.
-
-    Safe means: a non-empty ``str`` of ``/``-separated, non-empty components, none of them ``.`` or ``..``;
-    no leading ``/``, no backslash, no ``:`` (so no URL such as ``s3://other/x`` and no drive letter), no NUL.
-
-    Raises:
-        UnsafePathError: naming the manifest ``url``, the path, and why it is refused.
-    """
-    reason = None
-    if not isinstance(path, str) or not path:
-        reason = "is empty or not a string"
-    elif "\\" in path:
-        reason = "contains a backslash"
-    elif ":" in path:
-        reason = "contains ':' (a URL or drive letter)"
-    elif "\0" in path:
-        reason = "contains a NUL character"
-    elif path.startswith("/"):
-        reason = "is absolute"
-    elif any(part in ("", ".", "..") for part in path.split("/")):
-        reason = "has an empty, '.' or '..' component"
-    if reason is not None:
-        raise UnsafePathError(
-            f"Manifest {url!r} lists shard path {path!r}, which {reason}: it could point outside the dataset root. "
-            f"Shard paths must be relative, '/'-separated paths inside the root (like 'shard-00001-....lps'). "
-            f"The manifest was edited or is not trustworthy; rewrite the dataset."
+    for name, value, limit in (
+        ("num_samples", num_samples, MAX_SHARD_SAMPLES),
+        ("num_bytes", num_bytes, MAX_SHARD_BYTES),
+    ):
+        if value > limit:
+            raise ManifestError(
+                f"Manifest {url!r} records {name}={value} for shard {path!r}, more than the {limit} a shard may have "
+                "(see lightning_patterns.data.shards.limits). The manifest is corrupt or hostile; rewrite the dataset."
+            )
+    per_sample, fixed = min_bytes
+    if num_bytes < fixed + num_samples * per_sample:
+        raise ManifestError(
+            f"Manifest {url!r} records num_samples={num_samples} but num_bytes={num_bytes} for shard {path!r}: "
+            f"{num_samples} samples of this schema take at least {fixed + num_samples * per_sample} bytes. The "
+            "manifest is corrupt or hostile; rewrite the dataset."
         )
-    return str(path)
+    return ShardInfo(path, num_samples, num_bytes, checksum, bucket)
+
+
+def _retired(entries: Any, url: str) -> tuple[RetiredGeneration, ...]:
+    """The ``retired`` list of a manifest (raises ``ValueError``/``TypeError`` when malformed)."""
+    if not isinstance(entries, list) or len(entries) > MAX_SHARDS:
+        raise ValueError(f"'retired' must be a list of at most {MAX_SHARDS} generations, got {_short(entries)}")
+    retired = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ValueError(f"a 'retired' entry must be an object, got {_short(entry)}")
+        generation: Any = entry.get("generation")
+        at: Any = entry.get("retired_at")
+        paths: Any = entry.get("shards")
+        if (
+            not is_count(generation)
+            or isinstance(at, bool)
+            or not isinstance(at, (int, float))
+            or not isinstance(paths, list)
+            or len(paths) > MAX_SHARDS
+        ):
+            raise ValueError(
+                f"a 'retired' entry must have 'generation', 'retired_at' and 'shards', got {_short(entry)}"
+            )
+        # These are deleted once the grace period is over: each must be a path inside the root.
+        retired.append(RetiredGeneration(generation, float(at), tuple(validate_shard_path(p, url) for p in paths)))
+    return tuple(retired)
 
 
 def _join(root: str, path: str) -> str:
@@ -295,7 +378,13 @@ def _dataset_root(url: str) -> str:
     return url[: -len(MANIFEST_NAME)].rstrip("/") if url.rstrip("/").endswith("/" + MANIFEST_NAME) else url
 
 
-def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None) -> Manifest:
+def load_manifest(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    max_bytes: int = MAX_MANIFEST_BYTES,
+    timeout: float | None = DEFAULT_MANIFEST_TIMEOUT,
+) -> Manifest:
     """Read and validate the manifest of the dataset at ``url`` (its root, or the manifest file itself).
 
     Transient faults are retried as for shards (see :class:`~lightning_patterns.data.remote.RemoteReader`).
@@ -303,44 +392,68 @@ def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None) ->
     Args:
         url: any fsspec URL or local path.
         storage_options: passed to fsspec unchanged.
+        max_bytes: the largest manifest accepted; a larger one fails as soon as that is known, without reading
+            the rest (256 MiB by default, room for over a million shards).
+        timeout: seconds the whole read may take, retries included (``None``: no limit).
 
     Raises:
         ManifestError: no manifest (naming the URL; also when ``url`` is a file, not a folder), invalid JSON,
-            JSON that is not a lightning_patterns manifest, an unknown format version, or a malformed entry.
+            JSON that is not a lightning_patterns manifest, an unknown format version, a malformed entry, a
+            manifest over ``max_bytes``, or counts and sizes beyond the limits of :mod:`.limits`.
         UnsafePathError: a shard path would escape the dataset root.
+        DeadlineExceededError: the read took longer than ``timeout``.
     """
-    return read_manifest(dataset_reader(_dataset_root(url), storage_options))
+    deadline = None if timeout is None else Deadline(timeout)
+    return read_manifest(dataset_reader(_dataset_root(url), storage_options), max_bytes=max_bytes, deadline=deadline)
 
 
-def read_manifest(reader: RemoteReader) -> Manifest:
+def read_manifest(
+    reader: RemoteReader, *, max_bytes: int = MAX_MANIFEST_BYTES, deadline: Deadline | None = None
+) -> Manifest:
     """Read and validate the manifest of the dataset at ``reader.url`` through ``reader``.
 
     Args:
         reader: a reader whose ``url`` is the dataset root.
+        max_bytes: the largest manifest accepted.
+        deadline: when to give up, retries included.
 
     Raises:
         ManifestError: see :func:`load_manifest`.
         UnsafePathError: a shard path would escape the dataset root.
+        DeadlineExceededError: ``deadline`` passed.
     """
-    text = fetch_manifest_text(reader)
+    text = fetch_manifest_text(reader, max_bytes=max_bytes, deadline=deadline)
     if text is None:
         raise missing_manifest_error(reader.url)
     return Manifest.from_json(text, manifest_url(reader.url))
 
 
-def fetch_manifest_text(reader: RemoteReader) -> bytes | None:
+def fetch_manifest_text(
+    reader: RemoteReader, *, max_bytes: int = MAX_MANIFEST_BYTES, deadline: Deadline | None = None
+) -> bytes | bytearray | None:
     """The text of the manifest at the dataset root ``reader.url``, or ``None`` if there is none.
 
     Args:
         reader: a reader whose ``url`` is the dataset root.
+        max_bytes: the largest manifest accepted.
+        deadline: when to give up, retries included.
 
     Raises:
-        ManifestError: ``reader.url`` is a file, not a dataset folder.
+        ManifestError: ``reader.url`` is a file, not a dataset folder, or the manifest is over ``max_bytes``.
+        DeadlineExceededError: ``deadline`` passed.
     """
     try:
-        return reader.fetch(MANIFEST_NAME)
+        view = reader.fetch_buffer(MANIFEST_NAME, max_bytes=max_bytes, deadline=deadline)
+        # The buffer it arrived in rather than a copy: a manifest can be large.
+        return view.obj if isinstance(view.obj, bytearray) else bytes(view)
     except (FileNotFoundError, NotADirectoryError):
         pass
+    except ObjectTooLargeError as err:
+        raise ManifestError(
+            f"Manifest {manifest_url(reader.url)!r} is larger than max_bytes={max_bytes} (the cap on a manifest "
+            "read); nothing more was read. A manifest that large is corrupt or hostile, or lists more shards than "
+            "expected: check the URL, or pass a larger `max_bytes` to load_manifest."
+        ) from err
     with contextlib.suppress(OSError):  # only to explain the error: a failed check means "not a file"
         if reader.is_file(reader.url):
             parent = reader.url.rstrip("/").rpartition("/")[0] or "."
@@ -430,51 +543,101 @@ def read_shard(
         ShardNotFoundError: the shard file does not exist.
         ChecksumMismatchError: ``verify`` and the bytes do not match, on two fetches in a row.
     """
-    return ShardReader(fetch_shard(dataset_reader(url, storage_options), shard, verify=verify), schema)
+    reader = dataset_reader(url, storage_options)
+    return open_shard(fetch_shard(reader, shard, verify=verify), shard, schema, shard_url(reader.url, shard.path))
 
 
-def fetch_shard(reader: RemoteReader, shard: ShardInfo, *, verify: bool = True) -> memoryview:
+def open_shard(data: Any, shard: ShardInfo, schema: Schema | None, url: str) -> ShardReader:
+    """Open the bytes of ``shard``, checking its header against the manifest entry before any sample is read.
+
+    Every read of a shard's samples goes through here, so every check of :func:`~.reader.parse_header`
+    (the header's sample count equal to the manifest's, each column's length, regions inside the body and
+    apart) holds before the first sample is decoded.
+
+    Args:
+        data: the shard file's bytes (fetched, or from a cache).
+        shard: its manifest entry.
+        schema: the dataset's schema (``None`` skips that comparison).
+        url: where the bytes came from, named in every error.
+
+    Returns:
+        The reader.
+
+    Raises:
+        ShardFormatError: the shard is corrupt or disagrees with ``shard``, naming ``url``, the field and both
+            values.
+        SchemaMismatchError: the shard does not match ``schema``.
+    """
+    return ShardReader(data, schema, url=url, num_samples=shard.num_samples)
+
+
+def fetch_shard(
+    reader: RemoteReader, shard: ShardInfo, *, verify: bool = True, deadline: Deadline | None = None
+) -> memoryview:
     """The bytes of ``shard`` of the dataset at ``reader.url``, with retries and the manifest's checksum.
+
+    No more than the manifest's ``num_bytes`` are accepted, whatever the remote sends.
 
     Args:
         reader: a reader whose ``url`` is the dataset root.
         shard: an entry of the dataset's manifest.
         verify: check the bytes against ``shard.checksum`` (a mismatch is fetched once more first).
+        deadline: when to give up, retries and the request in flight included.
 
     Returns:
         A read-only view of the shard file's bytes.
 
     Raises:
-        ShardNotFoundError: the shard file does not exist (naming its URL).
+        ShardNotFoundError: the shard file does not exist (naming its URL, and saying so when the dataset was
+            rewritten since ``shard`` was read from its manifest).
         ChecksumMismatchError: ``verify`` and the bytes do not match, on two fetches in a row.
+        DeadlineExceededError: ``deadline`` passed or was cancelled.
     """
     where = shard_url(reader.url, shard.path)
     try:
-        return reader.fetch_buffer(where, size=shard.num_bytes, checksum=shard.checksum if verify else None)
-    except ShardNotFoundError as err:
-        missing = ShardNotFoundError(
-            f"Shard {where!r} listed in the manifest does not exist. It was deleted or never finished uploading; "
-            f"restore it or rewrite the dataset."
+        return reader.fetch_buffer(
+            where, size=shard.num_bytes, checksum=shard.checksum if verify else None, deadline=deadline
         )
+    except ShardNotFoundError as err:
+        missing = ShardNotFoundError(_missing_shard_message(reader, shard, where))
         missing.errno = errno.ENOENT
         raise missing from err
 
 
+def _missing_shard_message(reader: RemoteReader, shard: ShardInfo, where: str) -> str:
+    """Why a listed shard is missing: the dataset was rewritten since its manifest was read, or it was lost."""
+    current: Manifest | None = None
+    with contextlib.suppress(Exception):  # only to explain the error: any failure gives the plain message
+        text = fetch_manifest_text(reader, deadline=Deadline(30.0))
+        current = None if text is None else Manifest.from_json(text, manifest_url(reader.url))
+    if current is not None and shard.path not in {s.path for s in current.shards}:
+        return (
+            f"Shard {where!r} does not exist: the dataset at {reader.url!r} was rewritten since this reader loaded "
+            f"its manifest (it is now generation {current.generation}, which no longer lists this shard), and the "
+            "old generation's shards were removed (after the overwrite's grace period, or by collect_garbage). "
+            "Create the dataset (StreamingDataset, DataModule) again to read the current generation, or give "
+            "overwrites a longer `grace_period` than your epochs take."
+        )
+    return (
+        f"Shard {where!r} listed in the manifest does not exist. It was deleted or never finished uploading; "
+        f"restore it or rewrite the dataset."
+    )
+
+
 def verify_dataset(url: str, storage_options: Mapping[str, Any] | None = None) -> Manifest:
-    """Load the manifest at ``url`` and check that every shard exists and matches its checksum.
+    """Load the manifest at ``url`` and check every shard: it exists, matches its checksum and its header.
+
+    Unlike a streaming read, which checks each shard when it is first needed, this checks every shard up
+    front (reading each one whole).
 
     Raises:
         ManifestError: see :func:`load_manifest`.
         ShardNotFoundError: a listed shard is missing.
         ChecksumMismatchError: a shard's bytes differ from the manifest's checksum.
+        ShardFormatError: a shard is corrupt, or its header disagrees with its manifest entry.
     """
     reader = dataset_reader(_dataset_root(url), storage_options)
     manifest = read_manifest(reader)
     for shard in manifest.shards:
-        shard_reader = ShardReader(fetch_shard(reader, shard), manifest.schema)
-        if shard_reader.num_samples != shard.num_samples:
-            raise ManifestError(
-                f"Shard {shard_url(reader.url, shard.path)!r} holds {shard_reader.num_samples} samples, but the "
-                f"manifest records {shard.num_samples}. Rewrite the dataset."
-            )
+        open_shard(fetch_shard(reader, shard), shard, manifest.schema, shard_url(reader.url, shard.path))
     return manifest

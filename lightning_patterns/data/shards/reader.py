@@ -7,7 +7,8 @@ reads) both go through it, so a check added there guards both.
 
 from __future__ import annotations
 
-import json
+import codecs
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,13 @@ from typing import Any
 import numpy as np
 
 from lightning_patterns.data.shards.layout import MAGIC, PREFIX
+from lightning_patterns.data.shards.limits import (
+    MAX_HEADER_BYTES,
+    MAX_SHARD_BYTES,
+    MAX_SHARD_SAMPLES,
+    is_count,
+    parse_json,
+)
 from lightning_patterns.data.shards.schema import FieldSpec, Schema
 from lightning_patterns.exceptions import SchemaMismatchError
 
@@ -30,8 +38,18 @@ __all__ = [
 ]
 
 
+# Bytes of a str column decoded at a time when it is checked (bounds the memory the check takes).
+_UTF8_CHUNK = 2**20
+
+
 class ShardFormatError(ValueError):
-    """A buffer is not a valid ``.lps`` shard: wrong magic, truncated, or a corrupt header."""
+    """A shard is not a valid ``.lps`` file, or disagrees with its manifest entry.
+
+    Raised for a wrong magic, a truncated file, a corrupt or undecodable header, a count or size beyond the
+    documented limits (:mod:`.limits`), columns outside the body or overlapping, a non-monotone index, text
+    that is not UTF-8, and a header whose sample count differs from the manifest's. The message names the
+    shard's URL (when known), the field and both values.
+    """
 
 
 @dataclass(frozen=True)
@@ -64,104 +82,192 @@ class ShardHeader:
     columns: Mapping[str, ColumnExtent] = field(hash=False)
 
 
-def header_end(head: bytes | bytearray | memoryview, size: int) -> int:
+def _shard(url: str | None) -> str:
+    return "Shard" if url is None else f"Shard {url!r}"
+
+
+def _corrupt(url: str | None, problem: str, *, kind: str = "corrupt") -> ShardFormatError:
+    return ShardFormatError(f"{_shard(url)} is {kind}: {problem}. Re-fetch or rewrite the shard.")
+
+
+def header_end(head: bytes | bytearray | memoryview, size: int, *, url: str | None = None) -> int:
     """Check a shard's fixed prefix (magic and header length) and return where its header ends.
 
     Args:
         head: the file's first bytes, at least the prefix (16 bytes) unless the file is shorter.
         size: the whole file's size in bytes.
+        url: the shard's URL, named in errors.
 
     Returns:
         The offset one past the header's JSON text.
 
     Raises:
-        ShardFormatError: wrong magic, or the file too short for the prefix or the header it announces.
+        ShardFormatError: wrong magic, a file over :data:`~.limits.MAX_SHARD_BYTES`, a header over
+            :data:`~.limits.MAX_HEADER_BYTES`, or the file too short for the prefix or the header it announces.
     """
+    if size > MAX_SHARD_BYTES:
+        raise _corrupt(url, f"it has {size} bytes, more than the {MAX_SHARD_BYTES} a shard may have")
     if size < PREFIX.size or len(head) < PREFIX.size:
         raise ShardFormatError(
-            f"Shard is truncated: {min(size, len(head))} bytes, but even the fixed prefix needs {PREFIX.size}. "
-            f"Re-fetch or rewrite the shard."
+            f"{_shard(url)} is truncated: {min(size, len(head))} bytes, but even the fixed prefix needs "
+            f"{PREFIX.size}. Re-fetch or rewrite the shard."
         )
     magic, header_len = PREFIX.unpack_from(head, 0)
     if magic != MAGIC:
-        raise ShardFormatError(f"Not a lightning_patterns shard: magic is {magic!r}, expected {MAGIC!r}.")
+        raise ShardFormatError(
+            f"{_shard(url)} is not a lightning_patterns shard: magic is {magic!r}, expected {MAGIC!r}."
+        )
     if PREFIX.size + header_len > size:
         raise ShardFormatError(
-            f"Shard is truncated: the header claims {header_len} bytes but only {size - PREFIX.size} follow "
+            f"{_shard(url)} is truncated: the header claims {header_len} bytes but only {size - PREFIX.size} follow "
             f"the prefix. Re-fetch or rewrite the shard."
+        )
+    if header_len > MAX_HEADER_BYTES:
+        raise _corrupt(
+            url, f"its header length is {header_len}, more than the {MAX_HEADER_BYTES} bytes a header may take"
         )
     return int(PREFIX.size + header_len)
 
 
-def parse_header(head: bytes | bytearray | memoryview, size: int, schema: Schema | None = None) -> ShardHeader:
+def parse_header(
+    head: bytes | bytearray | memoryview,
+    size: int,
+    schema: Schema | None = None,
+    *,
+    url: str | None = None,
+    num_samples: int | None = None,
+) -> ShardHeader:
     """Parse and check a shard's header: every check a header must pass before any sample is read.
+
+    The checks: the prefix (:func:`header_end`); the header is JSON nested at most
+    :data:`~.limits.MAX_JSON_DEPTH` deep; ``num_samples`` is a count up to
+    :data:`~.limits.MAX_SHARD_SAMPLES` and equals the manifest's; every field has a valid dtype and shape
+    (:class:`FieldSpec`); a fixed-size column has exactly ``num_samples x`` (bytes per sample) bytes;
+    every region (each column, each index of ``num_samples + 1`` offsets) lies in the body, after the
+    header and inside the file, and no two overlap. Keys the header holds beyond these are ignored, so a
+    later version of the format can add regions (each then joins the overlap check).
 
     Args:
         head: the file's first bytes, through the end of the header at least (the whole file will do).
-        size: the whole file's size in bytes; every column must lie inside it.
+        size: the whole file's size in bytes (the manifest's ``num_bytes``); every region must lie inside it.
         schema: when given, the shard's fields must match it exactly.
+        url: the shard's URL, named in every error.
+        num_samples: the manifest's sample count for the shard; the header must say the same.
 
     Returns:
         The checked header.
 
     Raises:
-        ShardFormatError: wrong magic, truncated, a corrupt header, or a column outside the file or of the
-            wrong length.
+        ShardFormatError: any check failed; the message names the shard, the header field and both values.
         SchemaMismatchError: the shard does not match ``schema``.
     """
-    end = header_end(head, size)
+    end = header_end(head, size, url=url)
     if len(head) < end:
         raise ShardFormatError(
-            f"Shard header is incomplete: {len(head)} bytes given, the header ends at byte {end}. Pass the whole "
-            f"header."
+            f"{_shard(url)} header is incomplete: {len(head)} bytes given, the header ends at byte {end}. Pass the "
+            f"whole header."
         )
     try:
-        header = json.loads(bytes(head[PREFIX.size : end]))
-        n = header["num_samples"]
-        fields = header["fields"]
-        if not isinstance(n, int) or n < 0 or not isinstance(fields, dict):
-            raise TypeError("num_samples or fields has the wrong type")
-        found = Schema({k: FieldSpec(v["dtype"], _shape(v["shape"])) for k, v in fields.items()})
-    except (ValueError, KeyError, TypeError) as err:
-        raise ShardFormatError(f"Shard header is corrupt ({err}); re-fetch or rewrite the shard.") from err
+        header = parse_json(head[PREFIX.size : end])
+    except ValueError as err:
+        raise _corrupt(url, f"its header is not valid JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise _corrupt(url, f"its header is a JSON {type(header).__name__}, expected an object")
+    n, fields = header.get("num_samples"), header.get("fields")
+    if not is_count(n) or n > MAX_SHARD_SAMPLES:
+        raise _corrupt(url, f"header field 'num_samples' is {n!r}, expected a count from 0 to {MAX_SHARD_SAMPLES}")
+    if num_samples is not None and n != num_samples:
+        raise ShardFormatError(
+            f"{_shard(url)}: header field 'num_samples' is {n}, but the manifest records num_samples={num_samples}. "
+            "The shard and the manifest disagree (the shard was replaced, or the manifest edited): rewrite the "
+            "dataset, or restore the shard the manifest was written with."
+        )
+    if not isinstance(fields, dict) or not fields:
+        raise _corrupt(url, f"header field 'fields' is {_short(fields)}, expected an object of field entries")
+    found = Schema({name: _spec(url, name, entry) for name, entry in fields.items()})
     if schema is not None and schema != found:
-        raise SchemaMismatchError(f"Shard does not match the expected schema: {schema.describe_difference(found)}.")
-    columns = {name: _extent(name, spec, fields[name], n, size) for name, spec in found.items()}
+        raise SchemaMismatchError(
+            f"{_shard(url)} does not match the expected schema: {schema.describe_difference(found)}."
+        )
+    columns = {name: _extent(url, name, spec, fields[name], n) for name, spec in found.items()}
+    _check_regions(url, end, size, _regions(columns, n))
     return ShardHeader(n, found, columns)
 
 
-def _extent(name: str, spec: FieldSpec, entry: dict[str, Any], n: int, size: int) -> ColumnExtent:
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _spec(url: str | None, name: str, entry: Any) -> FieldSpec:
+    if not isinstance(entry, dict):
+        raise _corrupt(url, f"header field 'fields[{name!r}]' is {_short(entry)}, expected an object")
+    dtype, shape = entry.get("dtype"), entry.get("shape")
     try:
-        offset, nbytes, index_offset = int(entry["offset"]), int(entry["nbytes"]), entry["index_offset"]
-    except (KeyError, TypeError, ValueError) as err:
-        raise ShardFormatError(f"Shard header entry for field {name!r} is corrupt ({err}).") from err
-    if offset < 0 or nbytes < 0 or offset + nbytes > size:
-        raise ShardFormatError(
-            f"Shard is truncated or corrupt: field {name!r} spans bytes [{offset}, {offset + nbytes}) of a "
-            f"{size}-byte buffer. Re-fetch or rewrite the shard."
-        )
-    if spec.shape is None:
-        if not isinstance(index_offset, int) or index_offset < 0 or index_offset + 8 * (n + 1) > size:
-            raise ShardFormatError(f"Shard index of field {name!r} lies outside the {size}-byte buffer.")
-        return ColumnExtent(offset, nbytes, index_offset)
-    row = spec.sample_nbytes
-    if row * n != nbytes:
-        raise ShardFormatError(
-            f"Shard field {name!r} has {nbytes} bytes, expected {n} samples x {row} bytes = {n * row}."
-        )
-    return ColumnExtent(offset, nbytes, None)
+        if not isinstance(dtype, str):
+            raise ValueError(f"dtype {_short(dtype)} is not a string")
+        if shape is not None and not isinstance(shape, list):
+            raise ValueError(f"shape {_short(shape)} is not a list or null")
+        return FieldSpec(dtype, None if shape is None else tuple(shape))
+    except ValueError as err:
+        raise _corrupt(url, f"header field 'fields[{name!r}]' has an invalid dtype or shape ({err})") from err
 
 
-def _shape(value: Any) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(d, int) for d in value):
-        raise TypeError(f"shape {value!r} is not a list of ints")
-    return tuple(value)
+def _extent(url: str | None, name: str, spec: FieldSpec, entry: dict[str, Any], n: int) -> ColumnExtent:
+    offset: Any = entry.get("offset")
+    nbytes: Any = entry.get("nbytes")
+    index_offset: Any = entry.get("index_offset")
+    keys = [("offset", offset), ("nbytes", nbytes)]
+    if spec.variable_length:
+        keys.append(("index_offset", index_offset))
+    elif index_offset is not None:
+        raise _corrupt(url, f"header field 'fields[{name!r}].index_offset' is {index_offset!r} for a fixed-size field")
+    for key, value in keys:
+        if not is_count(value) or value > MAX_SHARD_BYTES:
+            raise _corrupt(
+                url, f"header field 'fields[{name!r}].{key}' is {_short(value)}, expected a byte offset or count"
+            )
+    if not spec.variable_length and nbytes != n * spec.sample_nbytes:
+        raise ShardFormatError(
+            f"{_shard(url)}: header field 'fields[{name!r}].nbytes' is {nbytes}, but {n} samples of "
+            f"{spec.describe()} ({spec.sample_nbytes} bytes each) take {n * spec.sample_nbytes}. The file is "
+            "corrupt: re-fetch or rewrite it."
+        )
+    return ColumnExtent(offset, nbytes, index_offset)
+
+
+def _regions(columns: Mapping[str, ColumnExtent], n: int) -> list[tuple[int, int, str]]:
+    """Every byte range the header places in the body, as ``(start, stop, what)``."""
+    regions = []
+    for name, extent in columns.items():
+        regions.append((extent.offset, extent.offset + extent.nbytes, f"column of {name!r}"))
+        if extent.index_offset is not None:
+            regions.append((extent.index_offset, extent.index_offset + 8 * (n + 1), f"index of {name!r}"))
+    return regions
+
+
+def _check_regions(url: str | None, body_start: int, size: int, regions: list[tuple[int, int, str]]) -> None:
+    """Every region lies in the body ``[body_start, size)``, and no two (of non-zero length) overlap."""
+    for start, stop, what in regions:
+        if start < body_start or stop > size:
+            raise _corrupt(
+                url,
+                f"the {what} spans bytes [{start}, {stop}), outside the body [{body_start}, {size}) (the header "
+                f"ends at byte {body_start}, the file at byte {size})",
+                kind="truncated or corrupt",
+            )
+    ordered = sorted(region for region in regions if region[1] > region[0])
+    for (start, stop, what), (next_start, next_stop, next_what) in itertools.pairwise(ordered):
+        if next_start < stop:
+            raise _corrupt(
+                url,
+                f"the {what} (bytes [{start}, {stop})) and the {next_what} (bytes [{next_start}, {next_stop})) overlap",
+            )
 
 
 @dataclass(frozen=True)
 class _Column:
+    name: str
     spec: FieldSpec
     offset: int
     nbytes: int
@@ -179,20 +285,34 @@ class ShardReader:
     read-only buffer (``bytes``, a read-only ``mmap``) it copies the slice once, because ``torch`` cannot
     safely share read-only memory. Keep the buffer alive and unchanged while tensors from it are in use.
 
+    The header passes every check of :func:`parse_header` (against the manifest's sample count when
+    ``num_samples`` is given) and each variable-length index is checked to be monotone before this returns,
+    so a shard that fails them yields no sample at all; so is every ``str`` value (valid UTF-8).
+
     Args:
         buffer: the whole shard file as a bytes-like object.
         schema: when given, the shard's fields must match it exactly.
+        url: where the shard was read from, named in every error.
+        num_samples: the manifest's sample count for the shard; the header must say the same.
 
     Raises:
-        ShardFormatError: ``buffer`` is not a valid shard (wrong magic, truncated, corrupt header).
+        ShardFormatError: ``buffer`` is not a valid shard, or disagrees with ``num_samples``.
         SchemaMismatchError: the shard does not match ``schema``.
     """
 
-    def __init__(self, buffer: bytes | bytearray | memoryview | Any, schema: Schema | None = None) -> None:
+    def __init__(
+        self,
+        buffer: bytes | bytearray | memoryview | Any,
+        schema: Schema | None = None,
+        *,
+        url: str | None = None,
+        num_samples: int | None = None,
+    ) -> None:
         view = memoryview(buffer).cast("B")
         self._buffer = view
         self._writable = not view.readonly
-        header = parse_header(view, len(view), schema)
+        self.url = url
+        header = parse_header(view, len(view), schema, url=url, num_samples=num_samples)
         self.header = header
         self.schema = header.schema
         self.num_samples: int = header.num_samples
@@ -201,13 +321,52 @@ class ShardReader:
     def _column(self, name: str, spec: FieldSpec, extent: ColumnExtent) -> _Column:
         if extent.index_offset is None:
             dtype = np.dtype(spec.dtype).newbyteorder("<")
-            return _Column(spec, extent.offset, extent.nbytes, None, dtype, spec.sample_nbytes)
-        # The index lies in the body, which parse_header does not read: its order is checked here.
+            return _Column(name, spec, extent.offset, extent.nbytes, None, dtype, spec.sample_nbytes)
+        # The index lies in the body, which parse_header does not read: it is checked here, once. Offsets of
+        # 2**63 and more turn negative as int64, so they fail the order check too.
         n = self.num_samples
         index = np.frombuffer(self._buffer, dtype="<u8", count=n + 1, offset=extent.index_offset).astype(np.int64)
-        if index[0] != 0 or index[-1] != extent.nbytes or (n and bool(np.any(index[1:] < index[:-1]))):
-            raise ShardFormatError(f"Shard index of field {name!r} is corrupt; re-fetch or rewrite the shard.")
-        return _Column(spec, extent.offset, extent.nbytes, index, None, 0)
+        if index[0] != 0 or index[-1] != extent.nbytes:
+            raise _corrupt(
+                self.url,
+                f"the index of field {name!r} runs from {int(index[0])} to {int(index[-1])}, expected from 0 to its "
+                f"payload's {extent.nbytes} bytes",
+            )
+        if n and bool(np.any(index[1:] < index[:-1])):
+            at = int(np.flatnonzero(index[1:] < index[:-1])[0])
+            raise _corrupt(
+                self.url,
+                f"the index of field {name!r} decreases at sample {at} ({int(index[at])} then {int(index[at + 1])}); "
+                "an index must be monotone",
+            )
+        if spec.dtype == "str":
+            self._check_utf8(name, extent, index)
+        return _Column(name, spec, extent.offset, extent.nbytes, index, None, 0)
+
+    def _check_utf8(self, name: str, extent: ColumnExtent, index: np.ndarray) -> None:
+        """Every value of a ``str`` column is UTF-8, checked once here so that no read can fail on it later.
+
+        The whole payload must decode (in bounded chunks), and no value may start inside a character (on a
+        continuation byte): together these mean each value decodes alone.
+        """
+        payload = self._buffer[extent.offset : extent.offset + extent.nbytes]
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        for start in range(0, len(payload) + 1, _UTF8_CHUNK):
+            held = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk
+            try:
+                decoder.decode(payload[start : start + _UTF8_CHUNK], final=start + _UTF8_CHUNK > len(payload))
+            except UnicodeDecodeError as err:
+                at = int(np.searchsorted(index, start - held + err.start, side="right")) - 1
+                raise _corrupt(self.url, f"field {name!r} of sample {at} is not valid UTF-8 ({err.reason})") from err
+        starts = index[:-1][index[:-1] < extent.nbytes]
+        if starts.size:
+            first_bytes = np.frombuffer(payload, dtype=np.uint8)[starts]
+            split = np.flatnonzero((first_bytes & 0xC0) == 0x80)
+            if split.size:
+                at = int(np.flatnonzero(index[:-1] == starts[split[0]])[0])
+                raise _corrupt(
+                    self.url, f"field {name!r} of sample {at} is not valid UTF-8 (it starts inside a character)"
+                )
 
     def __len__(self) -> int:
         return self.num_samples
@@ -230,6 +389,7 @@ class ShardReader:
     def _varlen(self, column: _Column, i: int) -> bytes | str:
         assert column.index is not None
         data = self._buffer[column.offset + int(column.index[i]) : column.offset + int(column.index[i + 1])].tobytes()
+        # Checked to be UTF-8 when the shard was opened.
         return data.decode("utf-8") if column.spec.dtype == "str" else data
 
     def read(self, i: int) -> dict[str, Any]:
@@ -291,7 +451,13 @@ class ShardReader:
 
 
 def read_column(
-    read_range: Callable[[int, int], bytes], field: str, *, size: int, schema: Schema | None = None
+    read_range: Callable[[int, int], bytes],
+    field: str,
+    *,
+    size: int,
+    schema: Schema | None = None,
+    url: str | None = None,
+    num_samples: int | None = None,
 ) -> np.ndarray:
     """One fixed-size field of a shard, read through byte ranges: the header, then that column only.
 
@@ -304,6 +470,8 @@ def read_column(
         field: a fixed-size field of the schema.
         size: the shard file's size in bytes (the manifest's ``num_bytes``).
         schema: when given, the shard's fields must match it exactly.
+        url: the shard's URL, named in every error.
+        num_samples: the manifest's sample count for the shard; the header must say the same.
 
     Returns:
         The column, shape ``(num_samples, *shape)``.
@@ -315,8 +483,8 @@ def read_column(
         ValueError: ``field`` has variable length.
     """
     head = bytes(read_range(0, min(PREFIX.size, size)))
-    head += read_range(PREFIX.size, header_end(head, size))
-    header = parse_header(head, size, schema)
+    head += read_range(PREFIX.size, header_end(head, size, url=url))
+    header = parse_header(head, size, schema, url=url, num_samples=num_samples)
     extent = header.columns.get(field)
     if extent is None:
         raise KeyError(f"The shard has no field {field!r}; its fields are {sorted(header.columns)}.")

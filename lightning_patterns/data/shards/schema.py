@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from lightning_patterns._lazy import instance_of_loaded
+from lightning_patterns.data.shards.limits import MAX_NDIM, MAX_SHARD_BYTES
 from lightning_patterns.exceptions import SchemaMismatchError
 
 __all__ = ["FieldSpec", "Schema"]
@@ -50,6 +51,10 @@ def _torch_dtype_name(dtype: object) -> str:
 class FieldSpec:
     """The type of one field of every sample.
 
+    A shape has at most :data:`~.limits.MAX_NDIM` dimensions, and one sample may take at most
+    :data:`~.limits.MAX_SHARD_BYTES` (counting each zero dimension as one, so that a shape such as
+    ``[0, 2**62]`` is refused too: it describes no bytes but no array either).
+
     Args:
         dtype: a numpy dtype name (``"uint8"``, ``"int64"``, ``"float32"``, ``"bool"``, ...) or ``"bytes"``/``"str"``.
         shape: the per-sample shape, ``()`` for scalars, ``None`` for variable-length ``bytes``/``str``.
@@ -63,8 +68,18 @@ class FieldSpec:
             if self.shape is not None:
                 raise ValueError(f"FieldSpec(dtype={self.dtype!r}) is variable-length; expected shape=None.")
         elif self.dtype in _NUMERIC_DTYPES:
-            if self.shape is None or any(not isinstance(d, int) or d < 0 for d in self.shape):
+            if self.shape is None or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in self.shape):
                 raise ValueError(f"FieldSpec(dtype={self.dtype!r}) needs a tuple of non-negative ints as shape.")
+            if len(self.shape) > MAX_NDIM:
+                raise ValueError(
+                    f"FieldSpec(shape=...) has {len(self.shape)} dimensions; at most {MAX_NDIM} are supported."
+                )
+            nominal = math.prod(max(d, 1) for d in self.shape) * np.dtype(self.dtype).itemsize
+            if nominal > MAX_SHARD_BYTES:
+                raise ValueError(
+                    f"FieldSpec(dtype={self.dtype!r}, shape={list(self.shape)}) describes samples of up to {nominal} "
+                    f"bytes, more than the {MAX_SHARD_BYTES} bytes a whole shard may take."
+                )
         else:
             raise ValueError(
                 f"Unsupported dtype {self.dtype!r}. "
@@ -196,7 +211,10 @@ class Schema(Mapping[str, FieldSpec]):
             shape = entry["shape"]
             if shape is not None and not isinstance(shape, list):
                 raise ValueError(f"Schema entry for field {name!r} has shape {shape!r}; expected a list or null.")
-            fields[name] = FieldSpec(str(entry["dtype"]), None if shape is None else tuple(shape))
+            try:
+                fields[name] = FieldSpec(str(entry["dtype"]), None if shape is None else tuple(shape))
+            except ValueError as err:
+                raise ValueError(f"Schema entry for field {name!r} is invalid: {err}") from err
         return cls(fields)
 
     def describe_difference(self, other: Schema) -> str:

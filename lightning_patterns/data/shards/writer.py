@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sized
 from types import TracebackType
@@ -16,9 +18,11 @@ from tqdm.auto import tqdm
 from lightning_patterns._lazy import instance_of_loaded
 from lightning_patterns.data.sharding import SHARDERS, Sharder
 from lightning_patterns.data.shards.builder import ShardBuilder
+from lightning_patterns.data.shards.garbage import DEFAULT_GRACE_PERIOD, split_expired
 from lightning_patterns.data.shards.manifest import (
     MANIFEST_NAME,
     Manifest,
+    RetiredGeneration,
     ShardInfo,
     checksum_of,
     dataset_reader,
@@ -27,8 +31,9 @@ from lightning_patterns.data.shards.manifest import (
     publish_manifest,
     shard_url,
 )
+from lightning_patterns.data.shards.paths import shard_file_generation, shard_file_name
 from lightning_patterns.data.shards.schema import Schema
-from lightning_patterns.exceptions import ManifestError, SchemaMismatchError
+from lightning_patterns.exceptions import DestinationNotEmptyError, ManifestError, SchemaMismatchError
 
 __all__ = ["ShardWriter", "write_dataset"]
 
@@ -37,6 +42,8 @@ log = logging.getLogger(__name__)
 Mode = Literal["create", "append", "overwrite"]
 _MODES = ("create", "append", "overwrite")
 _READ_ONLY_PROTOCOLS = frozenset(["http", "https"])
+# What `publish_manifest` names its temporary file: a writer's leftover, like its shard files.
+_TEMP_MANIFEST = (f".{MANIFEST_NAME}.", ".tmp")
 
 
 class ShardWriter:
@@ -56,9 +63,16 @@ class ShardWriter:
         num_shards: number of hash buckets, required by ``sharding="hash"`` (taken from the manifest on append).
         hash_key: field hashed by ``sharding="hash"``; ``None`` hashes the sample index.
         mode: ``"create"`` fails if a dataset exists; ``"append"`` adds new shards to an existing dataset (or
-            creates it) without touching its shard files; ``"overwrite"`` replaces the dataset and then deletes
-            its old shards.
+            creates it) without touching its shard files; ``"overwrite"`` publishes a new generation (new shard
+            files, then the manifest swap) and keeps the old generation's shards for ``grace_period``, listed
+            as retired in the new manifest, so readers that loaded the old manifest finish their epoch.
         storage_options: passed to fsspec unchanged (credentials, endpoint, ...).
+        grace_period: seconds an overwritten generation stays readable (24 hours by default). Each write
+            removes the retired generations whose grace period is over; so does
+            :func:`~lightning_patterns.data.shards.collect_garbage`. ``0`` removes the old generation at once.
+        force: write into a folder that holds no manifest but other files. Without it such a folder is
+            refused, so a dataset is never written beside unrelated files; leftovers of a killed writer
+            (its shard files) do not count.
 
     Each buffered hash bucket holds up to ``shard_bytes`` in memory, so peak memory is about
     ``num_shards * shard_bytes``.
@@ -74,9 +88,18 @@ class ShardWriter:
         hash_key: str | None = None,
         mode: Mode = "create",
         storage_options: Mapping[str, Any] | None = None,
+        grace_period: float = DEFAULT_GRACE_PERIOD,
+        force: bool = False,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"Unknown mode={mode!r}. Expected one of {_MODES}.")
+        if isinstance(grace_period, bool) or not isinstance(grace_period, (int, float)) or not grace_period >= 0:
+            raise ValueError(
+                f"`grace_period` must be a number of seconds >= 0, got grace_period={grace_period!r}; 0 removes an "
+                "overwritten generation at once."
+            )
+        self.grace_period = float(grace_period)
+        self.force = force
         if sharding is not None and sharding not in SHARDERS:
             raise ValueError(f"Unknown sharding={sharding!r}. Expected one of: {', '.join(SHARDERS.names())}.")
         self.url = url
@@ -91,7 +114,10 @@ class ShardWriter:
             )
         # Reads (the manifest, on append and overwrite) go through the remote-read layer, with retries.
         self._reader = dataset_reader(url, self.storage_options)
+        self._manifest_found = False
         self._previous = self._existing_manifest()
+        if not self._manifest_found and not force:
+            self._refuse_foreign_files()
         append_to = self._previous if mode == "append" else None
         self._sharder = self._make_sharder(append_to, sharding, shard_bytes, num_shards, hash_key)
         self.schema: Schema | None = append_to.schema if append_to is not None else None
@@ -120,6 +146,7 @@ class ShardWriter:
         text = fetch_manifest_text(self._reader)
         if text is None:
             return None
+        self._manifest_found = True
         try:
             return Manifest.from_json(text, manifest_url(self.url))
         except ManifestError:
@@ -127,6 +154,34 @@ class ShardWriter:
                 log.warning("Overwriting the unreadable manifest at %s; its old shards are left in place", self.url)
                 return None
             raise
+
+    def _refuse_foreign_files(self) -> None:
+        """Raise if the folder holds files other than a writer's leftovers (there is no manifest)."""
+        try:
+            names = [str(name).rstrip("/").rpartition("/")[2] for name in self._fs.ls(self._root, detail=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        foreign = sorted(
+            name
+            for name in names
+            if shard_file_generation(name) is None
+            and not (name.startswith(_TEMP_MANIFEST[0]) and name.endswith(".tmp"))
+        )
+        if foreign:
+            shown = ", ".join(repr(name) for name in foreign[:3]) + (
+                f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            )
+            raise DestinationNotEmptyError(
+                f"{self.url!r} is not empty but holds no dataset manifest: it has {shown}. Writing a dataset there "
+                "would put its shards beside unrelated files. Choose a new or empty folder, or pass force=True to "
+                "write there anyway."
+            )
+        if names:
+            log.info(
+                "%s holds %d shard files of an unfinished write; they stay unlisted (see collect_garbage)",
+                self.url,
+                len(names),
+            )
 
     @staticmethod
     def _make_sharder(
@@ -206,10 +261,7 @@ class ShardWriter:
         builder = self._builders.pop(bucket)
         data = builder.finish()
         multi = self._sharder.num_buckets > 1
-        path = (
-            f"shard-{self.generation:05d}-{self._token}-"
-            f"{f'b{bucket:05d}-' if multi else ''}{len(self._written):05d}.lps"
-        )
+        path = shard_file_name(self.generation, self._token, bucket if multi else None, len(self._written))
         if not self._written and isinstance(self._fs, LocalFileSystem):
             self._fs.makedirs(self._root, exist_ok=True)  # object stores have no folders to create
         self._fs.pipe_file(shard_url(self._root, path), data)
@@ -234,11 +286,13 @@ class ShardWriter:
             for bucket in sorted(self._builders):
                 self._flush(bucket)
             assert self.schema is not None
+            expired, pending = self._retire()
             manifest = Manifest(
                 schema=self.schema,
                 shards=self._kept + tuple(self._written),
                 sharding=self._sharder.to_json(),
                 generation=self.generation,
+                retired=pending,
             )
             if self.mode == "create" and self._reader.exists(MANIFEST_NAME):
                 raise FileExistsError(
@@ -250,10 +304,19 @@ class ShardWriter:
             self._remove(self._written)
             raise
         self.manifest = manifest
-        if self.mode == "overwrite" and self._previous is not None:
-            keep = {s.path for s in manifest.shards}
-            self._remove([s for s in self._previous.shards if s.path not in keep])
+        # Only after the swap: until then readers may still load the previous manifest.
+        self._remove_paths([path for generation in expired for path in generation.shards])
         return manifest
+
+    def _retire(self) -> tuple[tuple[RetiredGeneration, ...], tuple[RetiredGeneration, ...]]:
+        """``(expired, pending)`` retired generations after this write: an overwrite retires the previous one."""
+        if self._previous is None:
+            return (), ()
+        retired = self._previous.retired
+        if self.mode == "overwrite":
+            paths = tuple(s.path for s in self._previous.shards)
+            retired += (RetiredGeneration(self._previous.generation, time.time(), paths),)
+        return split_expired(retired, self.grace_period, time.time())
 
     def abort(self) -> None:
         """Drop buffered samples and remove the shards written so far; any previous manifest stays as it was."""
@@ -264,12 +327,20 @@ class ShardWriter:
         self._remove(self._written)
 
     def _remove(self, shards: Iterable[ShardInfo]) -> None:
-        paths = [shard_url(self._root, s.path) for s in shards]
+        self._remove_paths([s.path for s in shards])
+
+    def _remove_paths(self, relative: list[str]) -> None:
+        paths = [shard_url(self._root, path) for path in relative]
         if not paths:
             return
         try:
-            self._fs.rm(paths)
-        except (OSError, ValueError) as err:  # best effort: unlisted shards are invisible to readers anyway
+            try:
+                self._fs.rm(paths)
+            except FileNotFoundError:  # some were removed already (collect_garbage): remove the others one by one
+                for path in paths:
+                    with contextlib.suppress(FileNotFoundError):
+                        self._fs.rm(path)
+        except (OSError, ValueError) as err:  # best effort: unlisted files are invisible; collect_garbage finds them
             log.warning("Could not remove %d shard files under %s: %s", len(paths), self.url, err)
 
     def __enter__(self) -> ShardWriter:
@@ -324,6 +395,8 @@ def write_dataset(
     mode: Mode = "create",
     storage_options: Mapping[str, Any] | None = None,
     progress: bool = True,
+    grace_period: float = DEFAULT_GRACE_PERIOD,
+    force: bool = False,
 ) -> Manifest:
     """Write ``samples`` as shards plus a manifest at ``url`` and return the published manifest.
 
@@ -338,10 +411,14 @@ def write_dataset(
         mode: ``"create"``, ``"append"`` or ``"overwrite"``; see :class:`ShardWriter`.
         storage_options: passed to fsspec unchanged.
         progress: show a tqdm progress bar.
+        grace_period: seconds an overwritten generation stays readable; see :class:`ShardWriter`.
+        force: write into a folder that holds other files but no manifest; see :class:`ShardWriter`.
 
     Raises:
         ValueError: invalid arguments, or an empty dataset.
         FileExistsError: ``mode="create"`` and a dataset exists at ``url``.
+        DestinationNotEmptyError: ``url`` holds other files but no manifest, and ``force`` is not set (a
+            ``FileExistsError``).
         SchemaMismatchError: a sample differs from the first one, or from the dataset appended to.
 
     Examples:
@@ -360,6 +437,8 @@ def write_dataset(
             hash_key=hash_key,
             mode=mode,
             storage_options=storage_options,
+            grace_period=grace_period,
+            force=force,
         ) as writer,
         tqdm(iterator, total=total, disable=not progress, unit="sample", desc=f"Writing {url}") as bar,
     ):

@@ -23,10 +23,10 @@ from torch.utils.data import IterableDataset
 
 from lightning_patterns.data.batching import ClassBalancer, check_class_counts
 from lightning_patterns.data.caching import CacheConfig, EpochCache, make_cache
-from lightning_patterns.data.remote import FetchStatsSnapshot, RemoteReader, RetryPolicy
+from lightning_patterns.data.remote import Deadline, FetchStatsSnapshot, RemoteReader, RetryPolicy
 from lightning_patterns.data.sharding.assignment import PlanConfig, Span, WorkerPlan, plan, samples_per_rank
 from lightning_patterns.data.sharding.topology import Topology
-from lightning_patterns.data.shards.manifest import Manifest, fetch_shard, read_manifest, shard_url
+from lightning_patterns.data.shards.manifest import Manifest, fetch_shard, open_shard, read_manifest, shard_url
 from lightning_patterns.data.shards.reader import ShardReader, read_column
 from lightning_patterns.data.streaming.batches import BatchPositions, PlanIndices, ShardUse, only_shard, shard_use_of
 from lightning_patterns.data.streaming.cursor import StreamCursor
@@ -139,8 +139,9 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         self._yielded: int | None = None
 
     def _read_manifest(self) -> Manifest:
-        # Through the reader, so a transient fault on the manifest is retried like one on a shard.
-        return read_manifest(self._reader)
+        # Through the reader, so a transient fault on the manifest is retried like one on a shard; bounded in
+        # bytes (the default cap) and in time, like every shard read.
+        return read_manifest(self._reader, deadline=Deadline(self.read_ahead.timeout))
 
     def _make_balancer(self) -> ClassBalancer | None:
         balance = self.class_balance
@@ -179,10 +180,12 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         total = np.zeros(0, dtype=np.int64)
         for shard in self.manifest.shards:
             labels = read_column(
-                functools.partial(self._reader.read_range, shard.path),
+                functools.partial(self._reader.read_range, shard.path, deadline=Deadline(self.read_ahead.timeout)),
                 label_field,
                 size=shard.num_bytes,
                 schema=self.manifest.schema,
+                url=shard_url(self.url, shard.path),
+                num_samples=shard.num_samples,
             )
             if labels.size and int(labels.min()) < 0:
                 raise ValueError(
@@ -357,15 +360,17 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
     def _describe(self, shard: int) -> str:
         return shard_url(self.url, self.manifest.shards[shard].path)
 
-    def _fetch(self, shard: int) -> memoryview:
-        return fetch_shard(self._reader, self.manifest.shards[shard], verify=self.verify_checksums)
+    def _fetch(self, shard: int, deadline: Deadline | None) -> memoryview:
+        info = self.manifest.shards[shard]
+        return fetch_shard(self._reader, info, verify=self.verify_checksums, deadline=deadline)
 
-    def _load(self, shard: int) -> ShardReader:
+    def _load(self, shard: int, deadline: Deadline | None = None) -> ShardReader:
         if self.cache is None:
-            data: Any = self._fetch(shard)
+            data: Any = self._fetch(shard, deadline)
         else:
-            data = self.cache.get_or_fetch(shard, lambda: self._fetch(shard))
-        return ShardReader(data, self.manifest.schema)
+            data = self.cache.get_or_fetch(shard, lambda: self._fetch(shard, deadline))
+        # The header is checked against the manifest entry before any sample of the shard is decoded.
+        return open_shard(data, self.manifest.shards[shard], self.manifest.schema, self._describe(shard))
 
     def _generate(
         self, worker_plan: WorkerPlan, cursor: StreamCursor, skip_units: int, slot: int

@@ -32,7 +32,8 @@ class ReadAhead:
         shards: shards to fetch ahead of the one in use, ``>= 0``.
         max_bytes: bytes to fetch ahead at most, ``>= 1``; ``None``: only ``shards`` bounds it.
         threads: background threads that fetch shards (per DataLoader worker), ``>= 1``.
-        timeout: seconds to wait for one shard, retries included, before failing; ``> 0``.
+        timeout: seconds one read may take, retries included, before failing; ``> 0``: the manifest, each shard (its
+            download is cancelled then, so no thread outlives it), and the wait for a shard in use.
 
     Raises:
         ValueError: a value out of range; the message names it and says what is expected.

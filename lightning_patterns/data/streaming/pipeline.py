@@ -4,16 +4,23 @@ Network reads and checksums release the GIL, so a small thread pool overlaps dow
 training step even with ``num_workers=0``. Memory stays bounded: at most ``read_ahead`` shards (and
 ``read_ahead_bytes``) are requested beyond those in use, and a shard is dropped as soon as the last
 sample the worker needs from it has been yielded.
+
+Time is bounded too: each fetch gets a :class:`~lightning_patterns.data.remote.Deadline` of ``timeout``
+seconds from its start, and all of them share one cancellation that :meth:`ReadAhead.close` sets. When the
+consumer stops (its own wait timed out, an error, the epoch ended early), the downloads in flight are
+cancelled and the threads finish, so the process can exit.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeoutError
 
+from lightning_patterns.data.remote.deadline import Deadline
 from lightning_patterns.data.shards.reader import ShardReader
 
 __all__ = ["ReadAheadPipeline"]
@@ -27,11 +34,11 @@ class ReadAheadPipeline:
     Args:
         schedule: shard indices in the order the worker first needs them.
         shard_bytes: size of every shard of the dataset, to bound bytes in flight.
-        load: fetches and decodes one shard (called in a background thread).
+        load: fetches and decodes one shard (called in a background thread) by the deadline it is given.
         read_ahead: shards to request beyond the one in use.
         read_ahead_bytes: bytes to request beyond the shard in use; ``None`` for no byte limit.
         threads: background threads.
-        timeout: seconds to wait for one shard before failing.
+        timeout: seconds one fetch may take, and the consumer may wait for one shard, before failing.
         describe: names a shard (its URL) in error messages.
     """
 
@@ -39,7 +46,7 @@ class ReadAheadPipeline:
         self,
         schedule: Sequence[int],
         shard_bytes: Sequence[int],
-        load: Callable[[int], ShardReader],
+        load: Callable[[int, Deadline], ShardReader],
         *,
         read_ahead: int,
         read_ahead_bytes: int | None,
@@ -54,6 +61,7 @@ class ReadAheadPipeline:
         self._read_ahead_bytes = read_ahead_bytes
         self._timeout = timeout
         self._describe = describe
+        self._stopped = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lightning-patterns-read")
         self._futures: dict[int, Future[ShardReader]] = {}
         self._released: set[int] = set()
@@ -81,26 +89,30 @@ class ReadAheadPipeline:
                 and self._bytes_ahead() + self._shard_bytes[shard] > self._read_ahead_bytes
             ):
                 break
-            self._futures[shard] = self._pool.submit(self._load, shard)
+            self._futures[shard] = self._pool.submit(self._run, shard)
             self._next += 1
+
+    def _run(self, shard: int) -> ShardReader:
+        # The deadline starts when the fetch does (not when it was queued), and close() cancels it.
+        return self._load(shard, Deadline(self._timeout, cancelled=self._stopped))
 
     def get(self, shard: int) -> ShardReader:
         """The decoded shard, waiting for its fetch if needed."""
         future = self._futures.get(shard)
         if future is None:
             # Needed earlier than scheduled (it cannot happen with a consistent schedule; be safe, not stuck).
-            future = self._futures[shard] = self._pool.submit(self._load, shard)
+            future = self._futures[shard] = self._pool.submit(self._run, shard)
         if not future.done():
             started = time.perf_counter()
             try:
-                future.result(timeout=self._timeout)
-            except FutureTimeoutError:
+                concurrent.futures.wait([future], timeout=self._timeout)
+            finally:
+                self.wait_seconds += time.perf_counter() - started
+            if not future.done():  # (a fetch that failed on its own deadline raises its own error below)
                 raise TimeoutError(
                     f"Fetching {self._describe(shard)} took longer than {self._timeout} s. Check the remote, or raise "
                     "`ReadAhead(timeout=...)` for very large shards on a slow link."
-                ) from None
-            finally:
-                self.wait_seconds += time.perf_counter() - started
+                )
         return future.result()
 
     def release(self, shard: int) -> None:
@@ -112,7 +124,8 @@ class ReadAheadPipeline:
         self._fill()
 
     def close(self) -> None:
-        """Stop fetching; pending downloads are cancelled."""
+        """Stop fetching: queued fetches never start, and those in flight are cancelled at their next check."""
+        self._stopped.set()
         for future in self._futures.values():
             future.cancel()
         self._futures.clear()

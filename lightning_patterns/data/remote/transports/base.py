@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from lightning_patterns.data.remote.deadline import Deadline
 
 __all__ = ["Transport"]
 
@@ -43,16 +46,23 @@ class Transport(ABC):
         return str(self.fs._strip_protocol(url))
 
     @abstractmethod
-    def read_into(self, path: str, start: int, end: int | None, buf: bytearray) -> bool:
+    def read_into(
+        self, path: str, start: int, end: int | None, buf: bytearray, *, deadline: Deadline | None = None
+    ) -> bool:
         """Append bytes of the object from ``start`` on to ``buf``, in one request.
 
-        A transport may stop before ``end`` (after one chunk, say); the reader then asks for the rest.
+        A transport may stop before ``end`` (after one chunk, say); the reader then asks for the rest. It never
+        appends more than ``end - start`` bytes, whatever the backend sends.
 
         Args:
             path: The object, as :meth:`path` gave it.
             start: First byte to read.
             end: One past the last byte wanted; ``None`` (only where :attr:`reads_to_end`) reads to the end.
             buf: Where the bytes go; on failure it keeps those that arrived.
+            deadline: When the request must stop (raising
+                :class:`~lightning_patterns.exceptions.DeadlineExceededError`); a transport whose requests
+                cannot be interrupted keeps each one short (one chunk), and the reader checks the deadline
+                between them.
 
         Returns:
             ``True`` if the object ended before ``end`` (the answer was short), ``False`` if the transport

@@ -5,8 +5,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-import fsspec.asyn
-
+from lightning_patterns.data.remote.deadline import Deadline, run_bounded
 from lightning_patterns.data.remote.transports.base import Transport
 
 __all__ = ["HTTPTransport"]
@@ -20,7 +19,9 @@ class HTTPTransport(Transport):
     The next attempt then asks only for what is missing (``Range: bytes=<reached>-``). Bodies are requested
     with ``Accept-Encoding: identity`` (a compressed transfer would make byte offsets meaningless), and a
     server that ignores ``Range`` is handled by skipping the bytes already held. ``timeout`` bounds the
-    connect and each read's inactivity, not the whole transfer.
+    connect and each read's inactivity; the read's ``deadline`` bounds the whole transfer (a server sending
+    one byte a second never trips an inactivity timeout), and no more than ``end - start`` bytes are kept
+    however long the body is.
 
     A ``416 Range Not Satisfiable`` (a range starting at or past the object's end) reads as an empty body, so
     an object shorter than expected is a truncation to retry, as on other backends. HTTP has no folders:
@@ -35,9 +36,11 @@ class HTTPTransport(Transport):
         """The URL itself: HTTP paths are URLs."""
         return url
 
-    def read_into(self, path: str, start: int, end: int | None, buf: bytearray) -> bool:
+    def read_into(
+        self, path: str, start: int, end: int | None, buf: bytearray, *, deadline: Deadline | None = None
+    ) -> bool:
         """Stream ``path[start:end]`` into ``buf``; ``True`` once the body ended (short or complete)."""
-        fsspec.asyn.sync(self.fs.loop, _get_into, self.fs, path, start, end, buf, self.timeout)
+        run_bounded(self.fs.loop, _get_into(self.fs, path, start, end, buf, self.timeout), deadline, path)
         return True
 
     def is_file(self, path: str) -> bool:

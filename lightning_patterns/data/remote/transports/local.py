@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+from typing import TYPE_CHECKING
 
 from lightning_patterns.data.remote.transports.base import Transport
+
+if TYPE_CHECKING:
+    from lightning_patterns.data.remote.deadline import Deadline
 
 __all__ = ["LocalTransport"]
 
@@ -13,16 +19,26 @@ class LocalTransport(Transport):
     """Reads ``[start, end)`` of a local file in one call (to the end of the file when ``end`` is ``None``).
 
     A file shorter than asked is reported as ended; the reader treats that as a truncation (a file still
-    being written, say) and retries, resuming at the byte reached.
+    being written, say) and retries, resuming at the byte reached. Only regular files are read: a FIFO or a
+    device (``/dev/zero``) would block or never end, so it is refused at once.
     """
 
     name = "local"
     protocols = ("file", "local")
     reads_to_end = True
 
-    def read_into(self, path: str, start: int, end: int | None, buf: bytearray) -> bool:
+    def read_into(
+        self, path: str, start: int, end: int | None, buf: bytearray, *, deadline: Deadline | None = None
+    ) -> bool:
         """Append ``path[start:end]`` to ``buf``; ``True`` if the file ended before ``end``."""
-        with open(path, "rb") as f:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer before it can be refused.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
+            if not stat.S_ISREG(mode):
+                raise OSError(errno.EINVAL, "Not a regular file (a FIFO, device or folder is never read)", path)
             f.seek(start)
             data = f.read() if end is None else f.read(end - start)
         buf += data

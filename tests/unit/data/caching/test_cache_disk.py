@@ -86,8 +86,9 @@ def test_verification_is_shared_by_the_rank_and_done_once(source: CountingSource
     cache.get_or_fetch(0, source.fetcher(0))  # verifies
     path = _entry(tmp_path / "c", source, 0)
     st = path.stat()
-    assert cache._is_verified(0, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-    assert not cache._is_verified(1, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    assert cache._is_verified(0, signature)
+    assert not cache._is_verified(1, signature)
 
 
 def test_a_changed_dataset_never_reads_stale_entries(source: CountingSource, tmp_path: Path) -> None:

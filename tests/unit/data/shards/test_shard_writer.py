@@ -140,14 +140,25 @@ def test_append_to_a_missing_dataset_creates_it(memory_url: str) -> None:
     assert manifest.generation == 1
 
 
-def test_overwrite_replaces_the_dataset_and_removes_old_shards(memory_url: str) -> None:
+def test_overwrite_replaces_the_dataset_and_retires_old_shards_for_the_grace_period(memory_url: str) -> None:
     old = write_dataset([{"x": 1}] * 4, memory_url, progress=False)
     new = write_dataset([{"y": "a"}], memory_url, mode="overwrite", progress=False)
     assert new.num_samples == 1
     assert list(new.schema) == ["y"]
+    assert new.generation == 2
+    # The old generation stays for readers of the old manifest, listed as retired, not as shards.
+    assert [(g.generation, g.shards) for g in new.retired] == [(1, tuple(s.path for s in old.shards))]
+    assert set(_files(memory_url)) == {MANIFEST_NAME} | {s.path for s in old.shards + new.shards}
+    assert load_manifest(memory_url) == new
+
+
+def test_overwrite_with_no_grace_period_removes_old_shards_at_once(memory_url: str) -> None:
+    old = write_dataset([{"x": 1}] * 4, memory_url, progress=False)
+    new = write_dataset([{"y": "a"}], memory_url, mode="overwrite", progress=False, grace_period=0)
     files = _files(memory_url)
     assert not {s.path for s in old.shards} & set(files)
     assert set(files) == {MANIFEST_NAME} | {s.path for s in new.shards}
+    assert new.retired == ()
 
 
 def test_exception_mid_write_leaves_previous_manifest_and_readers_untouched(memory_url: str) -> None:
