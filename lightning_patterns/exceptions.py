@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ChecksumMismatchError",
     "ManifestError",
+    "PeerFailedError",
     "PeerLostError",
     "SchemaMismatchError",
     "ShardNotFoundError",
@@ -39,3 +40,7 @@ class ChecksumMismatchError(OSError):
 
 class PeerLostError(RuntimeError):
     """A process of a distributed job stopped answering within the configured timeout."""
+
+
+class PeerFailedError(PeerLostError):
+    """A process of a distributed job failed: the message names its rank and, where known, its error."""
