@@ -357,6 +357,11 @@ def internal(lightning: Tree, spec: str) -> Any:
         raise _changed(lightning, spec.split(":", 1)[1].replace(":", "."), error) from error
 
 
+def _assigned_in_init(cls: type, attribute: str) -> bool:
+    # An attribute `__init__` assigns is among the names its code object stores.
+    return attribute in cls.__init__.__code__.co_names  # type: ignore[misc]
+
+
 def check_internals(lightning: Tree) -> list[str]:
     """Every internal of :data:`INTERNALS` and :data:`INTERNAL_ATTRIBUTES` that ``lightning`` lacks (``[]``: none)."""
     missing = []
@@ -365,22 +370,16 @@ def check_internals(lightning: Tree) -> list[str]:
             _resolve(lightning, spec)
         except (ImportError, AttributeError):
             missing.append(spec)
-    for owner, attribute in INTERNAL_ATTRIBUTES:
+    checks: list[tuple[str, str, Callable[[type, str], bool]]]
+    checks = [(owner, attribute, hasattr) for owner, attribute in INTERNAL_ATTRIBUTES]
+    checks += [(owner, attribute, _assigned_in_init) for owner, attribute in INTERNAL_INSTANCE_ATTRIBUTES]
+    for owner, attribute, has in checks:
         try:
             cls = _resolve(lightning, owner)
         except (ImportError, AttributeError):
             missing.append(owner)
             continue
-        if not hasattr(cls, attribute):
-            missing.append(f"{owner}.{attribute}")
-    for owner, attribute in INTERNAL_INSTANCE_ATTRIBUTES:
-        try:
-            cls = _resolve(lightning, owner)
-        except (ImportError, AttributeError):
-            missing.append(owner)
-            continue
-        # An attribute `__init__` assigns is among the names its code object stores.
-        if attribute not in cls.__init__.__code__.co_names:
+        if not has(cls, attribute):
             missing.append(f"{owner}.{attribute}")
     return missing
 

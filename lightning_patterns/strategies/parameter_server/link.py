@@ -127,17 +127,18 @@ class Link:
             raise _lost(peer, what, self._bound(timeout), error) from error
 
     def _send(self, tensor: torch.Tensor, dst: int, tag: int, timeout: float | None) -> int:
-        if tensor.numel() == 0:
-            return 0
-        work = self._start(self.transport.send, tensor, dst, tag, "send to it", timeout)
-        _wait(work, dst, "send to it", self._bound(timeout))
-        return tensor.numel() * tensor.element_size()
+        return self._transfer(self.transport.send, tensor, dst, tag, "send to it", timeout)
 
     def _recv(self, tensor: torch.Tensor, src: int, tag: int, timeout: float | None) -> int:
+        return self._transfer(self.transport.recv, tensor, src, tag, "receive from it", timeout)
+
+    def _transfer(
+        self, op: Callable[..., dist.Work], tensor: torch.Tensor, peer: int, tag: int, what: str, timeout: float | None
+    ) -> int:
+        """One send or receive of ``tensor``, waited for; the bytes moved (an empty tensor moves nothing)."""
         if tensor.numel() == 0:
             return 0
-        work = self._start(self.transport.recv, tensor, src, tag, "receive from it", timeout)
-        _wait(work, src, "receive from it", self._bound(timeout))
+        _wait(self._start(op, tensor, peer, tag, what, timeout), peer, what, self._bound(timeout))
         return tensor.numel() * tensor.element_size()
 
 

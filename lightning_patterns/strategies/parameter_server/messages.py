@@ -146,7 +146,8 @@ class Message:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _BY_KIND[cls.kind] = cls
+        if "kind" in vars(cls):  # a message type, not a shared base
+            _BY_KIND[cls.kind] = cls
 
     def payloads(self) -> list[PayloadSpec]:
         """The payloads that follow this header, in order (none by default)."""
@@ -285,10 +286,9 @@ class GetState(Message):
 
 
 @dataclass(frozen=True)
-class SetState(Message):
-    """Load this optimizer state: JSON describing each chunk's entries, then their tensor bytes."""
+class _PackedState(Message):
+    """Optimizer state: JSON describing each chunk's entries (:func:`pack_tensors`), then their tensor bytes."""
 
-    kind: ClassVar[Kind] = Kind.SET_STATE
     json_bytes: int = 0
     data_bytes: int = 0
 
@@ -296,6 +296,13 @@ class SetState(Message):
         """The JSON, then the tensor bytes."""
         data = [PayloadSpec("data", self.data_bytes, torch.uint8)] if self.data_bytes else []
         return _json_payload(self.json_bytes) + data
+
+
+@dataclass(frozen=True)
+class SetState(_PackedState):
+    """Load this optimizer state."""
+
+    kind: ClassVar[Kind] = Kind.SET_STATE
 
 
 @dataclass(frozen=True)
@@ -363,17 +370,10 @@ class Sum(Message):
 
 
 @dataclass(frozen=True)
-class State(Message):
-    """The server's optimizer state: JSON describing each chunk's entries, then their tensor bytes."""
+class State(_PackedState):
+    """The server's optimizer state."""
 
     kind: ClassVar[Kind] = Kind.STATE
-    json_bytes: int = 0
-    data_bytes: int = 0
-
-    def payloads(self) -> list[PayloadSpec]:
-        """The JSON, then the tensor bytes."""
-        data = [PayloadSpec("data", self.data_bytes, torch.uint8)] if self.data_bytes else []
-        return _json_payload(self.json_bytes) + data
 
 
 @dataclass(frozen=True)
