@@ -10,8 +10,8 @@ in byte-balanced chunks; each step a worker pushes its gradient chunks and gets 
 
 What DDP does, this strategy does at the same points of Lightning's loop:
 
-- gradients are averaged after each backward that ends an accumulation window (DDP's reducer), before
-  ``on_after_backward``; a parameter without a gradient on every worker keeps ``grad=None``;
+- ``update_on="worker"``: gradients are averaged after each backward that ends an accumulation window (DDP's
+  reducer), before ``on_after_backward``; a parameter without a gradient on every worker keeps ``grad=None``;
 - with ``broadcast_buffers=True`` rank 0's buffers are broadcast before a forward that follows a synchronizing
   training forward (DDP's ``require_forward_param_sync`` rule), and parameters and buffers are broadcast from rank 0
   when a fit starts;
