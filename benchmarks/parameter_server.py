@@ -1,9 +1,9 @@
-"""Benchmark: ParameterServerStrategy (S = 1, 2; sync and async) beside Lightning's DDP, same workers, on CPU.
+"""Benchmark: ParameterServerStrategy (S = 1, 2; both update placements; sync and async) beside DDP, on CPU.
 
 Prints a Markdown table of steps per second and bytes per step per worker for an MLP of about 1M and one
 of about 25M parameters. Run it as a script (Lightning's launcher re-runs it for the second worker):
 
-    python benchmarks/parameter_server.py                  # the full table (about 2 minutes on 2 cores)
+    python benchmarks/parameter_server.py                  # the full table (about 3 minutes on 2 cores)
     python benchmarks/parameter_server.py --quick          # smoke check: the 1M model, 5 timed steps
     python benchmarks/parameter_server.py --out PATH       # also write a JSON result (what `make bench` does)
 
@@ -87,13 +87,20 @@ def num_parameters(size: str) -> int:
     return sum(a * b + b for a, b in itertools.pairwise(SIZES[size]))
 
 
-def strategies(servers: list[int], modes: list[str]) -> list[tuple[str, Any]]:
-    """(label, strategy) pairs: DDP first, then one parameter server per (servers, mode)."""
+def strategies(servers: list[int], modes: list[str], placements: list[str]) -> list[tuple[str, Any]]:
+    """(label, strategy) pairs: DDP first, then one parameter server per (servers, mode, placement).
+
+    Asynchronous modes exist only with the optimizer on the servers (``update_on="server"``).
+    """
     configs: list[tuple[str, Any]] = [("DDP", "ddp")]
-    for num_servers, mode in itertools.product(servers, modes):
+    for num_servers, mode, update_on in itertools.product(servers, modes, placements):
+        if mode == "async" and update_on == "worker":
+            continue
         staleness = 0 if mode == "sync" else None
-        strategy = ParameterServerStrategy(num_servers=num_servers, mode=mode, max_staleness=staleness)
-        configs.append((f"PS S={num_servers} {mode}", strategy))
+        strategy = ParameterServerStrategy(
+            num_servers=num_servers, update_on=update_on, mode=mode, max_staleness=staleness
+        )
+        configs.append((f"PS S={num_servers} {mode} update_on={update_on}", strategy))
     return configs
 
 
@@ -159,6 +166,7 @@ def write_result(path: Path, rows: list[dict[str, Any]], args: argparse.Namespac
             "sizes": {size: num_parameters(size) for size in args.sizes},
             "servers": args.servers,
             "modes": args.modes,
+            "placements": args.placements,
             "steps": args.steps_by_size,
             "warmup_steps": WARMUP_STEPS,
             "batch_size": args.batch_size,
@@ -181,6 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", default=None, help="comma-separated model sizes (default 1m,25m; --quick: 1m)")
     parser.add_argument("--servers", default="1,2", help="comma-separated server counts")
     parser.add_argument("--modes", default="sync,async", help="comma-separated modes")
+    parser.add_argument("--placements", default="worker,server", help="comma-separated update placements")
     parser.add_argument("--steps", type=int, default=None, help=f"timed steps for every size (default {STEPS})")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
@@ -190,6 +199,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sizes = (args.sizes or ("1m" if args.quick else "1m,25m")).split(",")
     args.servers = [int(s) for s in args.servers.split(",")]
     args.modes = args.modes.split(",")
+    args.placements = args.placements.split(",")
     unknown = sorted(set(args.sizes) - set(SIZES))
     if unknown:
         parser.error(f"unknown sizes {unknown}; choose from {sorted(SIZES)}")
@@ -217,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     rows = []
     for size in args.sizes:
-        for label, strategy in strategies(args.servers, args.modes):
+        for label, strategy in strategies(args.servers, args.modes, args.placements):
             t0 = time.perf_counter()
             result = run(size, strategy, args.steps_by_size[size], args.batch_size, args.workers)
             row = {"model": f"{num_parameters(size) / 1e6:.1f}M", "size": size, "strategy": label, **result}

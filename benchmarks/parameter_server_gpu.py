@@ -7,8 +7,8 @@ Run it on a machine with a GPU (it needs no network and writes nothing outside `
 ``--accelerator cpu`` runs the same checks on CPU with gloo, to try the script on a machine without a GPU.
 Each check is recorded with its figures and ``ok``; the script exits 1 if any check fails.
 
-1. ``equivalence``: one GPU worker × 1 and × 2 servers, sync, SGD with momentum and two param groups, and Adam with
-   a StepLR stepped every step, against plain single-process training on the same device.
+1. ``equivalence``: one GPU worker × 1 and × 2 servers, both update placements, sync, SGD with momentum and two
+   param groups, and Adam with a StepLR stepped every step, against plain single-process training on the device.
 2. ``dropin``: an unchanged ``MLPClassifier`` with validation, ``sync_dist`` logging (an NCCL all-reduce), gradient
    accumulation and clipping; bytes per step against the theory; the checkpoint loads into a plain single-device
    Trainer and resumes under the strategy with another number of servers.
@@ -16,10 +16,12 @@ Each check is recorded with its figures and ``ok``; the script exits 1 if any ch
 4. ``kill``: the server is killed mid-training; the worker stops with ``PeerLostError`` naming its rank.
 5. ``two_nodes``: two torchrun agents as two nodes on this machine, one worker each on the one GPU, × 2 servers,
    sync, against single-process training. Workers talk over gloo here: NCCL refuses two ranks on one GPU.
-6. ``recipe``: ``lightning-patterns fit --recipe fashion_mnist_parameter_server`` on the GPU (streaming over HTTP from
+6. ``sync_batchnorm``: ``Trainer(sync_batchnorm=True)`` (SyncBatchNorm runs on GPUs only) on two torchrun nodes
+   sharing the GPU, gloo: both placements against DDP, parameters and BatchNorm buffers of both ranks.
+7. ``recipe``: ``lightning-patterns fit --recipe fashion_mnist_parameter_server`` on the GPU (streaming over HTTP from
    127.0.0.1, disk cache) beside ``--recipe fashion_mnist`` on the GPU: validation accuracy after 2 epochs.
-7. ``throughput``: steps/s of a ~1M and a ~25M parameter MLP, single device without the strategy beside the
-   parameter server (S = 1, 2 sync; S = 2 async), batch 256.
+8. ``throughput``: steps/s of a ~1M and a ~25M parameter MLP, single device without the strategy beside the
+   parameter server (S = 1, 2 sync with each placement; S = 2 async), batch 256.
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from parameter_server import SIZES, BenchMLP, StepTimer  # the CPU benchmark's, from this folder
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_patterns.data.in_memory import InMemoryDataModule
 from lightning_patterns.exceptions import PeerLostError
 from lightning_patterns.models import MLPClassifier
 from lightning_patterns.strategies import ParameterServerStrategy
+from lightning_patterns.strategies.parameter_server import launcher
 from lightning_patterns.testing.launch import free_port, launch_env, run_nodes
 from lightning_patterns.testing.tiny_job import TinyJob, TinyRegressor, single_process_reference
 
@@ -90,9 +93,9 @@ def check_equivalence(accelerator: str) -> list[dict[str, Any]]:
     job = TinyJob(steps=6, batch=8, workers=1)
     device = "cuda" if accelerator == "gpu" else "cpu"
     rows = []
-    for optimizer, servers in itertools.product(("sgd", "adam"), (1, 2)):
+    for optimizer, servers, update_on in itertools.product(("sgd", "adam"), (1, 2), ("server", "worker")):
         capture = _Capture()
-        strategy = ParameterServerStrategy(num_servers=servers, timeout=60.0)
+        strategy = ParameterServerStrategy(num_servers=servers, update_on=update_on, timeout=60.0)
         _trainer(accelerator, strategy, max_steps=job.steps, callbacks=[capture]).fit(TinyRegressor(optimizer, job))
         expected_model, expected_optimizer = single_process_reference(optimizer, job, device)
         model_diff = _max_diff(capture.result["state_dict"], expected_model)
@@ -102,13 +105,15 @@ def check_equivalence(accelerator: str) -> list[dict[str, Any]]:
         )
         rows.append(
             {
-                "check": f"equivalence {optimizer} S={servers}",
+                "check": f"equivalence {optimizer} S={servers} update_on={update_on}",
                 "backend": capture.result["backend"],
                 "device": capture.result["device"],
                 "max_param_diff": model_diff,
                 "max_optimizer_state_diff": state_diff,
                 "worker_state_len": capture.result["worker_state_len"],
-                "ok": model_diff < 1e-5 and state_diff < 1e-5 and capture.result["worker_state_len"] == 0,
+                "ok": model_diff < 1e-5
+                and state_diff < 1e-5
+                and (update_on == "worker" or capture.result["worker_state_len"] == 0),
             }
         )
     return rows
@@ -120,7 +125,7 @@ def _fit_mlp(accelerator: str, workdir: Path, servers: int, max_epochs: int, res
     pl.seed_everything(0)
     trainer = _trainer(
         accelerator,
-        ParameterServerStrategy(num_servers=servers, timeout=60.0),
+        ParameterServerStrategy(num_servers=servers, update_on="server", timeout=60.0),
         max_epochs=max_epochs,
         accumulate_grad_batches=2,
         gradient_clip_val=0.5,
@@ -187,7 +192,9 @@ def check_dropin(accelerator: str, workdir: Path) -> list[dict[str, Any]]:
 
 def check_async(accelerator: str) -> list[dict[str, Any]]:
     capture = _Capture()
-    strategy = ParameterServerStrategy(num_servers=2, mode="async", max_staleness=None, timeout=60.0)
+    strategy = ParameterServerStrategy(
+        num_servers=2, update_on="server", mode="async", max_staleness=None, timeout=60.0
+    )
     job = TinyJob(steps=6, batch=8, workers=1)
     _trainer(accelerator, strategy, max_steps=job.steps, callbacks=[capture]).fit(TinyRegressor("adam", job))
     telemetry = capture.result["telemetry"]
@@ -204,10 +211,10 @@ def check_async(accelerator: str) -> list[dict[str, Any]]:
 class _KillServer(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.global_step == 3:
-            server = trainer.strategy._servers[0]  # type: ignore[attr-defined]
+            server = launcher.current_session().processes[0]  # type: ignore[union-attr]
             print(f"KILLED {time.time()}", flush=True)
             os.kill(server.pid, signal.SIGKILL)
-            server.join()
+            server.wait()
 
 
 def run_kill(accelerator: str) -> None:
@@ -266,6 +273,75 @@ def check_two_nodes(accelerator: str, workdir: Path) -> list[dict[str, Any]]:
     ]
 
 
+class _BatchNormNet(pl.LightningModule):
+    """Linear → BatchNorm → Tanh → Linear on the tiny job's data, SGD with momentum."""
+
+    def __init__(self, job: TinyJob) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 2)
+        )
+        self.job = job
+        self.synchronized = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        self.synchronized = any(isinstance(m, torch.nn.SyncBatchNorm) for m in self.modules())
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        data = self.job.data()
+        sampler: DistributedSampler[Any] = DistributedSampler(
+            data, num_replicas=self.trainer.world_size, rank=self.global_rank, shuffle=False
+        )
+        return DataLoader(data, batch_size=self.job.batch, sampler=sampler)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def run_sync_batchnorm(accelerator: str, workdir: Path) -> None:
+    """Each node: DDP, then the parameter server with each placement, all with `sync_batchnorm=True` (gloo)."""
+    job = TinyJob(steps=6, batch=8, workers=2)
+    strategies = {
+        "ddp": pl.strategies.DDPStrategy(process_group_backend="gloo"),
+        "worker": ParameterServerStrategy(num_servers=2, update_on="worker", process_group_backend="gloo"),
+        "server": ParameterServerStrategy(num_servers=2, update_on="server", process_group_backend="gloo"),
+    }
+    for label, strategy in strategies.items():
+        model = _BatchNormNet(job)
+        trainer = _trainer(accelerator, strategy, num_nodes=2, max_steps=job.steps, sync_batchnorm=True)
+        trainer.fit(model)
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        record = {"state_dict": state, "synchronized": model.synchronized, "device": str(model.device)}
+        torch.save(record, workdir / f"sync_batchnorm_{label}_rank{trainer.global_rank}.pt")
+
+
+def check_sync_batchnorm(accelerator: str, workdir: Path) -> list[dict[str, Any]]:
+    script = [str(SCRIPT), "--scenario", "sync_batchnorm", "--accelerator", accelerator, "--workdir", str(workdir)]
+    nodes = run_nodes(script, nnodes=2, timeout=300)
+    if any(code != 0 for code, _ in nodes):
+        return [{"check": "sync_batchnorm", "ok": False, "log": "\n".join(log[-3000:] for _, log in nodes)}]
+    rows = []
+    for label in ("worker", "server"):
+        diffs, synchronized = [], []
+        for rank in range(2):
+            actual = torch.load(workdir / f"sync_batchnorm_{label}_rank{rank}.pt", weights_only=False)
+            expected = torch.load(workdir / f"sync_batchnorm_ddp_rank{rank}.pt", weights_only=False)
+            diffs.append(_max_diff(actual["state_dict"], expected["state_dict"]))
+            synchronized.append(actual["synchronized"] and expected["synchronized"])
+        rows.append(
+            {
+                "check": f"sync_batchnorm=True, 2 torchrun nodes on the GPU, update_on={label} against DDP",
+                "max_diff_params_and_buffers": max(diffs),
+                "sync_batchnorm_layers": all(synchronized),
+                "ok": max(diffs) < 1e-5 and all(synchronized),
+            }
+        )
+    return rows
+
+
 def _val_acc(metrics_csv: Path) -> float:
     with metrics_csv.open() as handle:
         values = [row["val_acc"] for row in csv.DictReader(handle) if row.get("val_acc")]
@@ -317,8 +393,14 @@ def check_throughput(accelerator: str, steps: int) -> list[dict[str, Any]]:
         params = sum(a * b + b for a, b in itertools.pairwise(widths))
         configs: list[tuple[str, Any]] = [("single device, no strategy", "auto")]
         configs += [
-            (f"PS S={s} {mode}", (s, mode))
-            for s, mode in ((1, "sync"), (2, "sync"), (2, "async"))  # async: one worker, so only overlap changes
+            (f"PS S={s} {mode} update_on={update_on}", (s, mode, update_on))
+            for s, mode, update_on in (
+                (1, "sync", "worker"),
+                (2, "sync", "worker"),
+                (1, "sync", "server"),
+                (2, "sync", "server"),
+                (2, "async", "server"),  # async: one worker, so only overlap changes
+            )
         ]
         for label, config in configs:
             torch.manual_seed(0)
@@ -326,9 +408,11 @@ def check_throughput(accelerator: str, steps: int) -> list[dict[str, Any]]:
             data = TensorDataset(torch.randn(n, 784), torch.randint(0, 10, (n,)))
             strategy = config
             if isinstance(config, tuple):
-                servers, mode = config
+                servers, mode, update_on = config
                 staleness = 0 if mode == "sync" else None
-                strategy = ParameterServerStrategy(num_servers=servers, mode=mode, max_staleness=staleness)
+                strategy = ParameterServerStrategy(
+                    num_servers=servers, update_on=update_on, mode=mode, max_staleness=staleness
+                )
             timer = StepTimer(warmup=3)
             model = BenchMLP(widths)
             _trainer(accelerator, strategy, max_steps=steps + 3, callbacks=[timer]).fit(
@@ -384,11 +468,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--accelerator", choices=("gpu", "cpu"), default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--checks", default="equivalence,dropin,async,kill,two_nodes,recipe,throughput")
+    parser.add_argument("--checks", default="equivalence,dropin,async,kill,two_nodes,sync_batchnorm,recipe,throughput")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per throughput row")
     parser.add_argument("--workdir", default="/tmp/parameter_server_gpu")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--scenario", help=argparse.SUPPRESS)  # the child processes of `kill` and `two_nodes`
+    parser.add_argument("--scenario", help=argparse.SUPPRESS)  # the child processes of multi-process checks
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -398,6 +482,9 @@ def main() -> None:
     if args.scenario == "two_nodes":
         run_two_nodes(args.accelerator, workdir / "two_nodes.pt")
         return
+    if args.scenario == "sync_batchnorm":
+        run_sync_batchnorm(args.accelerator, workdir)
+        return
     os.environ.update({k: v for k, v in launch_env(free_port()).items() if k.startswith("MASTER_")})
     checks = {
         "equivalence": lambda: check_equivalence(args.accelerator),
@@ -405,6 +492,7 @@ def main() -> None:
         "async": lambda: check_async(args.accelerator),
         "kill": lambda: check_kill(args.accelerator, workdir),
         "two_nodes": lambda: check_two_nodes(args.accelerator, workdir),
+        "sync_batchnorm": lambda: check_sync_batchnorm(args.accelerator, workdir),
         "recipe": lambda: check_recipe(args.accelerator, workdir),
         "throughput": lambda: check_throughput(args.accelerator, args.steps),
     }

@@ -254,8 +254,8 @@ def class_getter(module: str, names: Sequence[str], package: str | None = None) 
 _STRATEGY_NAMES = {
     "parameter_server": ("Parameter servers, synchronous (`ParameterServerStrategy`)", {}),
     "parameter_server_async": (
-        "Parameter servers, fully asynchronous (`ParameterServerStrategy(mode='async')`)",
-        {"mode": "async", "max_staleness": None},
+        "Parameter servers, fully asynchronous (`ParameterServerStrategy(update_on='server', mode='async')`)",
+        {"update_on": "server", "mode": "async", "max_staleness": None},
     ),
 }
 
@@ -328,6 +328,8 @@ INTERNAL_ATTRIBUTES = (
     ("pl:plugins.precision:Precision", "_wrap_closure"),
     ("pl:loops.training_epoch_loop:_TrainingEpochLoop", "_broadcast_sigterm_tensor"),
 )
+#: Private attributes a Lightning class sets on its instances in ``__init__``: ``"pl:" module:class`` → attribute.
+INTERNAL_INSTANCE_ATTRIBUTES = (("pl:strategies:ParallelStrategy", "_layer_sync"),)
 
 
 def _resolve(lightning: Tree, spec: str) -> Any:
@@ -355,6 +357,11 @@ def internal(lightning: Tree, spec: str) -> Any:
         raise _changed(lightning, spec.split(":", 1)[1].replace(":", "."), error) from error
 
 
+def _assigned_in_init(cls: type, attribute: str) -> bool:
+    # An attribute `__init__` assigns is among the names its code object stores.
+    return attribute in cls.__init__.__code__.co_names  # type: ignore[misc]
+
+
 def check_internals(lightning: Tree) -> list[str]:
     """Every internal of :data:`INTERNALS` and :data:`INTERNAL_ATTRIBUTES` that ``lightning`` lacks (``[]``: none)."""
     missing = []
@@ -363,13 +370,16 @@ def check_internals(lightning: Tree) -> list[str]:
             _resolve(lightning, spec)
         except (ImportError, AttributeError):
             missing.append(spec)
-    for owner, attribute in INTERNAL_ATTRIBUTES:
+    checks: list[tuple[str, str, Callable[[type, str], bool]]]
+    checks = [(owner, attribute, hasattr) for owner, attribute in INTERNAL_ATTRIBUTES]
+    checks += [(owner, attribute, _assigned_in_init) for owner, attribute in INTERNAL_INSTANCE_ATTRIBUTES]
+    for owner, attribute, has in checks:
         try:
             cls = _resolve(lightning, owner)
         except (ImportError, AttributeError):
             missing.append(owner)
             continue
-        if not hasattr(cls, attribute):
+        if not has(cls, attribute):
             missing.append(f"{owner}.{attribute}")
     return missing
 
@@ -387,6 +397,13 @@ def replace_sigterm_broadcast(lightning: Tree, loop: Any, check: Callable[[], No
     if not hasattr(loop, "_broadcast_sigterm_tensor"):
         raise _changed(lightning, "_TrainingEpochLoop._broadcast_sigterm_tensor")
     loop._broadcast_sigterm_tensor = check
+
+
+def layer_sync(lightning: Tree, strategy: Any) -> Any:
+    """``ParallelStrategy._layer_sync``: the ``LayerSync`` plugin of ``Trainer(sync_batchnorm=True)``, or ``None``."""
+    if not hasattr(strategy, "_layer_sync"):
+        raise _changed(lightning, "ParallelStrategy._layer_sync")
+    return strategy._layer_sync
 
 
 def mark_optimizer_stepped(optimizer: Any) -> None:

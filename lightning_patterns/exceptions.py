@@ -13,6 +13,7 @@ __all__ = [
     "DestinationNotEmptyError",
     "ManifestError",
     "ObjectTooLargeError",
+    "PeerFailedError",
     "PeerLostError",
     "RemoteUnreachableError",
     "SchemaMismatchError",
@@ -59,3 +60,7 @@ class ObjectTooLargeError(ValueError):
 
 class DestinationNotEmptyError(FileExistsError):
     """A dataset would be written into a folder that holds other files but no manifest (pass ``force=True``)."""
+
+
+class PeerFailedError(PeerLostError):
+    """A process of a distributed job failed: the message names its rank and, where known, its error."""

@@ -6,7 +6,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 __all__ = ["free_port", "launch_env", "run_nodes", "torchrun_command"]
@@ -37,17 +37,22 @@ def torchrun_command(port: int, nproc: int, nnodes: int = 1, node_rank: int = 0)
 
 
 def run_nodes(
-    script_and_args: Sequence[str], nnodes: int, timeout: float, cwd: str | Path | None = None
+    script_and_args: Sequence[str],
+    nnodes: int,
+    timeout: float,
+    cwd: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> list[tuple[int, str]]:
     """Run a job as ``nnodes`` torchrun agents (one worker each) on 127.0.0.1, as if on as many machines.
 
-    Returns each node's exit code and combined output; the agents are killed if they outlast ``timeout`` seconds.
+    ``env`` adds to the job's environment. Returns each node's exit code and combined output; the agents are
+    killed if they outlast ``timeout`` seconds.
     """
     port = free_port()
     agents = [
         subprocess.Popen(
             [*torchrun_command(port, nproc=1, nnodes=nnodes, node_rank=node), *script_and_args],
-            env=launch_env(port),
+            env={**launch_env(port), **(env or {})},
             cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

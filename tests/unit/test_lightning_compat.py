@@ -51,6 +51,8 @@ def test_a_changed_internal_fails_with_the_version_and_a_fix(
     assert "pl:strategies.launchers:_SubprocessScriptLauncher" in _lightning.check_internals(tree)
     with pytest.raises(_lightning.LightningInternalsError, match=r"Precision\._wrap_closure"):
         _lightning.wrap_closure(tree, object(), None, None, lambda: None)
+    with pytest.raises(_lightning.LightningInternalsError, match=r"ParallelStrategy\._layer_sync"):
+        _lightning.layer_sync(tree, object())
     with pytest.raises(ValueError, match="list every Lightning internal there"):
         _lightning.internal(tree, "pl:trainer:_not_listed")
 

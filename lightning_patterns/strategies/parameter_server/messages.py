@@ -1,199 +1,466 @@
-"""Point-to-point messages between workers and servers over a gloo process group of workers and servers.
+"""The parameter-server wire format: one message type per kind, tensors and JSON, never pickle.
 
-Every message is a fixed-length ``float64`` header, optionally followed by a payload on a second tag.
-Receives always name their source: gloo fails a receive from a named peer as soon as that peer's
-connection drops, so a lost process is noticed at once instead of after the timeout. Every wait is
-bounded, and every failure is raised as :class:`~lightning_patterns.exceptions.PeerLostError` naming the
-peer's global rank.
+Every message is a fixed-length ``float64`` header (:data:`HEADER_FIELDS` values: the kind, then the fields of
+that kind's type, zero-padded), followed by the payloads its fields announce, in a fixed order. A payload is a
+flat tensor of a dtype from :data:`DTYPES`; structured data (an optimizer's description, optimizer state, an
+error) travels as UTF-8 JSON bytes plus raw tensor bytes described by that JSON. Decoding never runs code: a
+header is numbers, JSON is parsed by :func:`json.loads`, tensor bytes are reinterpreted with a dtype from a fixed
+table, and anything else is refused with :class:`ProtocolError`. The optimizer is named (a key of
+``ELEMENTWISE_OPTIMIZERS``), never sent as a class.
+
+Payload sizes come from the header alone, so a receiver needs no other state to read a whole message.
 """
 
 from __future__ import annotations
 
-import datetime
+import dataclasses
 import enum
-import io
-import pickle
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
-from torch._C._distributed_c10d import PrefixStore, TCPStore
-from torch.distributed.distributed_c10d import ProcessGroupGloo
-
-from lightning_patterns.exceptions import PeerLostError
 
 __all__ = [
-    "Header",
+    "Abort",
+    "Ack",
+    "DTYPES",
+    "End",
+    "Exit",
+    "Fail",
+    "GetState",
+    "HEADER_FIELDS",
+    "Init",
     "Kind",
-    "P2PGroup",
-    "connect_group",
-    "recv_header",
-    "recv_object",
-    "recv_tensor",
-    "send_header",
-    "send_object",
-    "send_tensor",
+    "Message",
+    "Params",
+    "Pause",
+    "PayloadSpec",
+    "ProtocolError",
+    "Pull",
+    "Push",
+    "PushFlags",
+    "SetState",
+    "State",
+    "Sum",
+    "decode_json",
+    "dtype_code",
+    "encode_json",
+    "pack_tensors",
+    "unpack_tensors",
 ]
 
-HEADER_TAG = 11
-PAYLOAD_TAG = 12
-#: Fields before the per-group learning rates.
-BASE_FIELDS = 6
+#: Values in every header: the kind and up to 11 fields.
+HEADER_FIELDS = 12
+#: The most bytes of JSON a message may carry (optimizer descriptions and state layouts are far smaller).
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+#: The dtypes a payload or a packed tensor may have, by wire code.
+DTYPES: dict[int, torch.dtype] = {
+    1: torch.float32,
+    2: torch.float64,
+    3: torch.float16,
+    4: torch.bfloat16,
+    5: torch.uint8,
+    6: torch.int8,
+    7: torch.int16,
+    8: torch.int32,
+    9: torch.int64,
+    10: torch.bool,
+}
+_CODES = {dtype: code for code, dtype in DTYPES.items()}
+_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in DTYPES.values()}
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol: unknown kind, bad sizes, malformed JSON or tensor bytes."""
 
 
 class Kind(enum.IntEnum):
-    """What a message asks for or carries."""
+    """What a message is; its type (a :class:`Message` subclass) gives its fields."""
 
-    INIT = 1  # worker 0 -> server: optimizer spec and initial parameters (object payload)
-    PUSH = 2  # worker -> server: gradients of the server's chunks
-    PULL = 3  # worker -> server: send me your parameters
-    PAUSE = 4  # worker -> server: no pushes for a while (validation, checkpointing)
-    SHUTDOWN = 5  # worker -> server: this worker is done
-    GET_STATE = 6  # worker -> server: send your optimizer state (object payload back)
-    SET_STATE = 7  # worker -> server: load this optimizer state (object payload)
-    PARAMS = 10  # server -> worker: parameters of the server's chunks
-    STATE = 11  # server -> worker: optimizer state (object payload)
-    ABORT = 12  # server -> worker: a peer was lost; field `lost` names it
-    ACK = 13  # server -> worker: done
-
-
-class P2PGroup(Protocol):
-    """What the messages need of a process group: tagged point-to-point sends and receives."""
-
-    def send(self, tensors: list[torch.Tensor], dst: int, tag: int) -> dist.Work:
-        """Send ``tensors`` to rank ``dst``."""
-        ...
-
-    def recv(self, tensors: list[torch.Tensor], src: int, tag: int) -> dist.Work:
-        """Receive into ``tensors`` from rank ``src``."""
-        ...
+    # worker -> server
+    INIT = 1
+    PULL = 2
+    PUSH = 3
+    PAUSE = 4
+    END = 5
+    FAIL = 6
+    GET_STATE = 7
+    SET_STATE = 8
+    EXIT = 9
+    # server -> worker
+    ACK = 20
+    PARAMS = 21
+    SUM = 22
+    STATE = 23
+    ABORT = 24
 
 
-@dataclass
-class Header:
-    """A message header.
+class PushFlags(enum.IntFlag):
+    """Flags of a :class:`Push` and of its reply."""
+
+    NONE = 0
+    #: ``Push``: the servers must check the averaged gradient for inf/NaN and skip the step everywhere if any.
+    CHECK_FINITE = 1
+    #: ``Push`` (async): do not apply this gradient (the worker found inf/NaN). ``Params``: the step was skipped.
+    SKIP = 2
+
+
+@dataclass(frozen=True)
+class PayloadSpec:
+    """One payload that follows a header: a name, a number of elements and a dtype."""
+
+    name: str
+    numel: int
+    dtype: torch.dtype
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """The wire code of ``dtype``; raises for a dtype the protocol does not carry."""
+    try:
+        return _CODES[dtype]
+    except KeyError:
+        raise ValueError(
+            f"The parameter server cannot carry tensors of dtype {dtype}; expected one of "
+            f"{sorted(_NAMES)}. Convert the model with a precision plugin or `model.float()`."
+        ) from None
+
+
+def _dtype(code: int, what: str) -> torch.dtype:
+    try:
+        return DTYPES[code]
+    except KeyError:
+        raise ProtocolError(f"{what}: unknown dtype code {code}; expected one of {sorted(DTYPES)}.") from None
+
+
+_BY_KIND: dict[Kind, type[Message]] = {}
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of the message types. A subclass names its ``kind`` and declares its fields (``int`` or ``float``)."""
+
+    kind: ClassVar[Kind]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in vars(cls):  # a message type, not a shared base
+            _BY_KIND[cls.kind] = cls
+
+    def payloads(self) -> list[PayloadSpec]:
+        """The payloads that follow this header, in order (none by default)."""
+        return []
+
+    def encode(self) -> torch.Tensor:
+        """The header as a ``float64`` tensor of :data:`HEADER_FIELDS` values."""
+        values = [float(self.kind)] + [float(getattr(self, f.name)) for f in dataclasses.fields(self)]
+        return torch.tensor(values + [0.0] * (HEADER_FIELDS - len(values)), dtype=torch.float64)
+
+    @staticmethod
+    def decode(header: torch.Tensor, sender: int) -> Message:
+        """The message a header received from global rank ``sender`` encodes; :class:`ProtocolError` if none."""
+        values = header.tolist()
+        try:
+            cls = _BY_KIND[Kind(int(values[0]))]
+        except (ValueError, KeyError, OverflowError):
+            raise ProtocolError(f"Rank {sender} sent a message of unknown kind {values[0]!r}.") from None
+        kwargs: dict[str, Any] = {}
+        for value, field in zip(values[1:], dataclasses.fields(cls), strict=False):
+            if field.type == "float":
+                kwargs[field.name] = value
+                continue
+            if not float(value).is_integer():
+                raise ProtocolError(f"Rank {sender} sent {cls.kind.name} with {field.name}={value!r}, not an integer.")
+            kwargs[field.name] = int(value)
+        message = cls(**kwargs)
+        for spec in message.payloads():
+            if spec.numel < 0:
+                raise ProtocolError(f"Rank {sender} sent {cls.kind.name} announcing {spec.numel} elements.")
+        return message
+
+
+def _json_payload(numel: int) -> list[PayloadSpec]:
+    return [PayloadSpec("json", numel, torch.uint8)] if numel else []
+
+
+# -- worker -> server ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Init(Message):
+    """Rank 0 starts a fit: the fit's description as JSON, then (``"server"`` placement) the initial values."""
+
+    kind: ClassVar[Kind] = Kind.INIT
+    json_bytes: int = 0
+    values_numel: int = 0
+    values_dtype: int = 0
+
+    def payloads(self) -> list[PayloadSpec]:
+        """JSON, then the values of the server's chunks when it holds parameters."""
+        values = (
+            [PayloadSpec("values", self.values_numel, _dtype(self.values_dtype, "INIT"))] if self.values_numel else []
+        )
+        return _json_payload(self.json_bytes) + values
+
+
+@dataclass(frozen=True)
+class Pull(Message):
+    """Send me the parameters of your chunks."""
+
+    kind: ClassVar[Kind] = Kind.PULL
+
+
+@dataclass(frozen=True)
+class Push(Message):
+    """One step of one worker: its gradient of the server's chunks (already divided by the number of workers).
 
     Attributes:
-        kind: what the message is.
-        step: the sender's step (pushes so far) or, from a server, its version (updates applied).
-        version: for a push, the server version the gradient was computed against; for parameters, the
-            staleness of the push they answer.
-        numel: elements (or bytes, for objects) in the payload that follows; 0 for none.
-        lost: for ``ABORT``, the global rank that was lost; otherwise -1.
-        lrs: one learning rate per optimizer parameter group (pushes only).
+        step: pushes this worker made before this one, in this fit.
+        version: the server version the gradient was computed on (the ``version`` of the last parameters pulled).
+        numel: elements of the gradient payload.
+        dtype: wire code of the gradient's dtype.
+        mask_numel: elements of the presence mask that precedes the gradient (``0``: every chunk has a gradient);
+            one ``uint8`` per chunk of the server, ``0`` where the parameter had no gradient.
+        hyper_numel: elements of the hyperparameter vector that precedes the gradient (``0``: unchanged since this
+            worker's last push).
+        flags: :class:`PushFlags`.
+        loss: the worker's loss, averaged by the servers (``"worker"`` placement).
+        clip_value: gradient clipping the servers apply to the averaged gradient (``0``: none).
+        clip_norm: ``1`` to clip by the norm over all servers' chunks, ``0`` to clip each value.
     """
 
-    kind: Kind
+    kind: ClassVar[Kind] = Kind.PUSH
     step: int = 0
     version: int = 0
     numel: int = 0
-    lost: int = -1
-    lrs: tuple[float, ...] = ()
+    dtype: int = 0
+    mask_numel: int = 0
+    hyper_numel: int = 0
+    flags: int = 0
+    loss: float = 0.0
+    clip_value: float = 0.0
+    clip_norm: int = 0
 
-    def to_tensor(self, num_groups: int) -> torch.Tensor:
-        """Encode as a ``float64`` tensor of ``BASE_FIELDS + num_groups`` values."""
-        values = [float(self.kind), float(self.step), float(self.version), float(self.numel), float(self.lost), 0.0]
-        lrs = list(self.lrs) + [0.0] * (num_groups - len(self.lrs))
-        return torch.tensor(values + lrs, dtype=torch.float64)
-
-    @classmethod
-    def from_tensor(cls, tensor: torch.Tensor) -> Header:
-        """Decode a tensor made by :meth:`to_tensor`."""
-        v = tensor.tolist()
-        return cls(Kind(int(v[0])), int(v[1]), int(v[2]), int(v[3]), int(v[4]), tuple(v[BASE_FIELDS:]))
+    def payloads(self) -> list[PayloadSpec]:
+        """The mask, the hyperparameters (each only when announced), then the gradient."""
+        specs = []
+        if self.mask_numel:
+            specs.append(PayloadSpec("mask", self.mask_numel, torch.uint8))
+        if self.hyper_numel:
+            specs.append(PayloadSpec("hyper", self.hyper_numel, torch.float64))
+        specs.append(PayloadSpec("grad", self.numel, _dtype(self.dtype, "PUSH")))
+        return specs
 
 
-def connect_group(address: str, port: int, rank: int, world_size: int, prefix: str, timeout: float) -> P2PGroup:
-    """Join the gloo group of workers and servers through the job's rendezvous store.
+@dataclass(frozen=True)
+class Pause(Message):
+    """No pushes from this worker for a while (validation, checkpointing): do not count its silence."""
 
-    The group is separate from Lightning's default (workers-only) group, so Lightning's collectives never
-    involve the servers. Every member connects to the store as a client; rank 0's default group (or
-    torchrun's agent) hosts it.
+    kind: ClassVar[Kind] = Kind.PAUSE
+
+
+@dataclass(frozen=True)
+class End(Message):
+    """This worker finished its fit successfully."""
+
+    kind: ClassVar[Kind] = Kind.END
+
+
+@dataclass(frozen=True)
+class Fail(Message):
+    """This worker failed; the JSON (``{"error": ...}``) says how. The servers stop the job."""
+
+    kind: ClassVar[Kind] = Kind.FAIL
+    json_bytes: int = 0
+
+    def payloads(self) -> list[PayloadSpec]:
+        """The JSON."""
+        return _json_payload(self.json_bytes)
+
+
+@dataclass(frozen=True)
+class GetState(Message):
+    """Send me your optimizer state."""
+
+    kind: ClassVar[Kind] = Kind.GET_STATE
+
+
+@dataclass(frozen=True)
+class _PackedState(Message):
+    """Optimizer state: JSON describing each chunk's entries (:func:`pack_tensors`), then their tensor bytes."""
+
+    json_bytes: int = 0
+    data_bytes: int = 0
+
+    def payloads(self) -> list[PayloadSpec]:
+        """The JSON, then the tensor bytes."""
+        data = [PayloadSpec("data", self.data_bytes, torch.uint8)] if self.data_bytes else []
+        return _json_payload(self.json_bytes) + data
+
+
+@dataclass(frozen=True)
+class SetState(_PackedState):
+    """Load this optimizer state."""
+
+    kind: ClassVar[Kind] = Kind.SET_STATE
+
+
+@dataclass(frozen=True)
+class Exit(Message):
+    """Between fits: the server process may exit (another fit needs other servers, or the job is over)."""
+
+    kind: ClassVar[Kind] = Kind.EXIT
+
+
+# -- server -> worker ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ack(Message):
+    """Done (an ``INIT`` or a ``SET_STATE``)."""
+
+    kind: ClassVar[Kind] = Kind.ACK
+
+
+@dataclass(frozen=True)
+class Params(Message):
+    """The parameters of the server's chunks (``"server"`` placement).
+
+    Attributes:
+        version: updates the server has applied.
+        staleness: updates between the pull the answered push was computed on and its application.
+        numel: elements of the payload.
+        dtype: wire code of its dtype.
+        flags: :attr:`PushFlags.SKIP` when the step was skipped (inf/NaN in the averaged gradient).
     """
-    delta = datetime.timedelta(seconds=timeout)
-    store = TCPStore(address, port, is_master=False, timeout=delta)
-    # The gloo backend object itself: it sends and receives, and Lightning never sees it.
-    return cast(P2PGroup, ProcessGroupGloo(PrefixStore(prefix, store), rank, world_size, delta))
+
+    kind: ClassVar[Kind] = Kind.PARAMS
+    version: int = 0
+    staleness: int = 0
+    numel: int = 0
+    dtype: int = 0
+    flags: int = 0
+
+    def payloads(self) -> list[PayloadSpec]:
+        """The parameter values."""
+        return [PayloadSpec("values", self.numel, _dtype(self.dtype, "PARAMS"))]
 
 
-def _lost(peer: int, what: str, timeout: float, error: BaseException) -> PeerLostError:
-    text = str(error)
-    if "timed out" in text.lower() or "timeout" in text.lower():
-        cause = f"it did not answer within timeout={timeout}s"
-    else:
-        cause = "its connection closed (the process died or exited)"
-    return PeerLostError(
-        f"Lost rank {peer} while waiting to {what}: {cause}. Check the log of rank {peer}; if it is only slow "
-        f"(long validation, a slow disk), raise `ParameterServerStrategy(timeout=...)`. Underlying error: "
-        f"{text.splitlines()[0] if text else type(error).__name__}"
-    )
+@dataclass(frozen=True)
+class Sum(Message):
+    """The workers' averaged gradient of the server's chunks (``"worker"`` placement).
+
+    Attributes:
+        round: rounds completed, this one included.
+        numel: elements of the gradient payload.
+        dtype: wire code of its dtype.
+        mask_numel: elements of the presence mask before it (``0``: every chunk had a gradient on some worker).
+        loss: the workers' mean loss.
+    """
+
+    kind: ClassVar[Kind] = Kind.SUM
+    round: int = 0
+    numel: int = 0
+    dtype: int = 0
+    mask_numel: int = 0
+    loss: float = 0.0
+
+    def payloads(self) -> list[PayloadSpec]:
+        """The presence mask (when announced), then the averaged gradient."""
+        mask = [PayloadSpec("mask", self.mask_numel, torch.uint8)] if self.mask_numel else []
+        return [*mask, PayloadSpec("grad", self.numel, _dtype(self.dtype, "SUM"))]
 
 
-def _wait(work: dist.Work, peer: int, what: str, timeout: float) -> None:
+@dataclass(frozen=True)
+class State(_PackedState):
+    """The server's optimizer state."""
+
+    kind: ClassVar[Kind] = Kind.STATE
+
+
+@dataclass(frozen=True)
+class Abort(Message):
+    """The job stops: rank ``lost`` was lost or failed (``-1``: unknown); the JSON (``{"error": ...}``) says why."""
+
+    kind: ClassVar[Kind] = Kind.ABORT
+    lost: int = -1
+    json_bytes: int = 0
+
+    def payloads(self) -> list[PayloadSpec]:
+        """The JSON."""
+        return _json_payload(self.json_bytes)
+
+
+# -- JSON and tensor bytes -------------------------------------------------------------------------------------------
+def encode_json(obj: Any) -> torch.Tensor:
+    """``obj`` as UTF-8 JSON bytes in a ``uint8`` tensor."""
+    data = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def decode_json(payload: torch.Tensor, what: str) -> Any:
+    """Parse a JSON payload; :class:`ProtocolError` (naming ``what``) for anything that is not UTF-8 JSON."""
+    if payload.numel() > MAX_JSON_BYTES:
+        raise ProtocolError(f"{what}: {payload.numel()} bytes of JSON, more than the {MAX_JSON_BYTES} allowed.")
     try:
-        work.wait(datetime.timedelta(seconds=timeout))
-    except RuntimeError as error:
-        raise _lost(peer, what, timeout, error) from error
+        return json.loads(payload.numpy().tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ProtocolError(
+            f"{what} is not UTF-8 JSON ({error}); refused. Parameter-server messages carry JSON and raw tensors, "
+            "never pickles: is a process of another version, or not of this job, talking to this port?"
+        ) from None
 
 
-def _send(pg: P2PGroup, tensor: torch.Tensor, dst: int, tag: int, timeout: float) -> int:
-    """Send ``tensor`` to global rank ``dst`` on ``tag`` and wait for it; return the bytes sent."""
-    try:
-        work = pg.send([tensor], dst, tag)
-    except RuntimeError as error:
-        raise _lost(dst, "send to it", timeout, error) from error
-    _wait(work, dst, "send to it", timeout)
-    return tensor.numel() * tensor.element_size()
+def pack_tensors(entries: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    """Split dicts of tensors and plain values into a JSON-able description and one ``uint8`` tensor of bytes.
+
+    Each entry becomes ``{key: {"tensor": [dtype, shape, offset, nbytes]} | {"value": value}}``; tensors are
+    copied to host memory.
+    """
+    described: list[dict[str, Any]] = []
+    pieces: list[torch.Tensor] = []
+    offset = 0
+    for entry in entries:
+        out: dict[str, Any] = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                dtype_code(value.dtype)  # refuse what the table lacks
+                data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                name = str(value.dtype).removeprefix("torch.")
+                out[key] = {"tensor": [name, list(value.shape), offset, data.numel()]}
+                pieces.append(data)
+                offset += data.numel()
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                out[key] = {"value": value}
+            else:
+                raise ValueError(
+                    f"Optimizer state entry {key!r} is a {type(value).__name__}; the parameter server moves "
+                    "tensors and plain numbers only. Use `update_on='worker'` for this optimizer."
+                )
+        described.append(out)
+    data = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8)
+    return described, data
 
 
-def _recv(pg: P2PGroup, tensor: torch.Tensor, src: int, tag: int, timeout: float) -> int:
-    """Receive into ``tensor`` from global rank ``src`` on ``tag`` and wait for it; return the bytes received."""
-    try:
-        work = pg.recv([tensor], src, tag)
-    except RuntimeError as error:
-        raise _lost(src, "receive from it", timeout, error) from error
-    _wait(work, src, "receive from it", timeout)
-    return tensor.numel() * tensor.element_size()
-
-
-def send_header(pg: P2PGroup, header: Header, dst: int, num_groups: int, timeout: float) -> int:
-    """Send ``header`` to global rank ``dst``; return the bytes sent."""
-    return _send(pg, header.to_tensor(num_groups), dst, HEADER_TAG, timeout)
-
-
-def recv_header(pg: P2PGroup, src: int, num_groups: int, timeout: float) -> Header:
-    """Receive a header from global rank ``src``."""
-    tensor = torch.empty(BASE_FIELDS + num_groups, dtype=torch.float64)
-    _recv(pg, tensor, src, HEADER_TAG, timeout)
-    return Header.from_tensor(tensor)
-
-
-def send_tensor(pg: P2PGroup, tensor: torch.Tensor, dst: int, timeout: float) -> int:
-    """Send a payload (skipped when empty); return the bytes sent."""
-    if tensor.numel() == 0:
-        return 0
-    return _send(pg, tensor, dst, PAYLOAD_TAG, timeout)
-
-
-def recv_tensor(pg: P2PGroup, out: torch.Tensor, src: int, timeout: float) -> int:
-    """Receive a payload into ``out`` (skipped when empty); return the bytes received."""
-    if out.numel() == 0:
-        return 0
-    return _recv(pg, out, src, PAYLOAD_TAG, timeout)
-
-
-def send_object(pg: P2PGroup, kind: Kind, obj: Any, dst: int, num_groups: int, timeout: float) -> int:
-    """Pickle ``obj`` (tensors by ``torch.save``) and send it as a header plus a byte payload."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer, pickle_protocol=pickle.HIGHEST_PROTOCOL)
-    data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-    sent = send_header(pg, Header(kind, numel=data.numel()), dst, num_groups, timeout)
-    return sent + send_tensor(pg, data, dst, timeout)
-
-
-def recv_object(pg: P2PGroup, header: Header, src: int, timeout: float) -> Any:
-    """Receive the object payload announced by ``header``."""
-    data = torch.empty(header.numel, dtype=torch.uint8)
-    recv_tensor(pg, data, src, timeout)
-    return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False)
+def unpack_tensors(described: Any, data: torch.Tensor, what: str) -> list[dict[str, Any]]:
+    """Invert :func:`pack_tensors`, checking every name, dtype and byte range; :class:`ProtocolError` if wrong."""
+    if not isinstance(described, list):
+        raise ProtocolError(f"{what}: expected a list of entries, got {type(described).__name__}.")
+    entries: list[dict[str, Any]] = []
+    for entry in described:
+        if not isinstance(entry, dict):
+            raise ProtocolError(f"{what}: an entry is a {type(entry).__name__}, not an object.")
+        out: dict[str, Any] = {}
+        for key, item in entry.items():
+            if isinstance(item, dict) and set(item) == {"value"}:
+                out[key] = item["value"]
+                continue
+            try:
+                name, shape, offset, nbytes = item["tensor"]
+                dtype = _NAMES[name]
+                if offset < 0 or nbytes < 0 or offset + nbytes > data.numel() or any(d < 0 for d in shape):
+                    raise ValueError("byte range or shape out of bounds")
+                tensor = data[offset : offset + nbytes].clone().view(dtype).reshape(shape)
+            except (KeyError, TypeError, ValueError, RuntimeError) as error:
+                raise ProtocolError(f"{what}: entry {key!r} is not a valid tensor description ({error}).") from None
+            out[key] = tensor
+        entries.append(out)
+    return entries

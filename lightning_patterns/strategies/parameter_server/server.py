@@ -1,46 +1,66 @@
-"""The server process: holds a partition of the parameters and runs the optimizer on it.
+"""The server: serves the fits of one job, one after another, until told to exit or a process fails.
 
-Each server starts one receiver thread per worker. A thread blocks on a receive from its worker only (so
-a dead worker fails it at once) and hands complete messages to the main loop through a queue; the main
-loop applies them in arrival order, which is what asynchronous training needs, and bounds every wait for
-a worker it expects to hear from by ``timeout``. Set ``LP_PS_DEBUG=1`` to log every message a server handles.
+Each server starts one receiver thread per worker. A thread blocks on a receive from its worker only (so a dead
+worker fails it at once) and hands complete messages to the main loop through a queue; the main loop applies them
+in arrival order, which is what asynchronous training needs, and bounds every wait for a worker it expects to
+hear from by the fit's ``timeout``.
+
+A fit starts with ``INIT`` from worker 0 (answered by ``ACK``) and ends when every worker has sent ``END``.
+Between fits the server holds nothing and waits for the next ``INIT`` or for ``EXIT``. A worker that fails
+sends ``FAIL``; a worker that dies is seen by its receiver thread; either way, during a fit, the server tells
+every other worker why (``ABORT``) and exits non-zero. A worker that disconnects between fits ended the job.
+Set ``LP_PS_DEBUG=1`` to log every message a server handles.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import queue
-import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lightning_patterns.exceptions import PeerLostError
+from lightning_patterns.exceptions import PeerFailedError, PeerLostError
+from lightning_patterns.strategies.parameter_server.link import Link
 from lightning_patterns.strategies.parameter_server.messages import (
-    Header,
-    Kind,
-    P2PGroup,
-    connect_group,
-    recv_header,
-    recv_object,
-    recv_tensor,
-    send_header,
-    send_object,
-    send_tensor,
+    Abort,
+    Ack,
+    End,
+    Exit,
+    Fail,
+    GetState,
+    Init,
+    Message,
+    Params,
+    Pause,
+    ProtocolError,
+    Pull,
+    Push,
+    PushFlags,
+    SetState,
+    State,
+    Sum,
+    decode_json,
+    dtype_code,
+    encode_json,
+)
+from lightning_patterns.strategies.parameter_server.placement import (
+    PLACEMENTS,
+    FitSpec,
+    Placement,
+    RoundInputs,
+    ServerOptimizer,
 )
 
-__all__ = ["ServerConfig", "run_server"]
+__all__ = ["JOIN_TIMEOUT_S", "ParameterServer", "is_sync", "join_timeout"]
 
 log = logging.getLogger(__name__)
 
-#: Bound on waits for a peer that is not expected to talk (all workers validating, say). A peer that dies
+#: Bound on waits for a peer that is not expected to talk (between fits, all workers validating). A peer that dies
 #: meanwhile is still noticed at once, because every receive names its source.
-IDLE_BOUND_S = 24 * 3600.0
+IDLE_BOUND_S = 7 * 24 * 3600.0
 #: Bound on joining the process groups: every process must have started (imports, spawning) by then.
 JOIN_TIMEOUT_S = 120.0
 
@@ -55,274 +75,362 @@ def is_sync(mode: str, max_staleness: int | None) -> bool:
     return mode == "sync" or max_staleness == 0
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    """What a server process needs to join the job; pickled into the spawned process.
+class _Fit:
+    """What a server keeps for the fit it serves: the placement's state and the round bookkeeping."""
 
-    Attributes:
-        server_index: index of this server, 0-based; its global rank is ``num_workers + server_index``.
-        num_workers: number of workers (global ranks ``0 .. num_workers - 1``).
-        num_servers: number of servers.
-        main_address: address of the rendezvous store.
-        main_port: port of the rendezvous store.
-        prefix: store prefix of this job's worker-and-server group.
-        timeout: seconds a worker the server waits for may stay silent.
-        mode: ``"sync"`` or ``"async"``.
-        max_staleness: staleness bound for ``"async"``; ``None`` for none.
-    """
-
-    server_index: int
-    num_workers: int
-    num_servers: int
-    main_address: str
-    main_port: int
-    prefix: str
-    timeout: float
-    mode: str
-    max_staleness: int | None
-
-    @property
-    def rank(self) -> int:
-        """Global rank of this server."""
-        return self.num_workers + self.server_index
-
-
-def run_server(config: ServerConfig) -> None:
-    """Entry point of a server process: join the process group, serve, exit non-zero on a lost peer."""
-    torch.set_num_threads(1)
-    logging.basicConfig(
-        level=logging.DEBUG if os.environ.get("LP_PS_DEBUG") else logging.INFO,
-        format=f"[server rank {config.rank}] %(levelname)s %(message)s",
-    )
-    world_size = config.num_workers + config.num_servers
-    pg = connect_group(
-        config.main_address,
-        config.main_port,
-        config.rank,
-        world_size,
-        config.prefix,
-        join_timeout(config.timeout),
-    )
-    server = _ParameterServer(config, pg)
-    try:
-        server.serve()
-    except PeerLostError as error:
-        log.error("PeerLostError: %s", error)
-        server.abort(error)
-        sys.stdout.flush()
-        os._exit(1)  # receiver threads may still block on a dead peer
-
-
-class _ParameterServer:
-    def __init__(self, config: ServerConfig, pg: P2PGroup) -> None:
-        self.config = config
-        self.pg = pg
-        self.rank = config.rank
-        self.timeout = config.timeout
-        self.num_workers = config.num_workers
-        self.num_groups = 0
-        self.version = 0
-        self.queue: queue.Queue[tuple[int, Header | None, Any]] = queue.Queue()
+    def __init__(self, spec: FitSpec, placement: Placement, num_workers: int) -> None:
+        self.spec = spec
+        self.placement = placement
+        self.num_workers = num_workers
+        self.present = torch.zeros(len(spec.chunk_numels), dtype=torch.int32)
+        self.pushed: dict[int, Push] = {}  # sync: this round's pushes
+        self.loss = 0.0  # sync: this round's summed losses
+        initial = placement.initial_hyperparameters if isinstance(placement, ServerOptimizer) else None
+        self.hyperparameters: list[torch.Tensor | None] = [initial] * num_workers  # each worker's latest
+        self.clock = [0] * num_workers  # pushes per worker
+        self.pending: dict[int, int] = {}  # async: worker -> staleness of the push awaiting its parameters
+        self.active = [False] * num_workers
+        self.last_seen = [time.monotonic()] * num_workers
         self.done: set[int] = set()
-        self.lost: int | None = None
+        self.rounds = 0
 
-    # -- setup -------------------------------------------------------------------------------------------
-    def _init_from(self, spec: dict[str, Any]) -> None:
-        self.num_groups = len(spec["groups"])
-        self.chunks: list[tuple[int, int, int]] = spec["chunks"]  # (tensor, start, stop) in payload order
-        self.flat: torch.Tensor = spec["values"].clone()
-        self.grad = torch.zeros_like(self.flat)
-        self.params: list[torch.Tensor] = []
-        groups: list[dict[str, Any]] = [{**hp, "params": []} for hp in spec["groups"]]
-        offset = 0
-        for (_, start, stop), group in zip(self.chunks, spec["chunk_groups"], strict=True):
-            n = stop - start
-            # A detached view is a leaf that shares storage with `flat`: the optimizer updates `flat` in place.
-            param = self.flat[offset : offset + n].detach().requires_grad_(True)
-            param.grad = self.grad[offset : offset + n]
-            groups[group]["params"].append(param)
-            self.params.append(param)
-            offset += n
-        cls = spec["optimizer_class"]
-        try:
-            self.optimizer: torch.optim.Optimizer = cls(groups, **spec["defaults"])
-        except TypeError:
-            self.optimizer = cls(groups)
-        self.clock = [0] * self.num_workers
-        self.base_version = [0] * self.num_workers
-        self.pushed: set[int] = set()
-        self.pending: dict[int, int] = {}  # worker -> staleness of the push awaiting a reply
-        self.active = [False] * self.num_workers
-        self.last_seen = [time.monotonic()] * self.num_workers
-        self.sync = is_sync(self.config.mode, self.config.max_staleness)
-        log.info(
-            "holding %d chunks (%d elements) with %s, mode=%s",
-            len(self.chunks),
-            self.flat.numel(),
-            cls.__name__,
-            "sync" if self.sync else f"async(max_staleness={self.config.max_staleness})",
-        )
-
-    # -- main loop ---------------------------------------------------------------------------------------
-    def serve(self) -> None:
-        header = recv_header(self.pg, 0, 0, IDLE_BOUND_S)
-        if header.kind == Kind.SHUTDOWN:  # the workers stopped before training began
-            self.done = set(range(self.num_workers))
-            return
-        if header.kind != Kind.INIT:
-            raise RuntimeError(f"Server rank {self.rank} expected INIT from rank 0, got {header.kind.name}.")
-        self._init_from(recv_object(self.pg, header, 0, self.timeout))
-        for worker in range(self.num_workers):
-            threading.Thread(target=self._receive, args=(worker,), daemon=True, name=f"ps-recv-{worker}").start()
-        while len(self.done) < self.num_workers:
-            worker, maybe_header, payload = self._next()
-            if maybe_header is None:  # the receiver thread failed
-                self.lost = worker
-                raise payload
-            self.last_seen[worker] = time.monotonic()
-            self._handle(worker, maybe_header, payload)
-
-    def _receive(self, worker: int) -> None:
-        try:
-            while True:
-                header = recv_header(self.pg, worker, self.num_groups, IDLE_BOUND_S)
-                payload: Any = None
-                if header.kind == Kind.PUSH:
-                    payload = torch.empty(header.numel, dtype=self.flat.dtype)
-                    recv_tensor(self.pg, payload, worker, self.timeout)
-                elif header.kind == Kind.SET_STATE:
-                    payload = recv_object(self.pg, header, worker, self.timeout)
-                self.queue.put((worker, header, payload))
-                if header.kind == Kind.SHUTDOWN:
-                    return
-        except PeerLostError as error:
-            if worker not in self.done:
-                self.queue.put((worker, None, error))
-
-    def _expected(self) -> list[int]:
-        # Workers that owe us a message: training, not finished, and not waiting for our reply.
+    def expected(self) -> list[int]:
+        """Workers that owe the server a message: training, not finished, and not waiting for its reply."""
         return [
             w
             for w in range(self.num_workers)
             if self.active[w] and w not in self.done and w not in self.pushed and w not in self.pending
         ]
 
-    def _next(self) -> tuple[int, Header | None, Any]:
+
+class ParameterServer:
+    """One server process's protocol loop.
+
+    Args:
+        link: this server's end of the worker-and-server group.
+        num_workers: workers in the job (global ranks ``0 .. num_workers - 1``).
+        num_servers: servers in the job (global ranks ``num_workers ..``).
+    """
+
+    def __init__(self, link: Link, num_workers: int, num_servers: int) -> None:
+        self.link = link
+        self.rank = link.rank
+        self.num_workers = num_workers
+        self.peers = [num_workers + s for s in range(num_servers) if num_workers + s != link.rank]
+        self.inbox: queue.Queue[tuple[int, Message | None, Any]] = queue.Queue()
+        self.fit: _Fit | None = None
+        # Messages of workers that ended the current fit, which belong to what follows it: handled once it ends.
+        self.deferred: list[tuple[int, Message, dict[str, torch.Tensor]]] = []
+        self.culprit: int | None = None  # the rank that failed or was lost, once known
+        self.exiting = False
+        self._receivers = [
+            threading.Thread(target=self._receive, args=(w,), daemon=True, name=f"ps-recv-{w}")
+            for w in range(num_workers)
+        ]
+
+    # -- main loop ---------------------------------------------------------------------------------------------------
+    def serve(self) -> None:
+        """Serve fits until ``EXIT`` or until a worker disconnects between fits; raise when a fit fails."""
+        for thread in self._receivers:
+            thread.start()
+        while not self.exiting:
+            worker, message, payloads = self._next()
+            if message is None:
+                self._on_lost(worker, payloads)
+                continue
+            log.debug("%s from rank %d", type(message).__name__, worker)
+            if self.fit is not None and worker in self.fit.done and not isinstance(message, Fail):
+                self.deferred.append((worker, message, payloads))
+                continue
+            if self.fit is not None:
+                self.fit.last_seen[worker] = time.monotonic()
+            self._handle(worker, message, payloads)
+
+    def _receive(self, worker: int) -> None:
+        try:
+            while True:
+                message, payloads, _ = self.link.recv(worker, timeout=IDLE_BOUND_S)
+                self.inbox.put((worker, message, payloads))
+                if isinstance(message, Exit):
+                    return
+        except (PeerLostError, ProtocolError) as error:
+            self.inbox.put((worker, None, error))
+
+    def _next(self) -> tuple[int, Message | None, Any]:
         while True:
-            expected = self._expected()
-            now = time.monotonic()
-            wait = min((self.last_seen[w] + self.timeout - now for w in expected), default=1.0)
+            fit = self.fit
+            wait = 1.0
+            if fit is not None:
+                now = time.monotonic()
+                wait = min((fit.last_seen[w] + fit.spec.timeout - now for w in fit.expected()), default=1.0)
             try:
-                return self.queue.get(timeout=max(wait, 0.0) + 0.01)
+                return self.inbox.get(timeout=max(wait, 0.0) + 0.01)
             except queue.Empty:
-                overdue = [w for w in self._expected() if time.monotonic() - self.last_seen[w] > self.timeout]
+                if fit is None:
+                    continue
+                overdue = [w for w in fit.expected() if time.monotonic() - fit.last_seen[w] > fit.spec.timeout]
                 if overdue:
-                    self.lost = overdue[0]
+                    self.culprit = overdue[0]
                     raise PeerLostError(
                         f"Server rank {self.rank} lost worker rank {overdue[0]}: no message from it within "
-                        f"timeout={self.timeout}s while training. If it is only slow, raise "
-                        f"`ParameterServerStrategy(timeout=...)`."
+                        f"timeout={fit.spec.timeout}s while training. If it is only slow, raise "
+                        "`ParameterServerStrategy(timeout=...)`."
                     ) from None
 
-    def _handle(self, worker: int, header: Header, payload: Any) -> None:
-        kind = header.kind
-        log.debug("%s from rank %d (step %d)", kind.name, worker, header.step)
-        if kind == Kind.PUSH:
-            self.active[worker] = True
-            self._push(worker, header, payload)
-        elif kind == Kind.PULL:
-            self._send_params(worker, staleness=0)
-        elif kind == Kind.PAUSE:
-            self.active[worker] = False
-        elif kind == Kind.SHUTDOWN:
-            self.done.add(worker)
-            self.active[worker] = False
-            self._maybe_finish_round()
-            self._release()
-        elif kind == Kind.GET_STATE:
-            send_object(self.pg, Kind.STATE, self._state(), worker, self.num_groups, self.timeout)
-        elif kind == Kind.SET_STATE:
-            self._load_state(payload)
-            send_header(self.pg, Header(Kind.ACK), worker, self.num_groups, self.timeout)
+    def _on_lost(self, worker: int, error: BaseException) -> None:
+        if isinstance(error, ProtocolError):
+            self.culprit = worker
+            raise error
+        if self.fit is None:
+            log.info("worker rank %d disconnected while no fit was running: the job is over; exiting", worker)
+            self.exiting = True
+        elif worker not in self.fit.done:
+            self.culprit = worker
+            raise error
+
+    def _handle(self, worker: int, message: Message, payloads: dict[str, torch.Tensor]) -> None:
+        try:
+            self._dispatch(worker, message, payloads)
+        except ProtocolError:
+            self.culprit = worker
+            raise
+
+    def _dispatch(self, worker: int, message: Message, payloads: dict[str, torch.Tensor]) -> None:
+        if isinstance(message, Fail):
+            self.culprit = worker
+            reason = decode_json(payloads["json"], f"FAIL from rank {worker}") if "json" in payloads else {}
+            raise PeerFailedError(f"Worker rank {worker} failed: {reason.get('error', 'no reason given')}")
+        if isinstance(message, Init):
+            self._init(worker, message, payloads)
+            return
+        if isinstance(message, Exit):
+            if self.fit is not None:
+                raise ProtocolError(f"Rank {worker} sent EXIT during a fit.")
+            log.info("rank %d asked the server to exit", worker)
+            self.exiting = True
+            return
+        fit = self.fit
+        if fit is None:
+            raise ProtocolError(f"Rank {worker} sent {message.kind.name} while no fit was running.")
+        if isinstance(message, Push):
+            self._push(fit, worker, message, payloads)
+        elif isinstance(message, Pull) and isinstance(fit.placement, ServerOptimizer):
+            self._send_params(fit, worker, staleness=0)
+        elif isinstance(message, Pause):
+            fit.active[worker] = False
+        elif isinstance(message, End):
+            self._end(fit, worker)
+        elif isinstance(message, GetState) and isinstance(fit.placement, ServerOptimizer):
+            described, data = fit.placement.state()
+            reply = encode_json(described)
+            self.link.send(State(reply.numel(), data.numel()), worker, {"json": reply, "data": data})
+        elif isinstance(message, SetState) and isinstance(fit.placement, ServerOptimizer):
+            described = decode_json(payloads["json"], f"SET_STATE from rank {worker}") if "json" in payloads else []
+            fit.placement.load_state(described, payloads.get("data", torch.empty(0, dtype=torch.uint8)), worker)
+            self.link.send(Ack(), worker)
         else:
-            raise RuntimeError(f"Server rank {self.rank} got an unexpected {kind.name} from rank {worker}.")
+            raise ProtocolError(
+                f"Rank {worker} sent {message.kind.name}, which update_on={fit.spec.placement!r} does not use."
+            )
 
-    # -- updates -----------------------------------------------------------------------------------------
-    def _apply(self, lrs: tuple[float, ...]) -> None:
-        # The gradient to apply is already in `self.grad`, whose slices are the parameters' `.grad`.
-        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-        self.optimizer.step()
-        self.version += 1
+    # -- fits --------------------------------------------------------------------------------------------------------
+    def _init(self, worker: int, message: Init, payloads: dict[str, torch.Tensor]) -> None:
+        if worker != 0:
+            raise ProtocolError(f"Rank {worker} sent INIT; only worker rank 0 starts a fit.")
+        if self.fit is not None:
+            raise ProtocolError(f"Rank {worker} sent INIT during a fit.")
+        spec = FitSpec.from_payload(payloads.get("json", torch.empty(0, dtype=torch.uint8)), worker)
+        placement = PLACEMENTS.get(spec.placement)(spec, payloads.get("values"))
+        self.fit = _Fit(spec, placement, self.num_workers)
+        log.info(
+            "serving a fit: %d chunks (%d elements), update_on=%r%s, %s",
+            len(spec.chunk_numels),
+            spec.numel,
+            spec.placement,
+            f" with {spec.optimizer}" if spec.optimizer else "",
+            "sync" if spec.sync else f"async(max_staleness={spec.max_staleness})",
+        )
+        self.link.send(Ack(), worker, timeout=spec.timeout)
 
-    def _push(self, worker: int, header: Header, grad: torch.Tensor) -> None:
-        self.clock[worker] += 1
-        if self.sync:
-            # The round's sum accumulates in `self.grad`; only the optimizer's step reads it.
-            if not self.pushed:
-                self.grad.copy_(grad)
+    def _end(self, fit: _Fit, worker: int) -> None:
+        fit.done.add(worker)
+        fit.active[worker] = False
+        if fit.spec.sync and fit.pushed:
+            raise RuntimeError(
+                f"Worker rank {worker} ended its fit while ranks {sorted(fit.pushed)} wait in a synchronous step: the "
+                "workers ran different numbers of optimizer steps (a different `max_steps`, or a stopping rule that "
+                "is not decided on every rank alike)."
+            )
+        self._release(fit)
+        if len(fit.done) < self.num_workers:
+            return
+        log.info("fit ended after %d updates", fit.rounds)
+        self.fit = None
+        deferred, self.deferred = self.deferred, []
+        for sender, message, payloads in deferred:
+            self._handle(sender, message, payloads)
+
+    # -- updates -----------------------------------------------------------------------------------------------------
+    def _push(self, fit: _Fit, worker: int, message: Push, payloads: dict[str, torch.Tensor]) -> None:
+        grad, mask = payloads["grad"], payloads.get("mask")
+        spec = fit.spec
+        if grad.numel() != spec.numel or grad.dtype != spec.dtype:
+            raise ProtocolError(
+                f"Rank {worker} pushed {grad.numel()} {grad.dtype}; expected {spec.numel} {spec.dtype}."
+            )
+        if mask is not None and mask.numel() != len(spec.chunk_numels):
+            raise ProtocolError(
+                f"Rank {worker} pushed a mask of {mask.numel()} chunks; expected {len(spec.chunk_numels)}."
+            )
+        if "hyper" in payloads:
+            layout = fit.placement.layout if isinstance(fit.placement, ServerOptimizer) else None
+            if layout is None or payloads["hyper"].numel() != layout.numel:
+                raise ProtocolError(f"Rank {worker} pushed hyperparameters this fit does not lay out.")
+            fit.hyperparameters[worker] = payloads["hyper"]
+        fit.active[worker] = True
+        fit.clock[worker] += 1
+        if spec.sync:
+            self._add_to_round(fit, worker, message, grad, mask)
+            return
+        assert isinstance(fit.placement, ServerOptimizer)
+        staleness = fit.placement.version - message.version
+        if not message.flags & PushFlags.SKIP:
+            present = mask != 0 if mask is not None else torch.ones(len(spec.chunk_numels), dtype=torch.bool)
+            fit.placement.update(grad, RoundInputs(present, hyperparameters=fit.hyperparameters[worker]))
+            fit.rounds += 1
+        fit.pending[worker] = staleness
+        self._release(fit)
+
+    def _add_to_round(self, fit: _Fit, worker: int, message: Push, grad: torch.Tensor, mask: Any) -> None:
+        if worker in fit.pushed:
+            raise ProtocolError(f"Rank {worker} pushed twice in one synchronous round.")
+        if fit.done:
+            raise RuntimeError(
+                f"Worker rank {worker} pushed step {message.step} after ranks {sorted(fit.done)} ended their fit: the "
+                "workers ran different numbers of optimizer steps."
+            )
+        # Workers divide their gradients by the number of workers before pushing: the sum is the average.
+        if not fit.pushed:
+            fit.placement.grad.copy_(grad)
+            fit.present.zero_()
+            fit.loss = 0.0
+        else:
+            fit.placement.grad.add_(grad)
+        fit.present += 1 if mask is None else mask.to(torch.int32)
+        fit.loss += message.loss
+        fit.pushed[worker] = message
+        if len(fit.pushed) == self.num_workers:
+            self._finish_round(fit)
+
+    def _finish_round(self, fit: _Fit) -> None:
+        ranks = sorted(fit.pushed)
+        first = fit.pushed[ranks[0]]
+        for rank in ranks[1:]:
+            push = fit.pushed[rank]
+            if (push.clip_value, push.clip_norm, push.flags) != (first.clip_value, first.clip_norm, first.flags):
+                raise RuntimeError(
+                    f"Workers ranks {ranks[0]} and {rank} asked for different gradient clipping or inf checks in one "
+                    f"step ({first.clip_value}, norm={bool(first.clip_norm)} against {push.clip_value}, "
+                    f"norm={bool(push.clip_norm)}): every worker must clip the same way."
+                )
+        hyperparameters = None
+        if isinstance(fit.placement, ServerOptimizer):
+            hyperparameters = fit.hyperparameters[ranks[0]]
+            for rank in ranks[1:]:
+                other = fit.hyperparameters[rank]
+                assert hyperparameters is not None
+                assert other is not None
+                difference = fit.placement.layout.difference(hyperparameters, other)
+                if difference is not None:
+                    raise RuntimeError(
+                        f"The servers run one optimizer for all workers, but the hyperparameters of workers ranks "
+                        f"{ranks[0]} and {rank} differ: {difference}. Every worker must change them alike: a scheduler "
+                        "that monitors a metric must see the same value on each (log it with `sync_dist=True`)."
+                    )
+        inputs = RoundInputs(
+            present=fit.present > 0,
+            hyperparameters=hyperparameters,
+            clip_value=first.clip_value,
+            clip_norm=bool(first.clip_norm),
+            check_finite=bool(first.flags & PushFlags.CHECK_FINITE),
+            mean_loss=fit.loss / self.num_workers,
+            exchange=self._sum_over_servers,
+        )
+        skipped = fit.placement.update(fit.placement.grad, inputs)
+        fit.rounds += 1
+        for worker in ranks:
+            if isinstance(fit.placement, ServerOptimizer):
+                self._send_params(fit, worker, staleness=0, skipped=skipped)
             else:
-                self.grad.add_(grad)
-            self.pushed.add(worker)
-            self.lrs = header.lrs
-            self._maybe_finish_round()
-            return
-        staleness = self.version - header.version
-        # One push is one update; dividing by the number of workers keeps SGD's step per round of pushes
-        # equal to a synchronous step's.
-        torch.div(grad, self.num_workers, out=self.grad)
-        self._apply(header.lrs)
-        self.pending[worker] = staleness
-        self._release()
+                self._send_sum(fit, worker, inputs)
+        fit.pushed.clear()
 
-    def _maybe_finish_round(self) -> None:
-        if not self.sync or not self.pushed:
-            return
-        if len(self.pushed) < self.num_workers - len(self.done - self.pushed):
-            return
-        self.grad.div_(len(self.pushed))
-        self._apply(self.lrs)
-        for worker in sorted(self.pushed):
-            self._send_params(worker, staleness=0)
-        self.pushed.clear()
+    def _sum_over_servers(self, values: list[float]) -> list[float]:
+        local = torch.tensor(values, dtype=torch.float64)
+        assert self.fit is not None
+        total = local.clone()
+        for other in self.link.exchange(local, self.peers, timeout=self.fit.spec.timeout):
+            total += other
+        return [float(v) for v in total]
 
-    def _release(self) -> None:
-        if not self.pending:
+    def _release(self, fit: _Fit) -> None:
+        """Async: answer the pushes whose workers are within ``max_staleness`` steps of the slowest live worker."""
+        if not fit.pending:
             return
-        live = [self.clock[w] for w in range(self.num_workers) if w not in self.done]
+        live = [fit.clock[w] for w in range(self.num_workers) if w not in fit.done]
         slowest = min(live, default=0)
-        bound = self.config.max_staleness
-        for worker in sorted(self.pending):
-            if bound is None or self.clock[worker] - slowest <= bound:
-                self._send_params(worker, self.pending.pop(worker))
+        bound = fit.spec.max_staleness
+        for worker in sorted(fit.pending):
+            if bound is None or fit.clock[worker] - slowest <= bound:
+                self._send_params(fit, worker, fit.pending.pop(worker))
 
-    def _send_params(self, worker: int, staleness: int) -> None:
+    def _send_params(self, fit: _Fit, worker: int, staleness: int, skipped: bool = False) -> None:
+        placement = fit.placement
+        assert isinstance(placement, ServerOptimizer)
         # The worker was waiting for us; its silence until now was not its fault.
-        self.last_seen[worker] = time.monotonic()
-        header = Header(Kind.PARAMS, step=self.version, version=staleness, numel=self.flat.numel())
-        send_header(self.pg, header, worker, self.num_groups, self.timeout)
-        send_tensor(self.pg, self.flat, worker, self.timeout)
+        fit.last_seen[worker] = time.monotonic()
+        flags = PushFlags.SKIP if skipped else PushFlags.NONE
+        header = Params(placement.version, staleness, placement.flat.numel(), dtype_code(placement.flat.dtype), flags)
+        self.link.send(header, worker, {"values": placement.flat}, timeout=fit.spec.timeout)
 
-    # -- state -------------------------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        states = []
-        for param in self.params:
-            state = self.optimizer.state.get(param, {})
-            states.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()})
-        return {"state": states}
+    def _send_sum(self, fit: _Fit, worker: int, inputs: RoundInputs) -> None:
+        fit.last_seen[worker] = time.monotonic()
+        grad = fit.placement.grad
+        payloads = {"grad": grad}
+        mask_numel = 0
+        if not bool(inputs.present.all()):
+            payloads["mask"] = inputs.present.to(torch.uint8)
+            mask_numel = inputs.present.numel()
+        header = Sum(fit.rounds, grad.numel(), dtype_code(grad.dtype), mask_numel, inputs.mean_loss)
+        self.link.send(header, worker, payloads, timeout=fit.spec.timeout)
 
-    def _load_state(self, spec: dict[str, Any]) -> None:
-        for param, state in zip(self.params, spec["state"], strict=True):
-            if state:
-                self.optimizer.state[param] = {
-                    k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()
-                }
+    # -- failure -----------------------------------------------------------------------------------------------------
+    def abort(self, error: BaseException) -> None:
+        """Tell every worker still reachable which rank stopped the job and why, so none waits for its timeout.
 
-    def abort(self, error: PeerLostError) -> None:
-        """Tell every worker still reachable which rank was lost, so none waits for its timeout."""
-        lost = self.lost if self.lost is not None else -1
-        for worker in range(self.num_workers):
-            if worker == lost or worker in self.done:
-                continue
-            with contextlib.suppress(PeerLostError):
-                send_header(self.pg, Header(Kind.ABORT, lost=lost), worker, self.num_groups, min(self.timeout, 5.0))
+        Sends go out in parallel and wait at most the fit's ``timeout`` (a worker may be busy in a collective of
+        the workers' group, and receive the reason once that collective fails).
+        """
+        lost = self.culprit if self.culprit is not None else -1
+        reason = encode_json({"rank": lost, "error": f"{type(error).__name__}: {error}"})
+        fit = self.fit
+        timeout = min(fit.spec.timeout, 60.0) if fit is not None else 10.0
+        skip = {lost} | (fit.done if fit is not None else set())
+        threads = [
+            threading.Thread(
+                target=self._tell, args=(worker, Abort(lost, reason.numel()), reason, timeout), daemon=True
+            )
+            for worker in range(self.num_workers)
+            if worker not in skip
+        ]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+
+    def _tell(self, worker: int, message: Abort, reason: torch.Tensor, timeout: float) -> None:
+        try:
+            self.link.send(message, worker, {"json": reason}, timeout=timeout)
+        except PeerLostError:
+            log.debug("could not tell rank %d that the job stops", worker)

@@ -1,52 +1,66 @@
 """``ParameterServerStrategy``: the parameter-server pattern as a Lightning strategy.
 
-Workers are Lightning's processes (``devices × num_nodes``, global ranks ``0 .. W-1``) and form
-Lightning's default process group, so Lightning's own collectives (``barrier``, ``broadcast``,
-``self.log(..., sync_dist=True)``, torchmetrics) involve workers only. Workers and ``num_servers``
-server processes (ranks ``W .. W+S-1``) also join a second, gloo group of ``W + S`` ranks created from the
-same rendezvous store; parameter-server messages are point-to-point sends and receives on it.
-Parameters are partitioned over the servers in byte-balanced chunks; each step a worker pushes its
-gradient chunks and pulls the updated parameters.
+Workers are Lightning's processes (``devices × num_nodes``, global ranks ``0 .. W-1``) and form Lightning's
+default process group, so Lightning's own collectives (``barrier``, ``broadcast``, ``self.log(...,
+sync_dist=True)``, torchmetrics) involve workers only. Workers and ``num_servers`` server processes (ranks
+``W .. W+S-1``) also join a second, gloo group of ``W + S`` ranks created from the same rendezvous store;
+parameter-server messages are point-to-point sends and receives on it. Parameters are partitioned over the servers
+in byte-balanced chunks; each step a worker pushes its gradient chunks and gets back either the workers' average
+(``update_on="worker"``) or the updated parameters (``update_on="server"``).
 
-Gradient clipping (``gradient_clip_val``) runs on each worker's local, accumulated gradient before the
-push, so sync mode averages clipped gradients, whereas DDP clips the average. Without clipping, sync mode
-equals single-process training on the concatenated batch.
+What DDP does, this strategy does at the same points of Lightning's loop:
+
+- ``update_on="worker"``: gradients are averaged after each backward that ends an accumulation window (DDP's
+  reducer), before ``on_after_backward``; a parameter without a gradient on every worker keeps ``grad=None``;
+- with ``broadcast_buffers=True`` rank 0's buffers are broadcast before a forward that follows a synchronizing
+  training forward (DDP's ``require_forward_param_sync`` rule), and parameters and buffers are broadcast from rank 0
+  when a fit starts;
+- ``Trainer(sync_batchnorm=True)`` converts BatchNorm layers to ``SyncBatchNorm`` over the workers' group.
+
+``update_on="server"`` additionally moves what DDP's worker would do after the all-reduce to the servers:
+hyperparameters, gradient clipping (by the norm over all servers' chunks), the GradScaler's inf/NaN check.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
-import multiprocessing.process
-from collections.abc import Callable, Mapping
+import signal
+from collections.abc import Callable, Generator, Mapping
+from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import torch
-import torch.distributed as dist
 from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor
-from torch.distributed.distributed_c10d import ReduceOp
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_patterns import _lightning
-from lightning_patterns.exceptions import PeerLostError
 from lightning_patterns.strategies.parameter_server.client import WorkerClient
-from lightning_patterns.strategies.parameter_server.launcher import servers_on_node, start_servers, stop_servers
-from lightning_patterns.strategies.parameter_server.messages import P2PGroup, connect_group
-from lightning_patterns.strategies.parameter_server.server import ServerConfig, is_sync, join_timeout
+from lightning_patterns.strategies.parameter_server.collectives import WorkerCollectives
+from lightning_patterns.strategies.parameter_server.grad_scaler import (
+    gradients_finite,
+    unscale_gradients,
+    update_grad_scaler,
+)
+from lightning_patterns.strategies.parameter_server.launcher import (
+    PendingSession,
+    ServerSession,
+    ServerStartError,
+    SessionKey,
+    drop_session,
+    reuse_session,
+)
+from lightning_patterns.strategies.parameter_server.placement import PLACEMENTS
+from lightning_patterns.strategies.parameter_server.server import is_sync, join_timeout
 from lightning_patterns.strategies.parameter_server.telemetry import ParameterServerTelemetry
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
     from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
     from pytorch_lightning.plugins.precision import Precision
-    from pytorch_lightning.strategies.parallel import ParallelStrategy as _ParallelStrategy
-    from pytorch_lightning.strategies.strategy import TBroadcast
-else:
-    _ParallelStrategy = object
-    TBroadcast = Any
 
 __all__ = ["ParameterServerStrategy"]
 
@@ -56,7 +70,8 @@ __getattr__ = _lightning.class_getter(__name__, __all__)
 log = logging.getLogger(__name__)
 
 _START_METHODS = ("popen", "spawn", "fork", "forkserver")
-_GROUPS_CREATED = 0  # worker-and-server groups this process has joined
+#: Precision plugins whose `optimizer_step` `update_on="server"` reproduces (it steps on the servers itself).
+_SERVER_PRECISIONS = ("Precision", "MixedPrecision", "HalfPrecision", "DoublePrecision")
 
 
 def _raise_on_local_sigterm(trainer: pl.Trainer, exception: type[BaseException]) -> None:
@@ -64,7 +79,7 @@ def _raise_on_local_sigterm(trainer: pl.Trainer, exception: type[BaseException])
         raise exception()
 
 
-class _ParameterServerStrategy(_ParallelStrategy):
+class _ParameterServerStrategy(WorkerCollectives):
     """Train an unchanged LightningModule with parameter servers.
 
     Built for each Lightning package as ``ParameterServerStrategy`` (see :mod:`lightning_patterns._lightning`):
@@ -72,9 +87,14 @@ class _ParameterServerStrategy(_ParallelStrategy):
 
     Args:
         num_servers: number of server processes. Server ``s`` runs on node ``s % num_nodes``.
-        mode: ``"sync"`` averages all workers' gradients before each update (equal to single-process
-            training on the concatenated batch); ``"async"`` applies each worker's push on arrival (scaled by
-            ``1 / num_workers``), bounded by ``max_staleness``.
+        update_on: where the optimizer runs. ``"worker"`` (default): servers only average the workers' gradients
+            and every worker runs the module's own optimizer, schedulers, gradient clipping and GradScaler on the
+            average, exactly as under DDP, for any optimizer. ``"server"``: servers hold the parameters and the
+            optimizer state and update them (workers hold no optimizer state); only element-wise optimizers
+            (SGD, Adam, AdamW, RMSprop, Adagrad, ...) are accepted; the only placement of async modes.
+        mode: ``"sync"`` averages all workers' gradients before each update (equal to DDP); ``"async"``
+            (``update_on="server"``) applies each worker's push on arrival (scaled by ``1 / world_size``),
+            bounded by ``max_staleness``.
         max_staleness: for ``"async"``: no worker runs more than this many steps ahead of the slowest
             (stale-synchronous parallel). ``0`` is exactly ``"sync"``; ``None`` is fully asynchronous.
         timeout: seconds any wait may take; a peer silent for longer while it should talk, or one whose
@@ -82,6 +102,8 @@ class _ParameterServerStrategy(_ParallelStrategy):
             It must exceed the longest gap between two optimizer steps of the slowest worker.
         chunk_bytes: the most bytes in one partition chunk (``None``: chunks end only at tensor and server
             boundaries).
+        broadcast_buffers: broadcast rank 0's buffers (BatchNorm running statistics) to the other workers before
+            each synchronizing forward, as ``DDPStrategy(broadcast_buffers=True)`` does.
         process_group_backend: backend of the workers' group: ``"gloo"`` (default on CPU) or ``"nccl"`` (default
             on GPU). Parameter-server messages always travel on gloo, from CPU buffers.
         start_method: how Lightning starts the workers on one machine, as for ``DDPStrategy``.
@@ -99,10 +121,12 @@ class _ParameterServerStrategy(_ParallelStrategy):
     def __init__(
         self,
         num_servers: int = 1,
+        update_on: Literal["worker", "server"] = "worker",
         mode: Literal["sync", "async"] = "sync",
         max_staleness: int | None = 0,
         timeout: float = 60.0,
         chunk_bytes: int | None = None,
+        broadcast_buffers: bool = True,
         process_group_backend: str | None = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         accelerator: pl.accelerators.Accelerator | None = None,
@@ -120,12 +144,21 @@ class _ParameterServerStrategy(_ParallelStrategy):
         )
         if isinstance(num_servers, bool) or not isinstance(num_servers, int) or num_servers < 1:
             raise ValueError(f"`num_servers` must be an integer >= 1, got num_servers={num_servers!r}.")
+        if update_on not in PLACEMENTS:
+            raise ValueError(f"`update_on` must be one of {PLACEMENTS.names()}, got update_on={update_on!r}.")
         if mode not in ("sync", "async"):
             raise ValueError(f"`mode` must be 'sync' or 'async', got mode={mode!r}.")
         if max_staleness is not None and (not isinstance(max_staleness, int) or max_staleness < 0):
             raise ValueError(
                 f"`max_staleness` must be None or an integer >= 0, got max_staleness={max_staleness!r}. "
                 "Use 0 for synchronous steps, None for fully asynchronous training."
+            )
+        if update_on == "worker" and not is_sync(mode, max_staleness):
+            raise ValueError(
+                f"`update_on='worker'` averages every step's gradients over all workers, so it is synchronous only; "
+                f"got mode={mode!r}, max_staleness={max_staleness!r}. For asynchronous training pass "
+                "`ParameterServerStrategy(update_on='server', mode='async', ...)`: the servers then apply each "
+                "worker's push on arrival."
             )
         if not timeout > 0:
             raise ValueError(f"`timeout` must be a positive number of seconds, got timeout={timeout!r}.")
@@ -134,19 +167,24 @@ class _ParameterServerStrategy(_ParallelStrategy):
         if start_method not in _START_METHODS:
             raise ValueError(f"`start_method` must be one of {_START_METHODS}, got start_method={start_method!r}.")
         self.num_servers = num_servers
+        self.update_on = update_on
         self.mode = mode
         self.max_staleness = max_staleness
         self.timeout = float(timeout)
         self.chunk_bytes = chunk_bytes
+        self.broadcast_buffers = broadcast_buffers
         self._process_group_backend = process_group_backend
         self._start_method = start_method
         self._num_nodes = 1
-        self._servers: list[multiprocessing.process.BaseProcess] = []
+        self._session: ServerSession | None = None
         self._client: WorkerClient | None = None
-        self._ps_group: P2PGroup | None = None
         self._telemetry: ParameterServerTelemetry | None = None
+        self._accumulating = False  # inside Lightning's `block_backward_sync` (an accumulation micro-batch)
+        self._sync_buffers_next = True  # DDP's `require_forward_param_sync`
+        self._mean_loss: float | None = None  # "worker": the workers' mean loss of the last round
+        self._clip_request: tuple[float, bool] | None = None  # "server", sync: this step's (value, by norm)
 
-    # -- topology ----------------------------------------------------------------------------------------
+    # -- topology ----------------------------------------------------------------------------------------------------
     @property
     @override
     def root_device(self) -> torch.device:
@@ -168,11 +206,6 @@ class _ParameterServerStrategy(_ParallelStrategy):
         return len(self.parallel_devices) if self.parallel_devices is not None else 0
 
     @property
-    def num_workers(self) -> int:
-        """Workers in all (``num_nodes × devices``)."""
-        return self.num_nodes * self.num_processes
-
-    @property
     def is_distributed(self) -> bool:
         """Always: the Trainer must shard data over the workers."""
         return True
@@ -180,7 +213,7 @@ class _ParameterServerStrategy(_ParallelStrategy):
     @property
     @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": self.num_workers, "rank": self.global_rank}
+        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
 
     @property
     def process_group_backend(self) -> str | None:
@@ -192,6 +225,10 @@ class _ParameterServerStrategy(_ParallelStrategy):
         """This worker's communication counters of the current or last fit (``None`` before the first)."""
         return self._telemetry
 
+    @property
+    def _sync(self) -> bool:
+        return is_sync(self.mode, self.max_staleness)
+
     @override
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
@@ -202,10 +239,7 @@ class _ParameterServerStrategy(_ParallelStrategy):
             launcher = self._internal("pl:strategies.launchers:_MultiProcessingLauncher")
             self._launcher = launcher(self, start_method=self._start_method)
 
-    def _internal(self, spec: str) -> Any:
-        return _lightning.internal(self._lp_tree, spec)
-
-    # -- process group -----------------------------------------------------------------------------------
+    # -- process groups ----------------------------------------------------------------------------------------------
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
@@ -224,75 +258,82 @@ class _ParameterServerStrategy(_ParallelStrategy):
         return self._process_group_backend or default(self.root_device)
 
     def setup_distributed(self) -> None:
-        """Start this node's servers, join Lightning's workers-only group, then the workers-and-servers group."""
+        """Join Lightning's workers-only group, then (to fit) the servers' session: new, or kept from the last fit."""
         self._lp_tree.fabric("utilities.seed").reset_seed()
         self.set_world_ranks()
         self._process_group_backend = self._get_process_group_backend()
         assert self.cluster_environment is not None
-        fitting = self.lightning_module is None or self.lightning_module.trainer.state.fn == "fit"
-        address, port = self.cluster_environment.main_address, self.cluster_environment.main_port
-        global _GROUPS_CREATED
-        # Every process runs the same sequence of fits, so this names the same group everywhere.
-        prefix = f"lightning_patterns/parameter_server/{_GROUPS_CREATED}"
-        _GROUPS_CREATED += 1
-        # Only fitting needs servers; evaluation runs on the workers alone.
-        if fitting and self.local_rank == 0:
-            config = ServerConfig(
-                server_index=0,
-                num_workers=self.num_workers,
-                num_servers=self.num_servers,
-                main_address=address,
-                main_port=port,
-                prefix=prefix,
-                timeout=self.timeout,
-                mode=self.mode,
-                max_staleness=self.max_staleness,
-            )
-            self._servers = start_servers(config, servers_on_node(self.num_servers, self.num_nodes, self.node_rank))
         # Joining waits for every process to start, which takes longer than a step: give it at least two minutes.
         join_seconds = join_timeout(self.timeout)
-        self._internal("fabric:utilities.distributed:_init_dist_connection")(
-            self.cluster_environment, self._process_group_backend, timeout=datetime.timedelta(seconds=join_seconds)
-        )
-        if fitting:
-            try:
-                self._ps_group = connect_group(
-                    address, port, self.global_rank, self.num_workers + self.num_servers, prefix, join_seconds
-                )
-            except RuntimeError as error:
-                dead = [(p.name, p.exitcode) for p in self._servers if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(
-                        f"Server processes this node started exited while joining: {dead}. Their log is above; a "
-                        "script that starts training must guard it with `if __name__ == '__main__':`, because "
-                        "servers are started with the 'spawn' method, which re-imports the main module."
-                    ) from error
-                raise
-        log.info(
-            "rank %d: %d workers (%s) and %d servers (gloo)",
-            self.global_rank,
-            self.num_workers,
+        join_workers = partial(
+            self._internal("fabric:utilities.distributed:_init_dist_connection"),
+            self.cluster_environment,
             self._process_group_backend,
-            self.num_servers if fitting else 0,
+            timeout=datetime.timedelta(seconds=join_seconds),
+        )
+        # Only fitting needs servers; evaluation runs on the workers alone.
+        if self.lightning_module is not None and self.lightning_module.trainer.state.fn != "fit":
+            join_workers()
+        else:
+            environment = self.cluster_environment
+            key = SessionKey(
+                environment.main_address, environment.main_port, self.world_size, self.num_servers, self.num_nodes
+            )
+            self._session = reuse_session(key, self.timeout)
+            if self._session is not None:
+                join_workers()
+            else:
+                # The servers start while the workers gather; one that exits meanwhile is reported at once.
+                pending = PendingSession(key, self.node_rank, self.local_rank, join_seconds)
+                try:
+                    pending.watching(join_workers)
+                    self._session = pending.join(self.global_rank, self.timeout)
+                except ServerStartError:
+                    # The job cannot start: stop the workers this process launched, which would wait for it.
+                    if self.launcher is not None:
+                        self.launcher.kill(signal.SIGKILL)
+                    raise
+        log.info(
+            "rank %d: %d workers (%s) and %d servers (gloo), update_on=%r",
+            self.global_rank,
+            self.world_size,
+            self._process_group_backend,
+            self.num_servers if self._session is not None else 0,
+            self.update_on,
         )
 
-    # -- model and optimizer -----------------------------------------------------------------------------
+    # -- model and optimizer -----------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
         assert self.model is not None
+        fitting = trainer.state.fn == "fit"
+        layer_sync = _lightning.layer_sync(self._lp_tree, self)
+        if fitting and layer_sync is not None:
+            if self.root_device.type == "cpu":
+                raise ValueError(
+                    "`Trainer(sync_batchnorm=True)` converts BatchNorm layers to torch's SyncBatchNorm, which runs on "
+                    "GPUs only (DDP fails the same way on CPU, at the first forward). On CPU, drop "
+                    "`sync_batchnorm=True`: each worker then normalizes with its own batch's statistics, and with "
+                    "`ParameterServerStrategy(broadcast_buffers=True)` rank 0's running statistics are broadcast "
+                    "before each step, as under DDP."
+                )
+            self.model = layer_sync.apply(self.model)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        fitting = trainer.state.fn == "fit"
         if fitting:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
-        if fitting:
-            self._internal("fabric:utilities.optimizer:_optimizers_to_device")(self.optimizers, self.root_device)
-            self._connect()
+        if not fitting:
+            self._broadcast_module_state()  # as DDP's `_sync_module_states` when it does not wrap the module
+            return
+        self._internal("fabric:utilities.optimizer:_optimizers_to_device")(self.optimizers, self.root_device)
+        self._check_fit()
+        self._connect()
 
-    def _connect(self) -> None:
+    def _check_fit(self) -> None:
+        """Refuse, on every worker alike and before any server hears of the fit, what this strategy cannot do."""
         if len(self.optimizers) != 1:
             raise ValueError(
                 f"ParameterServerStrategy supports exactly one optimizer, got {len(self.optimizers)}. "
@@ -303,19 +344,39 @@ class _ParameterServerStrategy(_ParallelStrategy):
             raise ValueError(
                 "ParameterServerStrategy needs automatic optimization; set `self.automatic_optimization = True`."
             )
-        if self._ps_group is None:
+        plugin = self.precision_plugin
+        if self.update_on == "server" and type(plugin).__name__ not in _SERVER_PRECISIONS:
+            raise ValueError(
+                f"`ParameterServerStrategy(update_on='server')` steps the optimizer on the servers itself, which "
+                f"reproduces the precision plugins {', '.join(_SERVER_PRECISIONS)}; {type(plugin).__name__} steps in "
+                "its own way. Use `ParameterServerStrategy(update_on='worker')`: every worker then runs the plugin's "
+                "own `optimizer_step`, as under DDP."
+            )
+        if self._session is None:
             raise RuntimeError("ParameterServerStrategy: fitting needs servers, but none joined the process group.")
+
+    def _connect(self) -> None:
+        assert self._session is not None
         self._client = WorkerClient(
-            self._ps_group,
+            self._session.link,
             self._unwrap(self.optimizers[0]),
-            num_workers=self.num_workers,
+            update_on=self.update_on,
+            world_size=self.world_size,
             num_servers=self.num_servers,
-            global_rank=self.global_rank,
+            sync=self._sync,
+            max_staleness=self.max_staleness,
             chunk_bytes=self.chunk_bytes,
             timeout=self.timeout,
         )
         self._telemetry = self._client.telemetry
-        self._client.connect()
+        self._client.start()
+        # Like DDP when it wraps the module: every worker starts from rank 0's parameters and buffers.
+        self._broadcast_module_state()
+        self._sync_buffers_next = True
+        if self.update_on == "server" and self._sync:
+            # Clipping must apply to the average over the workers, which only the servers see: record what the
+            # module's `configure_gradient_clipping` asks the precision plugin for, and send it with the push.
+            self.precision_plugin.clip_gradients = self._record_clipping  # type: ignore[method-assign]
 
     def _unwrap(self, optimizer: Any) -> Optimizer:
         wrapper = self._lp_tree.module("core.optimizer").LightningOptimizer
@@ -326,6 +387,64 @@ class _ParameterServerStrategy(_ParallelStrategy):
         assert self.model is not None
         self.model.to(self.root_device)
 
+    # -- DDP's points in the loop ------------------------------------------------------------------------------------
+    @contextmanager
+    @override
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Lightning enters this for the micro-batches of an accumulation window that do not step."""
+        self._accumulating = True
+        try:
+            yield None
+        finally:
+            self._accumulating = False
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._before_forward()
+        output = super().training_step(*args, **kwargs)
+        self._after_forward()
+        return output
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        # DDP's wrapper runs validation while fitting only (a validate-only run has no wrapper).
+        fitting = self._client is not None
+        if fitting:
+            self._before_forward()
+        output = super().validation_step(*args, **kwargs)
+        if fitting:
+            self._after_forward()
+        return output
+
+    def _before_forward(self) -> None:
+        if self._client is not None and self.broadcast_buffers and self._sync_buffers_next:
+            self._broadcast(list(self.model.buffers()) if self.model is not None else [])
+
+    def _after_forward(self) -> None:
+        # The next forward broadcasts buffers only after a training forward whose backward synchronizes.
+        self._sync_buffers_next = torch.is_grad_enabled() and not self._accumulating
+
+    def _broadcast_module_state(self) -> None:
+        if self.model is not None and self.world_size > 1:
+            self._broadcast([*self.model.parameters(), *self.model.buffers()])
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        """Lightning's ``Strategy.backward``, averaging gradients over the workers where DDP's reducer would."""
+        if self._client is None or self.update_on != "worker":
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        module = self.lightning_module
+        assert module is not None
+        self.pre_backward(closure_loss)
+        loss = float(closure_loss.detach())
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+        if not self._accumulating:
+            self._mean_loss = self._client.sum_gradients(loss)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
     @override
     def optimizer_step(
         self,
@@ -334,23 +453,75 @@ class _ParameterServerStrategy(_ParallelStrategy):
         model: pl.LightningModule | torch.nn.Module | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Run forward, backward and clipping on the worker, then push the gradient and pull parameters.
-
-        The worker's optimizer never steps, so it holds no state.
-        """
+        """``"worker"``: the precision plugin's own step, on averaged gradients. ``"server"``: push, then pull."""
         if self._client is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         model = model or self.lightning_module
         assert isinstance(model, self._lp_tree.pl.LightningModule)
         optimizer = self._unwrap(optimizer)
-        # `_wrap_closure` runs the closure, `on_before_optimizer_step` and gradient clipping (on the local
-        # gradient, as the precision plugin's `optimizer.step(closure)` would).
-        result = _lightning.wrap_closure(self._lp_tree, self.precision_plugin, model, optimizer, closure)
-        self._client.push_pull()
-        # What torch's LR-scheduler wrapper of `optimizer.step` records; schedulers check it.
-        _lightning.mark_optimizer_stepped(optimizer)
+        if self.update_on == "worker":
+            result = super().optimizer_step(optimizer, partial(self._closure_with_mean_loss, closure), model, **kwargs)
+        else:
+            result = self._step_on_servers(optimizer, closure, model)
         self._log_telemetry()
         return result
+
+    def _closure_with_mean_loss(self, closure: Callable[[], Any]) -> Any:
+        """Run the closure; hand the optimizer the workers' mean loss, so LBFGS decides alike on every worker."""
+        assert self._client is not None
+        rounds = self._client.rounds
+        result = closure()
+        if self._client.rounds == rounds:  # no backward (`training_step` returned None): still take part
+            self._mean_loss = self._client.sum_gradients(0.0)
+        if isinstance(result, Tensor) and self._mean_loss is not None:
+            return torch.full_like(result, self._mean_loss)
+        return result
+
+    def _step_on_servers(self, optimizer: Optimizer, closure: Callable[[], Any], model: pl.LightningModule) -> Any:
+        assert self._client is not None
+        scaler = self._grad_scaler()
+        params = self._client.params
+
+        def forward_backward() -> Any:
+            result = closure()
+            if scaler is not None and result is not None:
+                # As MixedPrecision does before `on_before_optimizer_step`: hooks and clipping see unscaled gradients.
+                unscale_gradients(params, scaler.get_scale())
+            return result
+
+        self._clip_request = None
+        # `wrap_closure` runs the closure, `on_before_optimizer_step` and gradient clipping, which in sync mode only
+        # records what to clip (see `_connect`) and otherwise clips this worker's gradient.
+        result = _lightning.wrap_closure(self._lp_tree, self.precision_plugin, model, optimizer, forward_backward)
+        clip_value, clip_norm = self._clip_request or (0.0, True)
+        skipped = self._client.step_on_servers(
+            clip_value,
+            clip_norm,
+            check_finite=scaler is not None and self._sync,
+            skip=scaler is not None and not self._sync and not gradients_finite(params),
+        )
+        if scaler is not None:
+            update_grad_scaler(scaler, found_inf=skipped)
+        if not skipped:
+            # What torch's LR-scheduler wrapper of `optimizer.step` records; schedulers check it.
+            _lightning.mark_optimizer_stepped(optimizer)
+        return result
+
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        mixed = self._lp_tree.module("plugins.precision").MixedPrecision
+        return getattr(self.precision_plugin, "scaler", None) if isinstance(self.precision_plugin, mixed) else None
+
+    def _record_clipping(self, optimizer: Any, clip_val: float = 0.0, gradient_clip_algorithm: Any = "norm") -> None:
+        if clip_val <= 0:
+            return
+        if self._clip_request is not None:
+            raise ValueError(
+                "`ParameterServerStrategy(update_on='server')` applies one gradient clipping per step, on the servers, "
+                "but `clip_gradients` was called twice in this step. Clip once in `configure_gradient_clipping`, or "
+                "use `update_on='worker'`."
+            )
+        algorithm = str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm)).lower()
+        self._clip_request = (float(clip_val), algorithm == "norm")
 
     def _log_telemetry(self) -> None:
         assert self._telemetry is not None
@@ -368,90 +539,29 @@ class _ParameterServerStrategy(_ParallelStrategy):
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:
-        """On rank 0, the whole optimizer state gathered from the servers, laid out as one process's."""
-        if self._client is not None and not self._client.shut_down and self.global_rank == 0:
-            return self._client.gather_state()
+        """``"server"``, on rank 0: the whole optimizer state gathered from the servers, laid out as one process's."""
+        client = self._client
+        if client is not None and self.update_on == "server" and not client.finished and self.global_rank == 0:
+            return client.gather_state()
         return super().optimizer_state(optimizer)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        """Keep hyperparameters on the workers and send the state to the servers (any number of them)."""
+        """``"server"``: keep hyperparameters on the workers and send the state to the servers (any number of them)."""
+        if self._client is None or self.update_on != "server":
+            super().load_optimizer_state_dict(checkpoint)
+            return
         for optimizer, state_dict in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             self._unwrap(optimizer).load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
-            if self._client is not None and self.global_rank == 0:
+            if self.global_rank == 0:
                 self._client.load_state(state_dict)
-        if self._client is not None:
-            # No worker may push before the servers hold the restored state (async servers apply pushes at once).
-            self.barrier("parameter_server_load_optimizer_state")
+        # No worker may push before the servers hold the restored state (async servers apply pushes at once).
+        self.barrier("parameter_server_load_optimizer_state")
 
-    # -- Lightning's collectives, on the workers only -----------------------------------------------------
-    def _collective_failed(self, what: str, error: BaseException) -> BaseException:
-        others = [r for r in range(self.num_workers) if r != self.global_rank]
-        if not others:  # a lone worker lost no one: the error is the collective's own
-            return error
-        lost = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {others}"
-        return PeerLostError(
-            f"Worker rank {self.global_rank} lost {lost} during {what}: {str(error).splitlines()[0]}. "
-            f"Check the log of {lost}; if it is only slow, raise `ParameterServerStrategy(timeout=...)`."
-        )
-
-    def _on_backend_device(self, tensor: Tensor) -> Tensor:
-        # NCCL only moves CUDA tensors: a callback's CPU counter would fail with "No backend type associated
-        # with device type cpu", so it travels on this worker's GPU (as Lightning's metrics do).
-        if self._process_group_backend == "nccl" and tensor.device.type == "cpu":
-            return tensor.to(self.root_device)
-        return tensor
-
-    @override
-    def barrier(self, name: str | None = None) -> None:
-        if not self._internal("fabric:utilities.distributed:_distributed_is_initialized")():
-            return
-        try:
-            if self._process_group_backend == "gloo":
-                # A barrier may legitimately wait for a slow rank (rank 0 saving a checkpoint): join-length bound.
-                timeout = datetime.timedelta(seconds=join_timeout(self.timeout))
-                dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
-            else:
-                dist.barrier()
-        except RuntimeError as error:
-            raise self._collective_failed("a barrier", error) from error
-
-    @override
-    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
-        if not self._internal("fabric:utilities.distributed:_distributed_is_initialized")():
-            return obj
-        box = [obj]
-        try:
-            dist.broadcast_object_list(box, src)
-        except RuntimeError as error:
-            raise self._collective_failed("a broadcast", error) from error
-        return box[0]
-
-    @override
-    def reduce(
-        self, tensor: Tensor | Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
-    ) -> Tensor | Any:
-        """Reduce over the workers (never the servers)."""
-        if not isinstance(tensor, Tensor):
-            return tensor
-        try:
-            sync = self._internal("fabric:utilities.distributed:_sync_ddp_if_available")
-            return cast(Tensor, sync(self._on_backend_device(tensor), group, reduce_op=reduce_op))
-        except RuntimeError as error:
-            raise self._collective_failed("a reduction", error) from error
-
-    @override
-    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
-        try:
-            gather = self._internal("fabric:utilities.distributed:_all_gather_ddp_if_available")
-            return cast(Tensor, gather(self._on_backend_device(tensor), group=group, sync_grads=sync_grads))
-        except RuntimeError as error:
-            raise self._collective_failed("an all-gather", error) from error
-
-    # -- lifecycle ---------------------------------------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------------------------------------------
     @override
     def on_train_start(self) -> None:
-        if self._client is None or is_sync(self.mode, self.max_staleness):
+        if self._client is None or self._sync:
             return
         assert self.lightning_module is not None
         trainer = self.lightning_module.trainer
@@ -464,35 +574,42 @@ class _ParameterServerStrategy(_ParallelStrategy):
 
     @override
     def on_validation_start(self) -> None:
-        if self._client is not None and self._client.initialized and not self._client.shut_down:
+        if self._client is not None and self._client.initialized and not self._client.finished:
             self._client.pause()
 
     @override
     def on_train_end(self) -> None:
-        if self._client is not None and not self._client.shut_down:
-            # In async mode workers may hold slightly different parameters: end on the servers' values.
+        """The fit succeeded: the only place that tells the servers this worker is done."""
+        if self._client is None or self._client.finished:
+            return
+        if self.update_on == "server" and not self._sync:
+            # Async workers may hold slightly different parameters: end on the servers' values.
             self._client.pull()
-            self._client.shutdown(self.timeout)
+        self._client.end()
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        self._stop(grace=0.0)
-
-    def _stop(self, grace: float) -> None:
-        if self._client is not None and grace > 0:
-            self._client.shutdown(min(grace, self.timeout))
-        if self._servers:
-            codes = stop_servers(self._servers, grace)
-            self._servers = []
-            failed = [c for c in codes if c not in (0, None)]
-            if failed and grace > 0:
-                log.warning("rank %d: server processes exited with codes %s", self.global_rank, codes)
+        """Tell the servers this worker failed and why; they stop every other process."""
+        if self._client is None:
+            return  # no server heard of this fit: the failure (a refusal at setup) is every worker's own
+        if not self._client.finished:
+            self._client.fail(exception, timeout=min(self.timeout, 5.0))
+        drop_session()
+        self._session = None
 
     @override
     def teardown(self) -> None:
-        self._stop(grace=min(self.timeout, 10.0))
+        if self._client is not None and not self._client.finished:
+            # Neither `on_train_end` nor `on_exception` ran: the servers must not wait for this worker.
+            self.on_exception(RuntimeError("the fit stopped before it finished"))
+        vars(self.precision_plugin).pop("clip_gradients", None)  # the recorder of `_connect`
+        module = self.lightning_module
+        layer_sync = _lightning.layer_sync(self._lp_tree, self)
+        fitted = module is not None and module._trainer is not None and module.trainer.state.fn == "fit"
+        if layer_sync is not None and fitted and self.model is not None:
+            self.model = layer_sync.revert(self.model)
         self._client = None
-        self._ps_group = None
+        self._session = None
         super().teardown()
 
 

@@ -1,26 +1,31 @@
-"""The worker/server protocol in one process: servers and workers in threads over an in-memory network.
+"""The worker/server protocol in one process: servers and workers in threads over an in-memory transport.
 
-Fast and deterministic checks of what the multi-process tests show end to end: sync averaging, the
-stale-synchronous bound, optimizer state moved between server counts, and a lost worker reported by name.
+Fast and deterministic checks of what the multi-process tests show end to end: averaging with presence masks,
+server-side clipping and inf checks over several servers, hyperparameters following the workers, the stale-synchronous
+bound, optimizer state moved between server counts, failures reported by name, and messages that are refused.
 """
 
 from __future__ import annotations
 
 import datetime
+import pickle
 import queue
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_patterns.exceptions import PeerLostError
+from lightning_patterns.exceptions import PeerFailedError, PeerLostError
 from lightning_patterns.strategies.parameter_server.client import WorkerClient
-from lightning_patterns.strategies.parameter_server.server import ServerConfig, _ParameterServer
+from lightning_patterns.strategies.parameter_server.link import Link
+from lightning_patterns.strategies.parameter_server.messages import Exit, Init
+from lightning_patterns.strategies.parameter_server.server import ParameterServer
 
 
 class _Work:
@@ -40,15 +45,15 @@ class _Network:
         self.dead: set[int] = set()
         self.lock = threading.Lock()
 
-    def group(self, rank: int) -> _Group:
-        return _Group(self, rank)
+    def link(self, rank: int, timeout: float = 5.0) -> Link:
+        return Link(_Transport(self, rank), rank, timeout)  # type: ignore[arg-type]
 
     def channel(self, src: int, dst: int, tag: int) -> queue.Queue[torch.Tensor]:
         with self.lock:
             return self.queues[(src, dst, tag)]
 
 
-class _Group:
+class _Transport:
     def __init__(self, network: _Network, rank: int) -> None:
         self.network = network
         self.rank = rank
@@ -86,51 +91,84 @@ def _model() -> nn.Module:
 
 
 class _Job:
-    """Servers running in threads and one client per worker."""
+    """Servers running in threads and one client per worker, for one fit."""
 
-    def __init__(self, num_servers: int, mode: str = "sync", max_staleness: int | None = 0, momentum: float = 0.9):
-        self.network = _Network()
+    def __init__(
+        self,
+        num_servers: int,
+        update_on: str = "server",
+        sync: bool = True,
+        max_staleness: int | None = 0,
+        optimizer: Callable[[nn.Module], torch.optim.Optimizer] = lambda m: torch.optim.SGD(
+            m.parameters(), lr=0.1, momentum=0.9
+        ),
+        network: _Network | None = None,
+    ) -> None:
+        self.network = network or _Network()
+        self.num_servers = num_servers
         self.errors: list[BaseException] = []
-        self.servers: list[_ParameterServer] = []
-        self.threads: list[threading.Thread] = []
-        for index in range(num_servers):
-            config = ServerConfig(index, WORKERS, num_servers, "127.0.0.1", 0, "test", 5.0, mode, max_staleness)
-            server = _ParameterServer(config, self.network.group(config.rank))  # type: ignore[arg-type]
-            thread = threading.Thread(target=self._serve, args=(server,), daemon=True)
+        self.servers = [
+            ParameterServer(self.network.link(WORKERS + s), WORKERS, num_servers) for s in range(num_servers)
+        ]
+        self.threads = [threading.Thread(target=self._serve, args=(s,), daemon=True) for s in self.servers]
+        for thread in self.threads:
             thread.start()
-            self.servers.append(server)
-            self.threads.append(thread)
         self.models = [_model() for _ in range(WORKERS)]
         self.clients = [
             WorkerClient(
-                self.network.group(rank),  # type: ignore[arg-type]
-                torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum),
-                num_workers=WORKERS,
+                self.network.link(rank),
+                optimizer(model),
+                update_on=update_on,
+                world_size=WORKERS,
                 num_servers=num_servers,
-                global_rank=rank,
+                sync=sync,
+                max_staleness=max_staleness,
                 chunk_bytes=16,
                 timeout=5.0,
             )
             for rank, model in enumerate(self.models)
         ]
-        self.clients[0].connect()
-        self.clients[1].connect()
+        for client in self.clients:
+            client.start()
 
-    def _serve(self, server: _ParameterServer) -> None:
+    def _serve(self, server: ParameterServer) -> None:
         try:
             server.serve()
-        except PeerLostError as error:
+        except (PeerLostError, RuntimeError, ValueError) as error:
             self.errors.append(error)
             server.abort(error)
 
-    def set_grads(self, rank: int, seed: int) -> None:
+    def set_grads(self, rank: int, seed: int, skip: tuple[int, ...] = ()) -> None:
         generator = torch.Generator().manual_seed(seed)
-        for param in self.models[rank].parameters():
-            param.grad = torch.randn(param.shape, generator=generator)
+        for index, param in enumerate(self.models[rank].parameters()):
+            grad = torch.randn(param.shape, generator=generator)
+            param.grad = None if index in skip else grad
+
+    def in_parallel(self, step: Callable[[int], Any]) -> list[Any]:
+        results: list[Any] = [None] * WORKERS
+        failures: list[BaseException] = []
+
+        def run(rank: int) -> None:
+            try:
+                results[rank] = step(rank)
+            except BaseException as error:
+                failures.append(error)
+
+        threads = [threading.Thread(target=run, args=(rank,)) for rank in range(WORKERS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10.0)
+        if failures:
+            raise failures[0]
+        return results
 
     def close(self) -> None:
         for client in self.clients:
-            client.shutdown(1.0)
+            if not client.finished:
+                client.end()
+        for server in range(self.num_servers):
+            self.network.link(0).send(Exit(), WORKERS + server)
         for thread in self.threads:
             thread.join(5.0)
 
@@ -145,36 +183,32 @@ def job_factory() -> Iterator[Callable[..., _Job]]:
 
     yield make
     for job in jobs:
-        job.close()
+        if not job.errors:
+            job.close()
 
 
-def _push_all(job: _Job, step: int) -> None:
-    threads = []
+def _reference_step(job: _Job, step: int, optimizer: torch.optim.Optimizer, reference: nn.Module) -> None:
+    grads = []
     for rank in range(WORKERS):
         job.set_grads(rank, seed=100 * step + rank)
-        threads.append(threading.Thread(target=job.clients[rank].push_pull))
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10.0)
+        grads.append([p.grad for p in job.models[rank].parameters()])
+    for param, *per_worker in zip(reference.parameters(), *grads, strict=True):
+        param.grad = torch.stack(per_worker).mean(0)
+    optimizer.step()
 
 
 @pytest.mark.parametrize("num_servers", [1, 2, 3])
-def test_sync_step_equals_one_optimizer_step_on_the_mean_gradient(
+def test_server_placement_step_equals_one_optimizer_step_on_the_mean_gradient(
     job_factory: Callable[..., _Job], num_servers: int
 ) -> None:
     job = job_factory(num_servers)
     reference = _model()
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     for step in range(3):
-        _push_all(job, step)
-        grads = []
+        _reference_step(job, step, optimizer, reference)
         for rank in range(WORKERS):
             job.set_grads(rank, seed=100 * step + rank)
-            grads.append([p.grad for p in job.models[rank].parameters()])
-        for param, *per_worker in zip(reference.parameters(), *grads, strict=True):
-            param.grad = torch.stack(per_worker).mean(0)
-        optimizer.step()
+        job.in_parallel(lambda rank: job.clients[rank].step_on_servers(0.0, True, False, False))
     for model in job.models:
         for actual, expected in zip(model.parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(actual, expected)
@@ -185,29 +219,113 @@ def test_sync_step_equals_one_optimizer_step_on_the_mean_gradient(
         torch.testing.assert_close(gathered["state"][index]["momentum_buffer"], state["momentum_buffer"])
 
 
+def test_worker_placement_hands_back_the_average_and_keeps_none_where_no_worker_had_a_gradient(
+    job_factory: Callable[..., _Job],
+) -> None:
+    """Parameter 1 has a gradient on rank 0 only (DDP: half of it everywhere); parameter 3 on nobody (stays None)."""
+    job = job_factory(2, update_on="worker")
+    job.set_grads(0, seed=1, skip=(3,))
+    job.set_grads(1, seed=2, skip=(1, 3))
+    expected = [
+        (a.grad + b.grad) / 2 if b.grad is not None else (a.grad / 2 if a.grad is not None else None)
+        for a, b in zip(job.models[0].parameters(), job.models[1].parameters(), strict=True)
+    ]
+    losses = job.in_parallel(lambda rank: job.clients[rank].sum_gradients(loss=1.0 + rank))
+    assert losses == [1.5, 1.5]
+    for model in job.models:
+        for param, grad in zip(model.parameters(), expected, strict=True):
+            if grad is None:
+                assert param.grad is None
+            else:
+                torch.testing.assert_close(param.grad, grad)
+    assert all(len(s.deferred) == 0 for s in job.servers)
+
+
+def test_a_parameter_without_gradient_is_skipped_by_the_servers_optimizer(job_factory: Callable[..., _Job]) -> None:
+    """AdamW would decay a zero-pushed parameter: a parameter no worker has a gradient for must not move."""
+    job = job_factory(2, optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.5))
+    before = [p.detach().clone() for p in job.models[0].parameters()]
+    for rank in range(WORKERS):
+        job.set_grads(rank, seed=rank, skip=(2,))
+    job.in_parallel(lambda rank: job.clients[rank].step_on_servers(0.0, True, False, False))
+    after = list(job.models[0].parameters())
+    torch.testing.assert_close(after[2], before[2], rtol=0, atol=0)
+    assert not torch.equal(after[0], before[0])
+    assert 2 not in job.clients[0].gather_state()["state"]
+
+
+def test_servers_clip_by_the_norm_of_the_average_over_all_of_them(job_factory: Callable[..., _Job]) -> None:
+    job = job_factory(2, optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=1.0))
+    reference = _model()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=1.0)
+    grads = []
+    for rank in range(WORKERS):
+        job.set_grads(rank, seed=10 + rank)
+        grads.append([p.grad.clone() for p in job.models[rank].parameters()])  # type: ignore[union-attr]
+    for param, *per_worker in zip(reference.parameters(), *grads, strict=True):
+        param.grad = torch.stack(per_worker).mean(0)
+    total = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.3)
+    assert total > 0.3, "the test must clip"
+    optimizer.step()
+    job.in_parallel(lambda rank: job.clients[rank].step_on_servers(0.3, True, False, False))
+    for actual, expected in zip(job.models[0].parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(actual, expected)
+
+
+def test_an_inf_on_one_server_skips_the_step_on_every_server(job_factory: Callable[..., _Job]) -> None:
+    job = job_factory(2)
+    before = [p.detach().clone() for p in job.models[0].parameters()]
+    for rank in range(WORKERS):
+        job.set_grads(rank, seed=rank)
+    job.models[1][2].bias.grad[0] = float("inf")  # type: ignore[index]  # the last tensor: on server 1 only
+    skipped = job.in_parallel(lambda rank: job.clients[rank].step_on_servers(0.0, True, True, False))
+    assert skipped == [True, True]
+    for actual, expected in zip(job.models[0].parameters(), before, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_hyperparameters_follow_the_workers_and_must_agree(job_factory: Callable[..., _Job]) -> None:
+    job = job_factory(1, optimizer=lambda m: torch.optim.Adam(m.parameters(), lr=0.1, betas=(0.9, 0.99)))
+    for client in job.clients:
+        client.optimizer.param_groups[0]["betas"] = (0.5, 0.9)
+        client.optimizer.param_groups[0]["lr"] = 0.01
+    for rank in range(WORKERS):
+        job.set_grads(rank, seed=rank)
+    job.in_parallel(lambda rank: job.clients[rank].step_on_servers(0.0, True, False, False))
+    group = job.servers[0].fit.placement.optimizer.param_groups[0]  # type: ignore[union-attr]
+    assert (group["lr"], group["betas"]) == (0.01, (0.5, 0.9))
+    job.clients[1].optimizer.param_groups[0]["lr"] = 0.02  # rank 1's scheduler went its own way
+    with pytest.raises(PeerFailedError, match=r"param group 0's 'lr' \(0.01 against 0.02\)"):
+        job.in_parallel(lambda rank: job.clients[rank].step_on_servers(0.0, True, False, False))
+    assert "sync_dist=True" in str(job.errors[0])
+
+
 def test_state_moves_between_server_counts(job_factory: Callable[..., _Job]) -> None:
     first = job_factory(2)
-    _push_all(first, 0)
+    for rank in range(WORKERS):
+        first.set_grads(rank, seed=rank)
+    first.in_parallel(lambda rank: first.clients[rank].step_on_servers(0.0, True, False, False))
     state = first.clients[0].gather_state()
     second = job_factory(3)
     second.clients[0].load_state(state)
-    assert second.clients[0].gather_state()["state"].keys() == state["state"].keys()
+    gathered = second.clients[0].gather_state()
+    assert gathered["state"].keys() == state["state"].keys()
     for index, entry in state["state"].items():
-        torch.testing.assert_close(second.clients[0].gather_state()["state"][index], entry)
+        torch.testing.assert_close(gathered["state"][index], entry)
 
 
 def test_stale_synchronous_bound_holds_a_fast_worker_back(job_factory: Callable[..., _Job]) -> None:
-    job = job_factory(1, mode="async", max_staleness=1)
+    job = job_factory(1, sync=False, max_staleness=1)
     fast, slow = job.clients
     job.set_grads(0, seed=1)
-    fast.push_pull()  # one step ahead of the slowest: allowed
+    fast.step_on_servers(0.0, True, False, False)  # one step ahead of the slowest: allowed
     job.set_grads(0, seed=2)
-    second = threading.Thread(target=fast.push_pull)
+    second = threading.Thread(target=fast.step_on_servers, args=(0.0, True, False, False))
     second.start()
     second.join(0.5)
     assert second.is_alive(), "two steps ahead of the slowest must wait"
     job.set_grads(1, seed=3)
-    slow.push_pull()
+    slow.step_on_servers(0.0, True, False, False)
     second.join(5.0)
     assert not second.is_alive()
     # The slow worker's gradient was computed before both of the fast worker's updates.
@@ -215,15 +333,17 @@ def test_stale_synchronous_bound_holds_a_fast_worker_back(job_factory: Callable[
     assert fast.telemetry.max_staleness_seen <= 1
 
 
-def test_fully_async_never_waits(job_factory: Callable[..., _Job]) -> None:
-    job = job_factory(2, mode="async", max_staleness=None)
+def test_fully_async_never_waits_and_skips_what_the_worker_flags(job_factory: Callable[..., _Job]) -> None:
+    job = job_factory(2, sync=False, max_staleness=None)
     for seed in range(5):
         job.set_grads(0, seed=seed)
-        job.clients[0].push_pull()
+        job.clients[0].step_on_servers(0.0, True, False, False)
     job.set_grads(1, seed=9)
-    job.clients[1].push_pull()
+    before = [p.detach().clone() for p in job.models[0].parameters()]
+    assert job.clients[1].step_on_servers(0.0, True, False, skip=True)  # inf on this worker: not applied
     assert job.clients[1].telemetry.staleness == 5
-    assert job.clients[0].telemetry.steps == 5
+    for actual, expected in zip(job.models[1].parameters(), before, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
 def test_a_lost_worker_is_named_to_the_others(job_factory: Callable[..., _Job]) -> None:
@@ -233,7 +353,7 @@ def test_a_lost_worker_is_named_to_the_others(job_factory: Callable[..., _Job]) 
 
     def push() -> None:
         try:
-            job.clients[0].push_pull()
+            job.clients[0].step_on_servers(0.0, True, False, False)
         except PeerLostError as error:
             failure.append(error)
 
@@ -243,5 +363,113 @@ def test_a_lost_worker_is_named_to_the_others(job_factory: Callable[..., _Job]) 
     job.network.dead.add(1)  # worker 1 dies before pushing
     waiting.join(5.0)
     assert not waiting.is_alive()
-    assert "rank 1" in str(failure[0])
-    assert "rank 1" in str(job.errors[0])
+    assert "because rank 1 failed or was lost" in str(failure[0])
+    assert "Lost rank 1" in str(job.errors[0])
+
+
+def test_a_failed_worker_stops_the_others_with_its_error(job_factory: Callable[..., _Job]) -> None:
+    job = job_factory(2, update_on="worker")
+    job.set_grads(0, seed=0)
+    waiting = threading.Thread(target=lambda: failure.append(_catch(lambda: job.clients[0].sum_gradients(0.0))))
+    failure: list[BaseException | None] = []
+    waiting.start()
+    job.clients[1].fail(ValueError("bad batch on rank 1"), timeout=1.0)
+    waiting.join(5.0)
+    assert isinstance(failure[0], PeerFailedError)
+    assert "Worker rank 1 failed: ValueError: bad batch on rank 1" in str(failure[0])
+
+
+def _catch(call: Callable[[], Any]) -> BaseException | None:
+    try:
+        call()
+    except BaseException as error:
+        return error
+    return None
+
+
+def test_servers_serve_fit_after_fit_and_exit_when_asked() -> None:
+    network = _Network()
+    first = _Job(1, update_on="worker", network=network)
+    first.set_grads(0, seed=0)
+    first.set_grads(1, seed=1)
+    first.in_parallel(lambda rank: first.clients[rank].sum_gradients(0.0))
+    first.clients[0].end()  # rank 0 ends and at once starts another fit, before rank 1's END arrives
+    server = first.servers[0]
+    clients = [
+        WorkerClient(network.link(r), torch.optim.SGD(m.parameters()), "server", WORKERS, 1, True, 0, None, 5.0)
+        for r, m in enumerate(first.models)
+    ]
+    starting = threading.Thread(target=clients[0].start)
+    starting.start()
+    time.sleep(0.2)
+    assert starting.is_alive(), "the next fit waits for the last one to end"
+    first.clients[1].end()
+    starting.join(5.0)
+    assert not starting.is_alive()
+    assert server.fit is not None
+    assert server.fit.spec.placement == "server"
+    for client in clients:
+        client.end()
+    network.link(0).send(Exit(), WORKERS)
+    first.threads[0].join(5.0)
+    assert not first.threads[0].is_alive()
+    assert not first.errors
+
+
+def test_a_pickle_instead_of_json_is_refused_and_never_loaded(tmp_path: Path) -> None:
+    """A process that reaches a server's port cannot make it run code: pickles are not decoded, ever."""
+    network = _Network()
+    server = ParameterServer(network.link(WORKERS), WORKERS, 1)
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            server.serve()
+        except ValueError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    marker = tmp_path / "pwned"
+    crafted = pickle.dumps(_Exploit(str(marker)))
+    payload = torch.frombuffer(bytearray(crafted), dtype=torch.uint8)
+    network.link(0).send(Init(payload.numel()), WORKERS, {"json": payload})
+    thread.join(5.0)
+    assert not marker.exists()
+    assert "INIT from rank 0 is not UTF-8 JSON" in str(errors[0])
+    assert "never pickles" in str(errors[0])
+    # The same bytes, announced as anything else a server decodes, fare no better.
+    assert "not UTF-8 JSON" in str(_catch(lambda: _decode_fail(crafted)))
+
+
+class _Exploit:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+def _decode_fail(data: bytes) -> None:
+    from lightning_patterns.strategies.parameter_server.messages import decode_json
+
+    decode_json(torch.frombuffer(bytearray(data), dtype=torch.uint8), "FAIL from rank 1")
+
+
+def test_end_before_the_round_completes_is_an_error(job_factory: Callable[..., _Job]) -> None:
+    job = job_factory(1, update_on="worker")
+    job.set_grads(0, seed=0)
+    waiting = threading.Thread(target=lambda: failure.append(_catch(lambda: job.clients[0].sum_gradients(0.0))))
+    failure: list[BaseException | None] = []
+    waiting.start()
+    time.sleep(0.1)
+    job.clients[1].end()
+    waiting.join(5.0)
+    assert "ended its fit while ranks [0] wait in a synchronous step" in str(failure[0])
+
+
+def test_an_unknown_message_kind_is_refused(job_factory: Callable[..., _Job]) -> None:
+    job = job_factory(1)
+    job.network.channel(1, WORKERS, 11).put(torch.full((12,), 99.0, dtype=torch.float64))  # a header of kind 99
+    job.threads[0].join(5.0)
+    assert "Rank 1 sent a message of unknown kind 99.0" in str(job.errors[0])

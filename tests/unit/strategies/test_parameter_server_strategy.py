@@ -11,7 +11,6 @@ import lightning_patterns.strategies as strategies
 from lightning_patterns import _lightning
 from lightning_patterns.strategies import ParameterServerStrategy
 from lightning_patterns.strategies.parameter_server.launcher import servers_on_node
-from lightning_patterns.strategies.parameter_server.messages import BASE_FIELDS, Header, Kind
 from lightning_patterns.strategies.parameter_server.telemetry import ParameterServerTelemetry
 
 
@@ -26,18 +25,25 @@ def test_registered_with_lightning(lightning_package: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "mode", "max_staleness"), [("parameter_server", "sync", 0), ("parameter_server_async", "async", None)]
+    ("name", "update_on", "mode", "max_staleness"),
+    [("parameter_server", "worker", "sync", 0), ("parameter_server_async", "server", "async", None)],
 )
 def test_trainer_accepts_the_registered_names(
-    lightning_package: Any, name: str, mode: str, max_staleness: int | None
+    lightning_package: Any, name: str, update_on: str, mode: str, max_staleness: int | None
 ) -> None:
     pl = lightning_package.pl
     trainer = pl.Trainer(strategy=name, devices=2, accelerator="cpu", logger=False, enable_checkpointing=False)
     strategy = trainer.strategy
     assert isinstance(strategy, lightning_package.classes.ParameterServerStrategy)
     assert isinstance(strategy, pl.strategies.ParallelStrategy)
-    assert (strategy.mode, strategy.max_staleness, strategy.num_servers) == (mode, max_staleness, 1)
-    assert strategy.num_workers == 2
+    assert (strategy.update_on, strategy.mode, strategy.max_staleness, strategy.num_servers) == (
+        update_on,
+        mode,
+        max_staleness,
+        1,
+    )
+    assert strategy.broadcast_buffers
+    assert not hasattr(strategy, "num_workers"), "a DataLoader's `num_workers` is another thing"
     assert strategy.world_size == 2  # Lightning's world: the workers; servers come after them
     assert strategy.distributed_sampler_kwargs == {"num_replicas": 2, "rank": 0}
     assert strategy.is_distributed
@@ -57,6 +63,12 @@ def test_spawn_start_method_uses_the_multiprocessing_launcher(lightning_package:
         ({"num_servers": 1.5}, "num_servers"),
         ({"num_servers": True}, "num_servers"),
         ({"mode": "hogwild"}, "mode"),
+        ({"update_on": "parameter"}, r"`update_on` must be one of \['server', 'worker'\]"),
+        (
+            {"mode": "async", "max_staleness": None},
+            r"`update_on='worker'` averages every step's gradients .*update_on='server', mode='async'",
+        ),
+        ({"update_on": "worker", "mode": "async", "max_staleness": 2}, "synchronous only"),
         ({"max_staleness": -1}, "max_staleness"),
         ({"max_staleness": 1.0}, "max_staleness"),
         ({"timeout": 0}, "timeout"),
@@ -70,14 +82,21 @@ def test_invalid_arguments(kwargs: dict[str, Any], match: str) -> None:
         ParameterServerStrategy(**kwargs)
 
 
-def test_header_round_trip() -> None:
-    header = Header(Kind.PUSH, step=7, version=3, numel=1234, lost=-1, lrs=(0.1, 0.025))
-    tensor = header.to_tensor(2)
-    assert tensor.dtype == torch.float64
-    assert tensor.numel() == BASE_FIELDS + 2
-    assert Header.from_tensor(tensor) == header
-    # Learning rates survive exactly: float64 on the wire.
-    assert Header.from_tensor(Header(Kind.PUSH, lrs=(0.1 / 3,)).to_tensor(1)).lrs == (0.1 / 3,)
+def test_async_with_staleness_zero_is_sync_and_may_run_on_workers() -> None:
+    strategy = ParameterServerStrategy(update_on="worker", mode="async", max_staleness=0)
+    assert strategy._sync
+
+
+def test_clipping_twice_in_one_step_is_refused_with_the_fix() -> None:
+    """`update_on='server'` clips on the servers, once per step: a module that clips twice is told what to do."""
+    strategy = ParameterServerStrategy(update_on="server")
+    strategy._record_clipping(None, 0.5, "norm")
+    assert strategy._clip_request == (0.5, True)
+    with pytest.raises(ValueError, match=r"applies one gradient clipping per step.*use `update_on='worker'`"):
+        strategy._record_clipping(None, 0.1, "value")
+    strategy._clip_request = None
+    strategy._record_clipping(None, 0.0, "norm")  # no clipping asked
+    assert strategy._clip_request is None
 
 
 def test_servers_spread_round_robin_over_nodes() -> None:
