@@ -583,7 +583,10 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
         )
 
     def _decide(self) -> tuple[int, int, float] | None:
-        """The better configuration, if one promises ``min_improvement`` more goodput (rank zero's view)."""
+        """A better configuration: one promising ``min_improvement`` more goodput, or any if the current is barred.
+
+        This is rank zero's view; the caller broadcasts it.
+        """
         stats, model, base = self.ema.stats, self.step_time_model(), self.base_batch_size
         if stats is None or model is None or base is None:
             return None
@@ -593,20 +596,24 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
             return None
         noise_scale = stats.noise_scale
         world = self._world_size
+        min_batch, max_batch = self.min_batch_size or base, self.max_batch_size or 16 * base
         best = best_batch_size(
             model,
             noise_scale,
             base_batch_size=base,
-            max_batch_size=self.max_batch_size or 16 * base,
-            min_batch_size=self.min_batch_size or base,
+            max_batch_size=max_batch,
+            min_batch_size=min_batch,
             max_micro_batch_size=self.max_micro_batch_size,
             max_accumulation=self.max_accumulation,
             replicas=world,
             min_accumulation=self._min_accumulation,
         )
         m, k = self.micro_batch_size, self.accumulation
+        if (best.micro_batch_size, best.accumulation) == (m, k):
+            return None
         current = float(model.throughput(m, k, world) * efficiency(world * m * k, noise_scale, base))
-        if (best.micro_batch_size, best.accumulation) == (m, k) or best.goodput <= current * (1 + self.min_improvement):
+        allowed = min_batch <= world * m * k <= max_batch and k >= self._min_accumulation
+        if allowed and best.goodput <= current * (1 + self.min_improvement):
             return None
         return best.micro_batch_size, best.accumulation, best.goodput
 
