@@ -27,7 +27,13 @@ from lightning_patterns.adaptive.goodput import (
     efficiency,
     fit_step_time,
 )
-from lightning_patterns.adaptive.measurement import ConsecutiveSteps, DDPCommHook, MicroBatches, PendingSample
+from lightning_patterns.adaptive.measurement import (
+    ConsecutiveSteps,
+    DDPCommHook,
+    MicroBatches,
+    PendingSample,
+    read_back,
+)
 from lightning_patterns.adaptive.noise_scale import GradientStats, NoiseScaleEMA, estimate_gradient_stats
 from lightning_patterns.adaptive.protocols import BatchSizeAdjustable, ReportsGradientNorms
 from lightning_patterns.callbacks import _batch_len
@@ -172,7 +178,7 @@ class _GradientNoiseScale(_Callback):
         size = _batch_len(batch)
         self._step_batches.append(size)
         if isinstance(self._source, MicroBatches):
-            self._source.begin_micro_batch(size, pl_module.device)
+            self._source.begin_micro_batch(size)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -217,11 +223,9 @@ class _GradientNoiseScale(_Callback):
 
     def _read_back(self, trainer: pl.Trainer) -> None:
         """Fold the pending measurements into the moving averages (one device sync) and note a history row."""
-        if self._pending:
-            values = torch.stack([p.values for p in self._pending]).cpu()
-            for pending, row in zip(self._pending, values, strict=True):
-                self.ema.update(estimate_gradient_stats(PendingSample(pending.step, row, pending.count).read()))
-            self._pending = []
+        for sample in read_back(self._pending):
+            self.ema.update(estimate_gradient_stats(sample))
+        self._pending = []
         stats = self.ema.stats
         if stats is not None:
             if self.history and self.history[-1]["step"] == trainer.global_step:
