@@ -213,10 +213,6 @@ class _GradientNoiseScale(_Callback):
             self._read_back(trainer)
             self._log(trainer)
 
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Validation does not move the parameters, but a consecutive pair should not span an epoch's end."""
-        self._consecutive.reset()
-
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Read back what is pending."""
         self._read_back(trainer)
@@ -408,10 +404,15 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
         """Check the DataModule, apply a restored configuration, and hook the optimizers' steps."""
         datamodule = trainer.datamodule  # type: ignore[attr-defined]
         if not isinstance(datamodule, BatchSizeAdjustable):
+            what = (
+                "no DataModule was given"
+                if datamodule is None
+                else f"{type(datamodule).__name__} has no `batch_size` attribute and `set_batch_size` method"
+            )
             raise TypeError(
-                f"AdaptiveBatchSize changes the batch size through the DataModule, but {type(datamodule).__name__} "
-                "has no `batch_size` attribute and `set_batch_size(batch_size, at_batch=None)` method "
-                "(lightning_patterns.adaptive.BatchSizeAdjustable). Pass a DataModule that has them, such as "
+                f"AdaptiveBatchSize changes the batch size through the DataModule, but {what} "
+                "(`set_batch_size(batch_size, at_batch=None)`, see lightning_patterns.adaptive.BatchSizeAdjustable). "
+                "Pass a DataModule that has them, such as "
                 "lightning_patterns.data.InMemoryDataModule, to `trainer.fit(model, datamodule=...)`."
             )
         self._datamodule = datamodule
@@ -496,7 +497,6 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Validation is not part of the next step's time."""
-        super().on_validation_start(trainer, pl_module)
         self._last_step_end = None
 
     def on_train_batch_end(

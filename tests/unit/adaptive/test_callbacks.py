@@ -254,7 +254,7 @@ def test_adaptive_batch_size_needs_a_batch_size_adjustable_datamodule(lightning_
     trainer = lightning_package.pl.Trainer(
         max_steps=2, callbacks=[lightning_package.classes.AdaptiveBatchSize()], logger=False, **QUIET
     )
-    with pytest.raises(TypeError, match=r"set_batch_size\(batch_size, at_batch=None\)"):
+    with pytest.raises(TypeError, match=r"no DataModule was given \(`set_batch_size\(batch_size, at_batch=None\)`"):
         trainer.fit(_regression(lightning_package), _loader(16))
 
 
