@@ -66,8 +66,9 @@ class _GradientNoiseScale(_Callback):
     Every optimizer step gives two squared gradient norms at two batch sizes, chosen by where training runs:
     each rank's gradient before DDP's all-reduce and the averaged one (DDP); each micro-batch's gradient and the
     accumulated one (one process, ``accumulate_grad_batches ≥ 2``); the gradients of two consecutive steps (one
-    process otherwise); or what the strategy reports (:class:`~lightning_patterns.adaptive.ReportsGradientNorms`,
-    the parameter server's seam). Their unbiased estimates of ``|G|²`` and ``tr(Σ)`` are smoothed by a moving
+    process otherwise: a pair every second step, biased by the parameters' motion between the two); or what the
+    strategy reports (:class:`~lightning_patterns.adaptive.ReportsGradientNorms`, the parameter server's seam).
+    Their estimates of ``|G|²`` and ``tr(Σ)`` are smoothed by a moving
     average and logged every ``log_every_n_steps`` optimizer steps to every logger of the Trainer as
     ``gns/noise_scale``, ``gns/grad_sqr`` and ``gns/grad_var``. The averages are saved in checkpoints.
 
@@ -107,6 +108,8 @@ class _GradientNoiseScale(_Callback):
         self.history: list[dict[str, float]] = []
         self.source_name = ""
         self._source: ConsecutiveSteps | MicroBatches | DDPCommHook | ReportsGradientNorms | None = None
+        self._reporter: ReportsGradientNorms | None = None  # the strategy, when it reports the norms
+        self._parameters: list[nn.Parameter] = []
         self._consecutive = ConsecutiveSteps()
         self._micro: MicroBatches | None = None
         self._pending: list[PendingSample] = []
@@ -119,9 +122,10 @@ class _GradientNoiseScale(_Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Choose where the two norms come from."""
         self._world_size = trainer.world_size
+        self._parameters = [p for p in pl_module.parameters() if p.requires_grad]
         strategy = trainer.strategy
         if isinstance(strategy, ReportsGradientNorms):
-            self._source = strategy
+            self._source = self._reporter = strategy
             self.source_name = "strategy"
         elif trainer.world_size == 1:
             self._source, self.source_name = self._consecutive, ConsecutiveSteps.name
@@ -155,7 +159,7 @@ class _GradientNoiseScale(_Callback):
         if accumulating == (self._micro is not None):
             return
         if accumulating:
-            self._micro = MicroBatches(pl_module.parameters(), _loss_scale_getter(trainer))
+            self._micro = MicroBatches(self._parameters, _loss_scale_getter(trainer))
             self._source, self.source_name = self._micro, MicroBatches.name
         else:
             assert self._micro is not None
@@ -184,7 +188,7 @@ class _GradientNoiseScale(_Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """Take the step's two norms (gradients are complete, unscaled and not yet clipped)."""
-        source, step, parameters = self._source, trainer.global_step, pl_module.parameters()
+        source, step, parameters = self._source, trainer.global_step, self._parameters
         pending: PendingSample | None = None
         if isinstance(source, ConsecutiveSteps):
             pending = source.measure(step, parameters, sum(self._step_batches))
@@ -204,8 +208,8 @@ class _GradientNoiseScale(_Callback):
         self._steps_seen = trainer.global_step
         self._last_batch_size = sum(self._step_batches) * self._world_size
         self._step_batches = []
-        if isinstance(self._source, ReportsGradientNorms):
-            sample = self._source.gradient_norm_sample()
+        if self._reporter is not None:
+            sample = self._reporter.gradient_norm_sample()
             if sample is not None:
                 self.ema.update(estimate_gradient_stats(sample))
         every = self.log_every_n_steps or trainer.log_every_n_steps  # type: ignore[attr-defined]

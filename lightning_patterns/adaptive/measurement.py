@@ -6,8 +6,8 @@ steps back at once (:func:`read_back`, one device sync) and finishes the arithme
 :class:`~lightning_patterns.adaptive.noise_scale.GradientNormSample` s.
 
 - :class:`ConsecutiveSteps` (one process, no accumulation): the gradients ``g_t`` and ``g_(t-1)`` of two
-  consecutive steps, from ``|g_t|²``, ``|g_(t-1)|²`` and ``g_t · g_(t-1)``. Keeps one flattened copy of the
-  gradient (one model's worth of memory).
+  consecutive steps, from ``|g_t|²``, ``|g_(t-1)|²`` and ``g_t · g_(t-1)``, a pair every second step. Keeps one
+  flattened copy of the gradient (one model's worth of memory).
 - :class:`MicroBatches` (one process, ``K ≥ 2`` micro-batches per step): each micro-batch's gradient, whose
   per-parameter norms a hook on every parameter takes as the backward pass produces them, and the accumulated one.
   Lightning divides the loss by ``K``, so a hook sees ``g_i / K``.
@@ -81,7 +81,11 @@ def _sum_of_squares(values: Sequence[float]) -> float:
 
 
 class ConsecutiveSteps:
-    """The gradients of two consecutive steps, as two measurements of ``|G|²`` (overlapping pairs)."""
+    """The gradients of two consecutive steps, as two measurements of ``|G|²``.
+
+    Pairs do not overlap (steps 1-2, 3-4, ...): each gradient is used once, and a step costs on average one
+    flattening copy and one and a half dot products.
+    """
 
     name: ClassVar[str] = "consecutive_steps"
 
@@ -89,28 +93,28 @@ class ConsecutiveSteps:
         self._previous: tuple[torch.Tensor, torch.Tensor, int] | None = None  # flat gradient, its sqr, its batch
 
     def measure(self, step: int, parameters: Iterable[nn.Parameter], batch_size: int) -> PendingSample | None:
-        """Record this step's gradient; with the previous one, return their norms."""
+        """Keep the first gradient of a pair; at the second, return the pair's norms."""
         grads = _gradients(parameters)
         if not grads or batch_size < 1:
             self._previous = None
             return None
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         sqr = torch.dot(flat, flat)
-        pending = None
-        if self._previous is not None and self._previous[0].shape == flat.shape:
-            previous, previous_sqr, previous_batch = self._previous
-            inverse_batch = (1 / batch_size + 1 / previous_batch) / 2
+        if self._previous is None or self._previous[0].shape != flat.shape:
+            self._previous = (flat, sqr, batch_size)
+            return None
+        previous, previous_sqr, previous_batch = self._previous
+        self._previous = None
+        inverse_batch = (1 / batch_size + 1 / previous_batch) / 2
 
-            def finish(v: Sequence[float]) -> tuple[float, float, float]:
-                now, before, cross = v
-                return (now + before) / 2, (now + before + 2 * cross) / 4, inverse_batch
+        def finish(v: Sequence[float]) -> tuple[float, float, float]:
+            now, before, cross = v
+            return (now + before) / 2, (now + before + 2 * cross) / 4, inverse_batch
 
-            pending = PendingSample(step, torch.stack([sqr, previous_sqr, torch.dot(flat, previous)]), 2, finish)
-        self._previous = (flat, sqr, batch_size)
-        return pending
+        return PendingSample(step, torch.stack([sqr, previous_sqr, torch.dot(flat, previous)]), 2, finish)
 
     def reset(self) -> None:
-        """Forget the previous step (its parameters are no longer the ones before this step)."""
+        """Forget a pair's first gradient (its parameters are no longer the ones before this step)."""
         self._previous = None
 
 

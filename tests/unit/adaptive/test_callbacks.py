@@ -53,12 +53,10 @@ def _offline_ema(micro_batches: list[list[int]], accumulation: int, smoothing: f
     """The same estimate recomputed in float64 from the batches the model saw (the callback's plumbing check)."""
     ema = NoiseScaleEMA(smoothing)
     grads = [PROBLEM.batch_gradient(torch.tensor(indices)) for indices in micro_batches]
-    if accumulation == 1:  # consecutive steps, overlapping pairs
-        groups = [grads[i - 1 : i + 1] for i in range(1, len(grads))]
-        sizes = [[len(micro_batches[i - 1]), len(micro_batches[i])] for i in range(1, len(grads))]
-    else:
-        groups = [grads[i : i + accumulation] for i in range(0, len(grads), accumulation)]
-        sizes = [[len(b) for b in micro_batches[i : i + accumulation]] for i in range(0, len(grads), accumulation)]
+    # Consecutive steps pair steps 1-2, 3-4, ...; micro-batches group each step's K.
+    group = 2 if accumulation == 1 else accumulation
+    groups = [grads[i : i + group] for i in range(0, len(grads) - group + 1, group)]
+    sizes = [[len(b) for b in micro_batches[i : i + group]] for i in range(0, len(grads) - group + 1, group)]
     for group, size in zip(groups, sizes, strict=True):
         mean = sum(group) / len(group)
         inverse = sum(1 / s for s in size) / len(size)
