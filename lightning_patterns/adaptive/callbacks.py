@@ -147,23 +147,15 @@ class _GradientNoiseScale(_Callback):
         """Count steps from here: a checkpoint's step count is restored after ``on_fit_start``."""
         self._steps_seen = trainer.global_step
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Remove the parameter hooks (DDP's communication hook goes with the DDP module)."""
-        if self._micro is not None:
-            self._micro.remove()
-            self._micro = None
-
     def _one_process_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule, forget: bool = True) -> None:
         """Micro-batches while accumulating, consecutive steps otherwise; ``forget`` the averages on a change."""
         accumulating = trainer.accumulate_grad_batches >= 2
         if accumulating == (self._micro is not None):
             return
         if accumulating:
-            self._micro = MicroBatches(self._parameters, _loss_scale_getter(trainer))
+            self._micro = MicroBatches(_loss_scale_getter(trainer))
             self._source, self.source_name = self._micro, MicroBatches.name
         else:
-            assert self._micro is not None
-            self._micro.remove()
             self._micro = None
             self._consecutive.reset()
             self._source, self.source_name = self._consecutive, ConsecutiveSteps.name
@@ -179,10 +171,7 @@ class _GradientNoiseScale(_Callback):
         """Note the micro-batch's size."""
         if not self._step_batches and isinstance(self._source, (ConsecutiveSteps, MicroBatches)):
             self._one_process_source(trainer, pl_module)
-        size = _batch_len(batch)
-        self._step_batches.append(size)
-        if isinstance(self._source, MicroBatches):
-            self._source.begin_micro_batch(size)
+        self._step_batches.append(_batch_len(batch))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -193,7 +182,7 @@ class _GradientNoiseScale(_Callback):
         if isinstance(source, ConsecutiveSteps):
             pending = source.measure(step, parameters, sum(self._step_batches))
         elif isinstance(source, MicroBatches):
-            pending = source.measure(step, parameters, len(self._step_batches))
+            pending = source.measure(step, parameters, self._step_batches[-1], len(self._step_batches))
         elif isinstance(source, DDPCommHook):
             pending = source.measure(step, parameters, sum(self._step_batches))
         if pending is not None:
@@ -203,8 +192,10 @@ class _GradientNoiseScale(_Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """After an optimizer step: take the strategy's report, and read back and log every few steps."""
-        if trainer.global_step == self._steps_seen:
-            return  # accumulating: no step taken yet
+        if trainer.global_step == self._steps_seen:  # accumulating: no step taken yet
+            if isinstance(self._source, MicroBatches):
+                self._source.end_micro_batch(self._parameters, self._step_batches[-1])
+            return
         self._steps_seen = trainer.global_step
         self._last_batch_size = sum(self._step_batches) * self._world_size
         self._step_batches = []

@@ -8,14 +8,15 @@ steps back at once (:func:`read_back`, one device sync) and finishes the arithme
 - :class:`ConsecutiveSteps` (one process, no accumulation): the gradients ``g_t`` and ``g_(t-1)`` of two
   consecutive steps, from ``|g_t|²``, ``|g_(t-1)|²`` and ``g_t · g_(t-1)``, a pair every second step. Keeps one
   flattened copy of the gradient (one model's worth of memory).
-- :class:`MicroBatches` (one process, ``K ≥ 2`` micro-batches per step): each micro-batch's gradient, whose
-  per-parameter norms a hook on every parameter takes as the backward pass produces them, and the accumulated one.
-  Lightning divides the loss by ``K``, so a hook sees ``g_i / K``.
+- :class:`MicroBatches` (one process, ``K ≥ 2`` micro-batches per step): each micro-batch's gradient, as the
+  change of the accumulated gradient over its backward pass, and the accumulated one. Lightning divides the loss
+  by ``K``, so the accumulated gradient is the mean ``(g_1 + … + g_K) / K``.
 - :class:`DDPCommHook` (DDP, ``R ≥ 2`` ranks): a communication hook wraps DDP's all-reduce and takes each bucket's
   local norm before averaging; one extra all-reduce of two numbers per step averages the squares over ranks.
 
-Under a ``GradScaler`` (16-bit mixed precision) the hooks see scaled gradients; they are divided by the scale
-squared. The averaged gradient is read after Lightning unscales it.
+Under a ``GradScaler`` (16-bit mixed precision) gradients are scaled until Lightning unscales them before the
+optimizer step; the norms taken before that are divided by the scale squared (reading the scale waits for the
+device once per micro-batch).
 """
 
 from __future__ import annotations
@@ -119,55 +120,76 @@ class ConsecutiveSteps:
 
 
 class MicroBatches:
-    """Per-micro-batch gradient norms from parameter hooks, for steps of ``K ≥ 2`` accumulated micro-batches."""
+    """Each micro-batch's gradient, as the difference of the accumulated gradient before and after its backward pass.
+
+    With ``K ≥ 2`` micro-batches per step Lightning accumulates ``a_i = (g_1 + … + g_i) / K`` in ``.grad``; at the
+    end of each micro-batch the accumulated gradient is flattened and ``|a_i − a_(i-1)|² = |g_i|² / K²`` taken, so a
+    micro-batch costs one flattening copy, a subtraction and a dot product, and the backward pass runs untouched.
+    The previous copy is held meanwhile (one model's worth of memory).
+    """
 
     name: ClassVar[str] = "micro_batches"
 
-    def __init__(self, parameters: Iterable[nn.Parameter], loss_scale: Callable[[], float]) -> None:
+    def __init__(self, loss_scale: Callable[[], float]) -> None:
         self._loss_scale = loss_scale
-        self._norms: list[list[torch.Tensor]] = []  # per micro-batch: the norm of each parameter's gradient
+        self._previous: torch.Tensor | None = None  # a_(i-1), flattened
+        self._differences: list[torch.Tensor] = []  # |a_i − a_(i-1)|² per micro-batch so far
+        self._scales: list[float] = []  # the loss scale each was taken under
         self._batches: list[int] = []
-        self._handles = [
-            p.register_hook(self._on_gradient)  # type: ignore[no-untyped-call]
-            for p in parameters
-            if p.requires_grad
-        ]
 
-    def _on_gradient(self, grad: torch.Tensor) -> None:
-        if self._norms:
-            self._norms[-1].append(torch.linalg.vector_norm(grad, dtype=torch.float32))
+    def _difference(self, grads: list[torch.Tensor], unscale_previous: float = 1.0) -> torch.Tensor:
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        previous = self._previous
+        if previous is None:
+            difference = torch.dot(flat, flat)
+        else:
+            delta = flat - (previous if unscale_previous == 1.0 else previous / unscale_previous)
+            difference = torch.dot(delta, delta)
+        self._previous = flat
+        return difference
 
-    def begin_micro_batch(self, batch_size: int) -> None:
-        """A micro-batch of ``batch_size`` samples starts: its backward pass's norms go to a fresh list."""
-        self._norms.append([])
+    def end_micro_batch(self, parameters: Iterable[nn.Parameter], batch_size: int) -> None:
+        """A micro-batch that did not end the step finished its backward pass."""
+        grads = _gradients(parameters)
+        if not grads or (self._previous is not None and self._previous.numel() != sum(g.numel() for g in grads)):
+            self.reset()
+            return
+        self._differences.append(self._difference(grads))
+        self._scales.append(self._loss_scale())
         self._batches.append(batch_size)
 
-    def measure(self, step: int, parameters: Iterable[nn.Parameter], accumulation: int) -> PendingSample | None:
-        """The step's norms, if exactly ``accumulation ≥ 2`` full micro-batches made it (else ``None``)."""
-        norms, batches = self._norms, self._batches
-        self._norms, self._batches = [], []
-        if accumulation < 2 or len(norms) != accumulation or min(batches) < 1 or not all(norms):
+    def measure(
+        self, step: int, parameters: Iterable[nn.Parameter], batch_size: int, accumulation: int
+    ) -> PendingSample | None:
+        """At the step's last micro-batch: the step's norms, if exactly ``accumulation ≥ 2`` micro-batches made it."""
+        grads = _gradients(parameters)
+        complete = len(self._batches) == accumulation - 1 and accumulation >= 2 and grads and batch_size >= 1
+        if not complete or (self._previous is not None and self._previous.numel() != sum(g.numel() for g in grads)):
+            self.reset()
             return None
-        sizes = [len(n) for n in norms]
-        # Lightning divides each micro-batch's loss by K: undo it, and the loss scale, to get |g_i|².
-        factor = (accumulation / self._loss_scale()) ** 2
+        # The step's last gradients are unscaled by now (Lightning unscales before this hook); the earlier copies
+        # were taken under the loss scale, the same for the whole step.
+        scale = self._scales[-1]
+        differences = [*self._differences, self._difference(grads, unscale_previous=scale)]
+        batches = [*self._batches, batch_size]
+        scales = [*self._scales, 1.0]
+        last = self._previous
+        assert last is not None  # set by _difference
+        total = torch.dot(last, last)
+        self.reset()
         inverse_batch = sum(1 / b for b in batches) / len(batches)
+        k = accumulation
 
         def finish(v: Sequence[float]) -> tuple[float, float, float]:
-            micro, start = [], 0
-            for size in sizes:
-                micro.append(_sum_of_squares(v[start : start + size]) * factor)
-                start += size
-            return sum(micro) / len(micro), _sum_of_squares(v[start:]), inverse_batch
+            micro = [d * k * k / (s * s) for d, s in zip(v[:-1], scales, strict=True)]
+            return sum(micro) / k, v[-1], inverse_batch
 
-        values = torch.stack([n for group in norms for n in group] + _norms(_gradients(parameters)))
-        return PendingSample(step, values, accumulation, finish)
+        return PendingSample(step, torch.stack([*differences, total]), accumulation, finish)
 
-    def remove(self) -> None:
-        """Remove the parameter hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def reset(self) -> None:
+        """Drop a partial step (an epoch's last, short one, or a change of parameters)."""
+        self._previous = None
+        self._differences, self._scales, self._batches = [], [], []
 
 
 class DDPCommHook:
