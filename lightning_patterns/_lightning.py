@@ -176,8 +176,10 @@ def active_package() -> str:
 # -- building classes per tree ---------------------------------------------------------------------------------------
 #: Public name → (``module:attribute`` of the body, trainer-tree module suffix and name of the Lightning base).
 CLASSES: dict[str, tuple[str, str, str]] = {
+    "AdaptiveBatchSize": ("lightning_patterns.adaptive.callbacks:_AdaptiveBatchSize", "", "Callback"),
     "CNNClassifier": ("lightning_patterns.models:_CNNClassifier", "", "LightningModule"),
     "DataMetricsCallback": ("lightning_patterns.callbacks:_DataMetricsCallback", "", "Callback"),
+    "GradientNoiseScale": ("lightning_patterns.adaptive.callbacks:_GradientNoiseScale", "", "Callback"),
     "IDXDataModule": ("lightning_patterns.data.idx_datamodule:_IDXDataModule", "", "LightningDataModule"),
     "ImageClassifier": ("lightning_patterns.models:_ImageClassifier", "", "LightningModule"),
     "InMemoryDataModule": ("lightning_patterns.data.in_memory:_InMemoryDataModule", "", "LightningDataModule"),

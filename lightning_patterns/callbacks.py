@@ -26,10 +26,10 @@ if TYPE_CHECKING:
 else:
     _Callback = object  # the Lightning base is added per package: see lightning_patterns._lightning
 
-__all__ = ["DataMetricsCallback", "EpochDataMetrics"]
+__all__ = ["AdaptiveBatchSize", "DataMetricsCallback", "EpochDataMetrics", "GradientNoiseScale"]
 
 # The public classes are the bodies below built for the Lightning package in use (lightning_patterns._lightning).
-__getattr__ = _lightning.class_getter(__name__, ["DataMetricsCallback"])
+__getattr__ = _lightning.class_getter(__name__, ["AdaptiveBatchSize", "DataMetricsCallback", "GradientNoiseScale"])
 
 
 @dataclass(frozen=True)
@@ -210,4 +210,7 @@ def _batch_len(batch: Any) -> int:
 
 
 if TYPE_CHECKING:  # type checkers see the bodies; at run time `__getattr__` builds the classes
+    from lightning_patterns.adaptive.callbacks import _AdaptiveBatchSize as AdaptiveBatchSize
+    from lightning_patterns.adaptive.callbacks import _GradientNoiseScale as GradientNoiseScale
+
     DataMetricsCallback = _DataMetricsCallback

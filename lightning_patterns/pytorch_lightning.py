@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING
 from lightning_patterns import _lightning
 
 __all__ = [
+    "AdaptiveBatchSize",
     "CNNClassifier",
     "DataMetricsCallback",
+    "GradientNoiseScale",
     "IDXDataModule",
     "ImageClassifier",
     "InMemoryDataModule",
@@ -31,6 +33,8 @@ __getattr__ = _lightning.class_getter(
 )
 
 if TYPE_CHECKING:  # type checkers see the bodies; at run time `__getattr__` builds the classes
+    from lightning_patterns.adaptive.callbacks import _AdaptiveBatchSize as AdaptiveBatchSize
+    from lightning_patterns.adaptive.callbacks import _GradientNoiseScale as GradientNoiseScale
     from lightning_patterns.callbacks import _DataMetricsCallback as DataMetricsCallback
     from lightning_patterns.data.datamodule import _ShardedStreamingDataModule as ShardedStreamingDataModule
     from lightning_patterns.data.idx_datamodule import _IDXDataModule as IDXDataModule

@@ -63,6 +63,21 @@ class _InMemoryDataModule(_LightningDataModule):
                 images, labels = fashion_like_arrays(count, split=split, seed=self.seed)
                 self._datasets[split] = TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
 
+    def set_batch_size(self, batch_size: int, at_batch: int | None = None) -> None:
+        """Serve ``batch_size`` samples per batch from the next loader built (``AdaptiveBatchSize`` calls this).
+
+        Implements :class:`~lightning_patterns.adaptive.BatchSizeAdjustable` between epochs only: the Trainer
+        applies it when it rebuilds the loaders (``AdaptiveBatchSize`` asks it to).
+        """
+        if at_batch is not None:
+            raise ValueError(
+                f"InMemoryDataModule changes its batch size between epochs only, got at_batch={at_batch!r}; "
+                "pass at_batch=None and have the Trainer rebuild the loaders."
+            )
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be at least 1, got batch_size={batch_size!r}.")
+        self.batch_size = batch_size
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader[tuple[torch.Tensor, ...]]:
         return DataLoader(
             self._datasets[split],

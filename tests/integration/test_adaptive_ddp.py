@@ -1,0 +1,51 @@
+"""GradientNoiseScale / AdaptiveBatchSize under DDP: one real 2-process launch (torchrun, gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lightning_patterns.testing.launch import free_port, launch_env, torchrun_command
+
+SCRIPT = Path(__file__).parent / "scripts" / "adaptive_ddp.py"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_noise_scale_and_batch_size_under_ddp(tmp_path: Path) -> None:
+    port = free_port()
+    result = subprocess.run(
+        [*torchrun_command(port, nproc=2), str(SCRIPT), str(tmp_path)],
+        env=launch_env(port),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for record in ranks:
+        assert record["world_size"] == 2
+        # Measured by the communication hook around DDP's all-reduce: each rank's local gradient and the average.
+        assert record["source"] == "ddp"
+        exact = record["exact"]
+        for key in ("grad_sqr", "grad_var", "noise_scale"):
+            assert record[key] == pytest.approx(exact[key], rel=0.15), key
+        assert record["base_batch_size"] == 32  # 2 ranks × 16
+        # min_batch_size=64 forces the first decision (step 100) to 64, taken from the next epoch on.
+        assert [d["batch_size"] for d in record["decisions"]] == [64]
+        assert record["decisions"][0]["step"] == 100
+        # A hook already on the DDP model: the callback says what to remove.
+        assert "already has one" in record["hook_error"]
+        assert "Remove `ddp_comm_hook`" in record["hook_error"]
+    # Every rank measured the same averaged norms and switched at the same step to the same configuration.
+    assert ranks[0]["noise_scale"] == ranks[1]["noise_scale"]
+    assert ranks[0]["steps"] == ranks[1]["steps"]
+    micro, accumulation = ranks[0]["decisions"][0]["micro_batch_size"], ranks[0]["decisions"][0]["accumulation"]
+    by_epoch = Counter((epoch, size, k) for epoch, size, k in ranks[0]["steps"])
+    assert by_epoch[(0, 16, 1)] == 4096 // 32
+    assert all((size, k) == (micro, accumulation) for epoch, size, k in ranks[0]["steps"] if epoch >= 1)
