@@ -14,6 +14,7 @@ limit                      value            why
 ``MAX_NDIM``               32               dimensions of one field's per-sample shape
 ``MAX_JSON_DEPTH``         64               nesting of manifest and header JSON (ours nest 4 deep)
 ``MAX_MANIFEST_BYTES``     2**28 (256 MiB)  default cap on a manifest read (``max_manifest_bytes``)
+``MAX_LABEL_CLASSES``      2**16            classes in one shard's recorded label histogram
 =========================  ===============  ==========================================================
 
 A dataset therefore holds at most 2**52 samples and 2**54 bytes, so cumulative sample offsets and byte
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_MANIFEST_TIMEOUT",
     "MAX_HEADER_BYTES",
     "MAX_JSON_DEPTH",
+    "MAX_LABEL_CLASSES",
     "MAX_MANIFEST_BYTES",
     "MAX_NDIM",
     "MAX_SHARDS",
@@ -48,6 +50,7 @@ MAX_HEADER_BYTES = 2**24
 MAX_NDIM = 32
 MAX_JSON_DEPTH = 64
 MAX_MANIFEST_BYTES = 2**28
+MAX_LABEL_CLASSES = 2**16
 # Seconds a whole manifest read may take, retries included, unless the caller says otherwise.
 DEFAULT_MANIFEST_TIMEOUT = 300.0
 

@@ -32,6 +32,7 @@ from lightning_patterns.data.remote.checksum import checksum_mismatch
 from lightning_patterns.data.shards.layout import PREFIX
 from lightning_patterns.data.shards.limits import (
     DEFAULT_MANIFEST_TIMEOUT,
+    MAX_LABEL_CLASSES,
     MAX_MANIFEST_BYTES,
     MAX_SHARD_BYTES,
     MAX_SHARD_SAMPLES,
@@ -85,6 +86,9 @@ class ShardInfo:
         num_bytes: size of the file in bytes.
         checksum: ``"sha256:<hex>"`` of the whole file.
         bucket: the bucket the sharding rule assigned (``None`` for rules with a single sequence).
+        label_counts: per integer label field (e.g. ``"label"``), the shard's samples of each class ``0 .. C-1``
+            (counts sum to ``num_samples``), so that planners can check class coverage per rank from the manifest
+            alone; empty when the writer recorded none.
     """
 
     path: str
@@ -92,16 +96,20 @@ class ShardInfo:
     num_bytes: int
     checksum: str
     bucket: int | None = None
+    label_counts: Mapping[str, tuple[int, ...]] = field(default_factory=dict, hash=False)
 
     def to_json(self) -> dict[str, Any]:
-        """The manifest entry."""
-        return {
+        """The manifest entry (``label_counts`` only when recorded, so older readers see what they know)."""
+        entry: dict[str, Any] = {
             "path": self.path,
             "num_samples": self.num_samples,
             "num_bytes": self.num_bytes,
             "checksum": self.checksum,
             "bucket": self.bucket,
         }
+        if self.label_counts:
+            entry["label_counts"] = {name: list(counts) for name, counts in self.label_counts.items()}
+        return entry
 
 
 @dataclass(frozen=True)
@@ -294,7 +302,31 @@ def _shard_info(entry: Any, url: str, min_bytes: tuple[int, int]) -> ShardInfo:
             f"{num_samples} samples of this schema take at least {fixed + num_samples * per_sample} bytes. The "
             "manifest is corrupt or hostile; rewrite the dataset."
         )
-    return ShardInfo(path, num_samples, num_bytes, checksum, bucket)
+    return ShardInfo(path, num_samples, num_bytes, checksum, bucket, _label_counts(entry, url, path, num_samples))
+
+
+def _label_counts(entry: dict[str, Any], url: str, path: str, num_samples: int) -> dict[str, tuple[int, ...]]:
+    recorded: Any = entry.get("label_counts", {})
+    if not isinstance(recorded, dict):
+        raise ManifestError(
+            f"Manifest {url!r} has 'label_counts' {_short(recorded)} for shard {path!r}; expected an object of label "
+            "field name to per-class counts. Rewrite the dataset."
+        )
+    counts: dict[str, tuple[int, ...]] = {}
+    for name, values in recorded.items():
+        ok = (
+            isinstance(values, list)
+            and len(values) <= MAX_LABEL_CLASSES
+            and all(is_count(v) for v in values)
+            and sum(values) == num_samples
+        )
+        if not ok:
+            raise ManifestError(
+                f"Manifest {url!r} has label_counts[{name!r}] {_short(values)} for shard {path!r}; expected at most "
+                f"{MAX_LABEL_CLASSES} non-negative ints summing to its num_samples={num_samples}. Rewrite the dataset."
+            )
+        counts[name] = tuple(values)
+    return counts
 
 
 def _retired(entries: Any, url: str) -> tuple[RetiredGeneration, ...]:

@@ -49,6 +49,16 @@ def test_manifest_json_round_trip(memory_url: str) -> None:
     assert manifest_exists(memory_url)
 
 
+def test_label_counts_round_trip_and_default_to_none_recorded(memory_url: str) -> None:
+    manifest = write_dataset([{"x": 1}] * 3, memory_url, progress=False)
+    assert manifest.shards[0].label_counts == {}
+    _edit_manifest(memory_url, lambda d: d["shards"][0].update(label_counts={"x": [0, 3], "y": [1, 1, 1]}))
+    loaded = load_manifest(memory_url)
+    assert loaded.shards[0].label_counts == {"x": (0, 3), "y": (1, 1, 1)}
+    assert json.loads(loaded.to_json())["shards"][0]["label_counts"] == {"x": [0, 3], "y": [1, 1, 1]}
+    assert Manifest.from_json(loaded.to_json(), memory_url) == loaded
+
+
 def test_missing_manifest(memory_url: str) -> None:
     with pytest.raises(ManifestError, match=r"No dataset manifest at 'memory://.*/manifest.json'\. Write the dataset"):
         load_manifest(memory_url)
@@ -117,6 +127,10 @@ def test_validate_and_join_shard_paths() -> None:
         (lambda d: d.pop("schema"), "is malformed"),
         (lambda d: d["shards"].append(dict(d["shards"][0])), "twice"),
         (lambda d: d.update(sharding="size"), "is malformed"),
+        (lambda d: d["shards"][0].update(label_counts=[1]), "expected an object of label field name"),
+        (lambda d: d["shards"][0].update(label_counts={"x": [1, 1]}), r"summing to its num_samples=1"),
+        (lambda d: d["shards"][0].update(label_counts={"x": [-1, 2]}), r"label_counts\['x'\]"),
+        (lambda d: d["shards"][0].update(label_counts={"x": [0] * 65537}), "at most 65536"),
     ],
 )
 def test_malformed_manifests(memory_url: str, edit: Any, match: str) -> None:
