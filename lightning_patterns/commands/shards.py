@@ -248,7 +248,8 @@ class _IDXSamples:
     def __init__(self, images_url: str, labels_url: str, storage_options: Mapping[str, Any]) -> None:
         from lightning_patterns.data.streaming.idx import IDXDataset
 
-        self.dataset = IDXDataset(images_url, labels_url, storage_options)
+        # The whole pair, in file order, even when started under torchrun (RANK / WORLD_SIZE set).
+        self.dataset = IDXDataset(images_url, labels_url, storage_options, rank=0, world_size=1)
 
     def __len__(self) -> int:
         return len(self.dataset)
