@@ -511,24 +511,11 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         self, slot: int, fetched: FetchStatsSnapshot, waited: float, wait_total: float, samples: int
     ) -> tuple[FetchStatsSnapshot, float]:
         now = self._reader.stats.snapshot()
-        delta = now - fetched
-        self.counters.add(
-            slot,
-            samples=samples,
-            remote_bytes=delta.bytes_read,
-            remote_requests=delta.requests,
-            retries=delta.retries,
-            fetch_seconds=delta.seconds,
-            read_wait_seconds=wait_total - waited,
-        )
+        self.counters.add_fetches(slot, now - fetched, samples=samples, read_wait_seconds=wait_total - waited)
         return now, wait_total
 
     def _record_cache(self, slot: int, seen: tuple[int, int]) -> tuple[int, int]:
-        if self.cache is None:
-            return seen
-        hits, misses = self.cache.stats()
-        self.counters.add(slot, cache_hits=hits - seen[0], cache_misses=misses - seen[1])
-        return hits, misses
+        return self.counters.add_cache(slot, self.cache, seen)
 
     def _gather(self, pipeline: ReadAheadPipeline, shards: np.ndarray, local: np.ndarray) -> dict[str, Any]:
         first = only_shard(shards)

@@ -273,20 +273,8 @@ class IDXDataset(IterableDataset[dict[str, torch.Tensor]]):
         self, slot: int, samples: int, fetched: FetchStatsSnapshot, cached: tuple[int, int]
     ) -> tuple[FetchStatsSnapshot, tuple[int, int]]:
         now = self.stats.snapshot()
-        delta = now - fetched
-        self.counters.add(
-            slot,
-            samples=samples,
-            remote_bytes=delta.bytes_read,
-            remote_requests=delta.requests,
-            retries=delta.retries,
-            fetch_seconds=delta.seconds,
-        )
-        if self.cache is None:
-            return now, cached
-        hits, misses = self.cache.stats()
-        self.counters.add(slot, cache_hits=hits - cached[0], cache_misses=misses - cached[1])
-        return now, (hits, misses)
+        self.counters.add_fetches(slot, now - fetched, samples=samples)
+        return now, self.counters.add_cache(slot, self.cache, cached)
 
     def close(self) -> None:
         """Release the remote connections; iterating again opens new ones."""

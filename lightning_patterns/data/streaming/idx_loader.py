@@ -10,7 +10,6 @@ the dataset's counters with the time spent waiting for batches (:meth:`metrics`,
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from lightning_patterns._warnings import silence_known_noise
 from lightning_patterns.data.streaming.idx import IDXDataset
+from lightning_patterns.data.streaming.metrics import timed
 
 __all__ = ["IDXDataLoader"]
 
@@ -67,18 +67,10 @@ class IDXDataLoader(DataLoader[dict[str, Any]]):
         epoch = self._epoch_source() if self._epoch_source is not None else self._next_epoch
         dataset.set_epoch(epoch)
         self._next_epoch = epoch + 1
-        return self._timed(super().__iter__())
+        return timed(super().__iter__(), self._waited)
 
-    def _timed(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        while True:
-            started = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            finally:
-                self.wait_seconds += time.perf_counter() - started
-            yield batch
+    def _waited(self, seconds: float) -> None:
+        self.wait_seconds += seconds
 
     def metrics(self) -> dict[str, float]:
         """Counters of this rank: samples, remote bytes and requests, retries, cache hits, seconds waited for data."""
