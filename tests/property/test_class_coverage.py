@@ -13,12 +13,14 @@ checks the guarantees of "Class coverage" in `lightning_patterns.data.sharding.a
 3. a class-sorted plan gives each worker the same class counts in every epoch, and its stream is built in
    rounds: at the end of round ``i`` exactly ``floor((i + 1)·n_c/m)`` samples of class ``c`` have passed, and
    each span lies in one class run of one shard;
-4. the lower bound used for plain spans never exceeds the true count, for any labelling;
+4. the lower bound used for plain spans never exceeds the true count, for any labelling, and the prefix-sum
+   counts of stretches of a stream equal the counts of the spans they cover;
 5. when the check fails, the error names ranks and classes that really fall short.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -29,11 +31,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lightning_patterns.data.sharding.assignment import PlanConfig, WorkerPlan, check_class_coverage, plan, plan_epoch
+from lightning_patterns.data.sharding.assignment import (
+    PlanConfig,
+    WorkerPlan,
+    check_class_coverage,
+    epoch_spans,
+    plan,
+    plan_epoch,
+)
 from lightning_patterns.data.sharding.class_stream import (
     class_quota,
     class_stream,
     histogram_table,
+    segment_class_counts,
     span_class_counts,
 )
 from lightning_patterns.data.sharding.topology import Topology
@@ -248,3 +258,31 @@ def test_a_failing_check_names_ranks_and_classes_that_fall_short(case: Case) -> 
     if not case.config.shuffle:  # then every epoch is epoch 0: planning it fails as the check said
         with pytest.raises(ClassCoverageError):
             plan_epoch(case.config, 0, world_size=case.world_size, num_workers=case.num_workers)
+
+
+@given(cases(), st.booleans(), st.data())
+def test_stretch_counts_equal_the_counts_of_the_spans_they_cover(
+    case: Case, sorted_: bool, data: st.DataObject
+) -> None:
+    sizes = np.asarray(case.sizes, dtype=np.int64)
+    hist = histogram_table(case.histograms, sizes)
+    if sorted_:
+        rounds = data.draw(st.integers(1, 50))
+        stream = class_stream(
+            sizes, hist, rounds=rounds, span_samples=case.config.span_samples, shuffle=True, seed=1, epoch=2
+        )
+    else:
+        spans = epoch_spans(case.config, 3)
+        stream = tuple(np.asarray([span[i] for span in spans], dtype=np.int64) for i in range(3))  # type: ignore[assignment]
+    total = int((stream[2] - stream[1]).sum())
+    bounds = sorted(data.draw(st.lists(st.integers(0, total), min_size=2, max_size=12)))
+    segments = list(itertools.pairwise(bounds))
+    got = segment_class_counts(stream, segments, sizes, hist, class_sorted=sorted_)
+    begins = np.concatenate([[0], np.cumsum(stream[2] - stream[1])])
+    for (lo, hi), counts in zip(segments, got, strict=True):
+        covered = [
+            (int(s), int(a) + max(lo, int(b0)) - int(b0), int(a) + min(hi, int(b1)) - int(b0))
+            for s, a, b0, b1 in zip(stream[0], stream[1], begins[:-1], begins[1:], strict=True)
+            if max(lo, int(b0)) < min(hi, int(b1))
+        ]
+        assert counts.tolist() == span_class_counts(covered, sizes, hist, class_sorted=sorted_).tolist()

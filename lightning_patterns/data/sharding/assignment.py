@@ -73,7 +73,7 @@ from lightning_patterns.data.sharding.class_stream import (
     class_quota,
     class_stream,
     histogram_table,
-    span_class_counts,
+    segment_class_counts,
 )
 from lightning_patterns.data.sharding.topology import Topology, check_rank
 from lightning_patterns.exceptions import ClassCoverageError
@@ -606,14 +606,31 @@ def _shortfalls(
     """Every (rank, worker, class) whose samples (exact when class-sorted, else a lower bound) fall short."""
     sizes, hist, _ = _class_inputs(config)
     k, num_classes = config.min_per_class, config.num_classes
+    lengths = stream[2] - stream[1]
+    total = int(lengths.sum())
+    per_rank = samples_per_rank(total, world_size, config.drop_last)
+    slots: list[tuple[int, int, int]] = []  # (rank, worker, samples)
+    segments: list[tuple[int, int]] = []
+    owners: list[int] = []
+    for rank in range(world_size):
+        for worker in range(max(num_workers, 1)):
+            begin, end = _worker_bounds(per_rank, num_workers, worker, config.batch_size)
+            begin, end = begin + rank * per_rank, end + rank * per_rank
+            slots.append((rank, worker, end - begin))
+            # As in _split: positions past the stream's end wrap to its start, at most once.
+            while end > begin:
+                lo = begin % total
+                hi = min(total, lo + (end - begin))
+                segments.append((lo, hi))
+                owners.append(len(slots) - 1)
+                begin += hi - lo
+    per_segment = segment_class_counts(stream, segments, sizes, hist, class_sorted=class_sorted)
+    have = np.zeros((len(slots), num_classes), dtype=np.int64)
+    np.add.at(have, np.asarray(owners, dtype=np.int64), per_segment)
     short: list[_Shortfall] = []
-    for workers in _split_all(stream, offsets, config, 0, world_size, num_workers, class_sorted):
-        for worker in workers:
-            need = class_quota(worker.num_samples, config.batch_size, k, num_classes)
-            have = span_class_counts(worker.spans, sizes, hist, class_sorted=class_sorted)
-            short.extend(
-                (worker.rank, worker.worker_id, int(c), int(have[c]), need) for c in np.flatnonzero(have < need)
-            )
+    for (rank, worker, samples), counts in zip(slots, have, strict=True):
+        need = class_quota(samples, config.batch_size, k, num_classes)
+        short.extend((rank, worker, int(c), int(counts[c]), need) for c in np.flatnonzero(counts < need))
     return short
 
 
@@ -629,12 +646,13 @@ def _coverage_message(config: PlanConfig, world_size: int, num_workers: int, sho
     classes = sorted({klass for _, _, klass, _, _ in short})
     totals = np.asarray(config.class_counts, dtype=np.int64).reshape(-1, config.num_classes).sum(axis=0)
     # What the whole epoch needs of each class: the quotas of every worker together.
-    sizes = [
-        plan.num_samples
-        for workers in _split_all(*_stream(config, 0, None), config, 0, world_size, num_workers, False)
-        for plan in workers
-    ]
-    needed = sum(class_quota(n, config.batch_size, config.min_per_class, config.num_classes) for n in sizes)
+    per_rank = samples_per_rank(sum(config.shard_sizes), world_size, config.drop_last)
+    needed = world_size * sum(
+        class_quota(end - begin, config.batch_size, config.min_per_class, config.num_classes)
+        for begin, end in (
+            _worker_bounds(per_rank, num_workers, worker, config.batch_size) for worker in range(max(num_workers, 1))
+        )
+    )
     scarce = [c for c in classes if totals[c] < needed]
     overall = (
         "In all, "
@@ -675,9 +693,12 @@ def _split_all(
     num_workers: int,
     class_sorted: bool,
 ) -> list[list[WorkerPlan]]:
+    ends = np.cumsum(stream[2] - stream[1])  # once for every worker
     return [
         [
-            _split(stream, offsets, config, Topology(world_size, rank, num_workers, worker_id), epoch, class_sorted)
+            _split(
+                stream, offsets, config, Topology(world_size, rank, num_workers, worker_id), epoch, class_sorted, ends
+            )
             for worker_id in range(max(num_workers, 1))
         ]
         for rank in range(world_size)
@@ -685,10 +706,16 @@ def _split_all(
 
 
 def _split(
-    stream: _Table, offsets: _IntArray, config: PlanConfig, topology: Topology, epoch: int, class_sorted: bool = False
+    stream: _Table,
+    offsets: _IntArray,
+    config: PlanConfig,
+    topology: Topology,
+    epoch: int,
+    class_sorted: bool = False,
+    ends: _IntArray | None = None,
 ) -> WorkerPlan:
     shard, start, stop = stream
-    ends = np.cumsum(stop - start)
+    ends = np.cumsum(stop - start) if ends is None else ends
     total = int(ends[-1]) if ends.size else 0
     rank = topology.rank
     per_rank = samples_per_rank(total, topology.world_size, config.drop_last)
