@@ -208,7 +208,7 @@ def _inspect_parser() -> argparse.ArgumentParser:
 
 
 def _main_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog=_PROG, description="Write and inspect sharded datasets.")
+    parser = CommandParser(prog=_PROG, description="Write, inspect and garbage-collect sharded datasets.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{write,inspect,gc}")
     commands.add_parser("write", help="write samples (a dataset, IDX files, synthetic:N) as shards")
     commands.add_parser("inspect", help="print shard sizes and the per-rank, per-worker plan")
