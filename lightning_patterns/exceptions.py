@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "ChecksumMismatchError",
+    "ClassCoverageError",
     "DeadlineExceededError",
     "DestinationNotEmptyError",
     "ManifestError",
@@ -64,3 +65,7 @@ class DestinationNotEmptyError(FileExistsError):
 
 class PeerFailedError(PeerLostError):
     """A process of a distributed job failed: the message names its rank and, where known, its error."""
+
+
+class ClassCoverageError(ValueError):
+    """Class-balanced batches cannot be planned: some rank or worker would get too few samples of some classes."""

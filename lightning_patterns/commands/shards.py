@@ -10,7 +10,10 @@
 
 ``shards inspect`` prints the per-shard table, the shard-size balance, and the plan of
 :func:`~lightning_patterns.data.sharding.assignment.plan_epoch` for a world size and worker count, and can
-plot both. The data layers are imported when a subcommand runs, so ``--help`` stays fast.
+plot both. ``shards gc`` lists (and with ``--apply`` removes) the shard files of a dataset folder that no
+manifest lists: leftovers of a killed writer, and generations an overwrite retired, once past their grace
+period (:func:`~lightning_patterns.data.shards.collect_garbage`). The data layers are imported when a
+subcommand runs, so ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_patterns._units import human_bytes, parse_size
 from lightning_patterns.commands.base import PROG, Command, CommandParser, echo
 from lightning_patterns.commands.errors import report_error
+from lightning_patterns.exceptions import DestinationNotEmptyError
 
 if TYPE_CHECKING:
     from lightning_patterns.data.sharding.assignment import WorkerPlan
@@ -110,7 +114,8 @@ def _write_parser() -> argparse.ArgumentParser:
         usage=(
             f"{_PROG} write [-h] (SRC | --idx-images URL --idx-labels URL) DEST\n"
             "           [--shard-bytes B | --num-shards S [--hash-key FIELD]] [--mode {create,append,overwrite}]\n"
-            "           [--storage-option KEY=VALUE ...] [--src-storage-option KEY=VALUE ...] [--no-progress]"
+            "           [--label-field FIELD ...] [--force] [--storage-option KEY=VALUE ...]\n"
+            "           [--src-storage-option KEY=VALUE ...] [--no-progress]"
         ),
         epilog=(
             "SRC is one of:\n"
@@ -145,6 +150,18 @@ def _write_parser() -> argparse.ArgumentParser:
         choices=("create", "append", "overwrite"),
         default="create",
         help="create (fail if DEST exists; default), append to DEST, or overwrite DEST",
+    )
+    parser.add_argument(
+        "--label-field",
+        action="append",
+        metavar="FIELD",
+        help="integer class-label field whose per-shard class counts the manifest records (repeatable; default: "
+        "'label' if the samples have an integer field of that name), so readers check class balance per rank",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a folder that holds other files but no manifest (refused otherwise)",
     )
     parser.add_argument(
         "--storage-option",
@@ -191,10 +208,11 @@ def _inspect_parser() -> argparse.ArgumentParser:
 
 
 def _main_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog=_PROG, description="Write and inspect sharded datasets.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{write,inspect}")
+    parser = CommandParser(prog=_PROG, description="Write, inspect and garbage-collect sharded datasets.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{write,inspect,gc}")
     commands.add_parser("write", help="write samples (a dataset, IDX files, synthetic:N) as shards")
     commands.add_parser("inspect", help="print shard sizes and the per-rank, per-worker plan")
+    commands.add_parser("gc", help="list (or with --apply remove) shard files no manifest lists")
     return parser
 
 
@@ -230,7 +248,8 @@ class _IDXSamples:
     def __init__(self, images_url: str, labels_url: str, storage_options: Mapping[str, Any]) -> None:
         from lightning_patterns.data.streaming.idx import IDXDataset
 
-        self.dataset = IDXDataset(images_url, labels_url, storage_options)
+        # The whole pair, in file order, even when started under torchrun (RANK / WORLD_SIZE set).
+        self.dataset = IDXDataset(images_url, labels_url, storage_options, rank=0, world_size=1)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -318,6 +337,8 @@ def _write(args: argparse.Namespace) -> int:
             mode=args.mode,
             storage_options=dest_options,
             progress=not args.no_progress,
+            force=args.force,
+            label_fields=args.label_field,
         )
     seconds = time.perf_counter() - start
     for warning in caught:
@@ -329,6 +350,9 @@ def _write(args: argparse.Namespace) -> int:
     echo(f"bytes:    {manifest.num_bytes} ({human_bytes(manifest.num_bytes)})")
     echo(f"seconds:  {seconds:.2f}")
     echo(f"sharding: {_describe_sharding(manifest.sharding)}")
+    labelled = sorted({name for shard in manifest.shards for name in shard.label_counts})
+    if labelled:
+        echo(f"label counts: recorded for {', '.join(labelled)}")
     return 0
 
 
@@ -465,11 +489,95 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+# --- gc ----------------------------------------------------------------------------------------------
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration_arg(text: str) -> float:
+    """Seconds, given as a number with an optional unit: ``0``, ``90``, ``30m``, ``24h``, ``7d``."""
+    raw = text.strip().lower()
+    scale = _DURATION_UNITS.get(raw[-1:], 0)
+    try:
+        value = float(raw[:-1] if scale else raw) * (scale or 1)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected a duration >= 0 in seconds, or with a unit s, m, h or d (e.g. 0, 3600, 30m, 24h, 7d); "
+            f"got {text!r}"
+        )
+    return value
+
+
+def _gc_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(
+        prog=f"{_PROG} gc",
+        description=(
+            "List the garbage of a dataset folder: shard files no manifest lists (left by a writer that was\n"
+            "killed), and the shards of generations an overwrite retired, once older than the grace period.\n"
+            "Nothing is removed unless --apply is given; files not named like the writer's shards are never touched."
+        ),
+        epilog=(
+            "examples:\n"
+            f"  {_PROG} gc /data/fashion                       # dry run: what would be removed\n"
+            f"  {_PROG} gc /data/fashion --apply\n"
+            f"  {_PROG} gc s3://bucket/fashion --grace-period 1h --apply"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("url", metavar="URL", help="the dataset root (any fsspec URL or local path)")
+    parser.add_argument("--apply", action="store_true", help="remove the garbage (default: only list it)")
+    parser.add_argument(
+        "--grace-period",
+        type=_duration_arg,
+        default=None,
+        metavar="T",
+        help="keep garbage younger than T (seconds, or 30m, 24h, 7d; default 24h): an unlisted file that young "
+        "may belong to a writer still running, and a reader may still use a retired generation",
+    )
+    parser.add_argument(
+        "--storage-option", type=_option_arg, action="append", metavar="KEY=VALUE", help="fsspec storage option"
+    )
+    return parser
+
+
+def _print_paths(title: str, paths: Sequence[str]) -> None:
+    echo(f"{title}: {len(paths)} files")
+    for path in paths:
+        echo(f"  {path}")
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from lightning_patterns.data.shards import DEFAULT_GRACE_PERIOD, collect_garbage
+
+    grace_period = DEFAULT_GRACE_PERIOD if args.grace_period is None else args.grace_period
+    report = collect_garbage(
+        args.url,
+        dry_run=not args.apply,
+        grace_period=grace_period,
+        storage_options=_storage_options(args.storage_option),
+    )
+    echo(f"dataset: {report.url}")
+    echo(f"grace period: {grace_period:g} s")
+    _print_paths("orphans (no manifest lists them)", report.orphans)
+    _print_paths("expired (retired generations past the grace period)", report.expired)
+    _print_paths("kept (inside the grace period)", report.kept)
+    echo(f"bytes: {report.num_bytes} ({human_bytes(report.num_bytes)})")
+    if report.removed:
+        echo(f"removed: {len(report.paths)} files")
+    elif report.paths:
+        echo(f"dry run: nothing removed; run again with --apply to remove these {len(report.paths)} files")
+    else:
+        echo("dry run: nothing to remove")
+    return 0
+
+
 # --- entry point -----------------------------------------------------------------------------------
 
 
 def run_shards_command(argv: Sequence[str]) -> int:
-    """Run ``lightning-patterns shards write|inspect ...`` and return the exit status.
+    """Run ``lightning-patterns shards write|inspect|gc ...`` and return the exit status.
 
     ``0`` on success, ``2`` for a usage error (argparse's message, or a bad combination of options, on
     stderr), ``1`` when the work itself fails (missing source or dataset, schema mismatch, an existing
@@ -482,7 +590,7 @@ def run_shards_command(argv: Sequence[str]) -> int:
         The exit status.
     """
     argv = list(argv)
-    commands = {"write": (_write_parser, _write), "inspect": (_inspect_parser, _inspect)}
+    commands = {"write": (_write_parser, _write), "inspect": (_inspect_parser, _inspect), "gc": (_gc_parser, _gc)}
     try:
         if not argv or argv[0] not in commands:
             _main_parser().parse_args(argv)  # prints help or argparse's error and exits
@@ -495,6 +603,10 @@ def run_shards_command(argv: Sequence[str]) -> int:
             return command(args)
         except _UsageError as err:
             parser.error(str(err))  # exits with status 2
+        except DestinationNotEmptyError as err:
+            # Before FileExistsError (its base), whose hint (--mode) would not help here.
+            report_error(parser.prog, f"{err} On the command line: pass --force to write there anyway.")
+            return 1
         except FileExistsError as err:
             report_error(parser.prog, f"{err} On the command line: --mode append or --mode overwrite.")
             return 1
@@ -508,10 +620,10 @@ def run_shards_command(argv: Sequence[str]) -> int:
 
 
 class ShardsCommand(Command):
-    """``lightning-patterns shards write|inspect``."""
+    """``lightning-patterns shards write|inspect|gc``."""
 
     name = "shards"
-    help = "write datasets as shards (from a dataset, IDX files or synthetic:N) and inspect their plan"
+    help = "write datasets as shards (from a dataset, IDX files or synthetic:N), inspect their plan, collect garbage"
 
     def run(self, argv: list[str]) -> int:
         """Run :func:`run_shards_command`."""

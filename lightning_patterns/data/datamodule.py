@@ -20,7 +20,7 @@ from lightning_patterns.data.remote import RetryPolicy
 from lightning_patterns.data.streaming.dataset import StreamingDataset
 from lightning_patterns.data.streaming.loader import StreamingDataLoader
 from lightning_patterns.data.streaming.options import ClassBalance, ReadAhead
-from lightning_patterns.data.streaming.topology import resolve_rank
+from lightning_patterns.data.streaming.topology import trainer_rank_and_world_size
 from lightning_patterns.demo.server import LocalHTTPServer
 
 if TYPE_CHECKING:
@@ -135,13 +135,7 @@ class _ShardedStreamingDataModule(_LightningDataModule):
 
     def rank_and_world_size(self) -> tuple[int, int]:
         """``(rank, world_size)`` of the data-parallel replicas: from the Trainer's strategy when attached."""
-        trainer = self.trainer
-        if trainer is not None:
-            kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
-            if kwargs:
-                return int(kwargs["rank"]), int(kwargs["num_replicas"])
-            return 0, 1
-        return resolve_rank(None, None)
+        return trainer_rank_and_world_size(self.trainer)
 
     def _make_dataset(self, split: str) -> StreamingDataset:
         url = self.urls[split]

@@ -98,7 +98,9 @@ def test_mid_epoch_checkpoint_resumes_exactly_with_workers(uneven_dataset: str, 
 @pytest.mark.distributed
 def test_class_balanced_batches_under_ddp(tmp_path: Path) -> None:
     url = str(tmp_path / "balanced")
-    write_dataset(_Samples(), url, num_shards=4, progress=False)
+    # Split by label, as in issue 16: without the class-aware plan each rank would see only some classes.
+    write_dataset(_Samples(), url, num_shards=4, hash_key="label", progress=False)
+    assert all(np.count_nonzero(shard.label_counts["label"]) < 10 for shard in load_manifest(url).shards)
     _run(url, str(tmp_path), "2", "--min-per-class", "1")
     records = _records(tmp_path)
     assert records[0]["batches_per_epoch"] == records[1]["batches_per_epoch"]

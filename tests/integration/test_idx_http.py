@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import json
 import re
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -15,6 +19,9 @@ import torch
 from lightning_patterns.data.remote import RetryPolicy
 from lightning_patterns.data.streaming.idx import IDXDataset
 from lightning_patterns.testing.http_server import FaultInjectingHTTPServer, serve_directory
+
+if TYPE_CHECKING:
+    from tests.conftest import LightningPackage
 
 pytestmark = pytest.mark.remote
 
@@ -155,25 +162,39 @@ def test_dataloader_workers_stream_each_sample_once(root: Path, server: FaultInj
     assert len(labels) == 300
 
 
-def test_idx_datamodule_trains_from_http(root: Path, server: FaultInjectingHTTPServer) -> None:
-    import pytorch_lightning as pl
-
-    from lightning_patterns.data.idx_datamodule import IDXDataModule
-    from lightning_patterns.models import MLPClassifier
-
-    datamodule = IDXDataModule(
+def test_idx_datamodule_trains_from_http(
+    root: Path, server: FaultInjectingHTTPServer, lightning_package: LightningPackage
+) -> None:
+    classes = lightning_package.classes
+    datamodule = classes.IDXDataModule(
         server.url_for("large-images-idx3-ubyte.gz"),
         server.url_for("large-labels-idx1-ubyte.gz"),
         server.url_for("train-images-idx3-ubyte"),
         server.url_for("train-labels-idx1-ubyte"),
         batch_size=500,
+        shuffle=True,
+        cache="memory",
     )
-    trainer = pl.Trainer(
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    metrics = classes.DataMetricsCallback(print_summary=False)
+    trainer = lightning_package.pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[metrics],
     )
-    trainer.fit(MLPClassifier(hidden_dim=8), datamodule)
-    assert trainer.global_step == 10
+    trainer.fit(classes.MLPClassifier(hidden_dim=8), datamodule)
+    assert trainer.global_step == 20
     assert "val_acc" in trainer.callback_metrics
+    first, second = metrics.epochs
+    assert first.samples == second.samples == 5000
+    # The sanity check read the validation pair only; the training pair is fetched in epoch 1, then cached.
+    assert first.remote_bytes == sum(
+        (root / f"large-{kind}.gz").stat().st_size for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")
+    )
+    assert second.remote_bytes == 0
+    assert second.cache_hit_rate == 1.0
 
 
 def test_idx_datamodule_needs_both_validation_urls() -> None:
@@ -181,3 +202,47 @@ def test_idx_datamodule_needs_both_validation_urls() -> None:
 
     with pytest.raises(ValueError, match="Give both `val_images_url` and `val_labels_url`"):
         IDXDataModule("a", "b", val_images_url="c")
+
+
+def _indexed_pair(root: Path, n: int) -> None:
+    """IDX files whose image i carries i in its first two pixels (big-endian), gzip-compressed."""
+    images = np.random.default_rng(5).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    images[:, 0, 0], images[:, 0, 1] = np.arange(n) // 256, np.arange(n) % 256
+    (root / "indexed-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images)))
+    (root / "indexed-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.arange(n) % 10)))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_idx_datamodule_under_ddp_shards_shuffles_and_caches(tmp_path: Path) -> None:
+    n = 1000
+    _indexed_pair(tmp_path, n)
+    script = Path(__file__).parent / "scripts" / "idx_ddp.py"
+    with serve_directory(tmp_path) as server:
+        urls = [server.url_for(f"indexed-{kind}-idx{dims}-ubyte.gz") for kind, dims in (("images", 3), ("labels", 1))]
+        result = subprocess.run(
+            [sys.executable, str(script), *urls, str(tmp_path), str(tmp_path / "cache"), "2"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        served = {
+            name: sum(r.bytes_sent for r in server.requests_for(name)) for name in ("indexed-images-idx3-ubyte.gz",)
+        }
+    records = [json.loads((tmp_path / f"idx-rank{rank}.json").read_text()) for rank in range(2)]
+    for epoch in ("0", "1"):
+        first, second = (set(record["seen"][epoch]) for record in records)
+        assert not first & second  # disjoint halves...
+        assert first | second == set(range(n))  # ...that together are every sample, once
+        assert records[0]["batches"][epoch] == records[1]["batches"][epoch] == n // 2 // 50
+    assert records[0]["seen"]["0"] != records[0]["seen"]["1"]  # reshuffled each epoch
+    assert set(records[0]["seen"]["0"]) != set(records[0]["seen"]["1"])  # and each rank's share changes
+    epochs = records[0]["epochs"]
+    assert [e["samples"] for e in epochs] == [n, n]
+    images_size = (tmp_path / "indexed-images-idx3-ubyte.gz").stat().st_size
+    assert epochs[0]["remote_bytes"] >= images_size  # epoch 1 downloaded the pair (once for the machine)...
+    assert epochs[1]["remote_bytes"] == 0  # ...epoch 2 read it from the disk cache
+    assert served["indexed-images-idx3-ubyte.gz"] < 2 * images_size  # not once per rank
+    assert records[0]["val_samples"] == records[1]["val_samples"] == n // 2 * 2  # validation sharded too (2 runs)

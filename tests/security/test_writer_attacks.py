@@ -5,6 +5,7 @@ collected only when safe, and a dataset is never written beside unrelated files.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from attack_helpers import samples
 
+from lightning_patterns.commands.shards import run_shards_command
 from lightning_patterns.data.shards import (
     MANIFEST_NAME,
     collect_garbage,
@@ -100,9 +102,10 @@ write_dataset(slow(), sys.argv[1], shard_bytes=256, progress=False)
 """
 
 
-@pytest.mark.slow
-def test_orphans_of_a_killed_writer_are_collected_and_nothing_else(tmp_path: Path) -> None:
-    folder = tmp_path / "data"
+@pytest.fixture(scope="module")
+def killed_writer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the shard files of a writer killed with ``kill -9`` mid-write (and no manifest)."""
+    folder = tmp_path_factory.mktemp("killed") / "data"
     child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(folder)], stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -112,9 +115,20 @@ def test_orphans_of_a_killed_writer_are_collected_and_nothing_else(tmp_path: Pat
         os.kill(child.pid, signal.SIGKILL)
         _, err = child.communicate(timeout=10)
     assert child.returncode == -signal.SIGKILL, err
-    orphans = _shard_files(folder)
-    assert len(orphans) >= 5, err
+    assert len(_shard_files(folder)) >= 5, err
     assert not (folder / MANIFEST_NAME).exists()
+    return folder
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    """A copy of ``folder`` in ``tmp_path``, with the files' modification times."""
+    return Path(shutil.copytree(folder, tmp_path / folder.name))
+
+
+@pytest.mark.slow
+def test_orphans_of_a_killed_writer_are_collected_and_nothing_else(killed_writer: Path, tmp_path: Path) -> None:
+    folder = _copy(killed_writer, tmp_path)
+    orphans = _shard_files(folder)
     (folder / "notes.txt").write_text("not a shard")
     (folder / "shard-notes.lps").write_text("not named like the writer's shards")
 
@@ -171,3 +185,59 @@ def test_collect_garbage_argument_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"`grace_period` must be a number of seconds >= 0"):
         write_dataset(samples(1), str(tmp_path / "x"), grace_period=-1, progress=False)
     assert collect_garbage(str(tmp_path / "missing")).paths == ()
+
+
+@pytest.mark.slow
+def test_shards_gc_lists_a_killed_writers_orphans_and_removes_exactly_them(
+    killed_writer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = _copy(killed_writer, tmp_path)
+    orphans = _shard_files(folder)
+    (folder / "notes.txt").write_text("not a shard")
+    # A dataset written there (with --force, because of the notes) after the writer was killed.
+    argv = ["write", "synthetic:20", str(folder), "--force", "--no-progress"]
+    assert run_shards_command(argv) == 0
+    listed = {shard.path for shard in load_manifest(str(folder)).shards}
+    capsys.readouterr()
+
+    # By default the orphans are too young to be sure no writer still writes them: kept, and listed as kept.
+    assert run_shards_command(["gc", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "orphans (no manifest lists them): 0 files" in out
+    assert f"kept (inside the grace period): {len(orphans)} files" in out
+    assert "dry run: nothing to remove" in out
+
+    # A dry run lists them, with their bytes, and removes nothing.
+    assert run_shards_command(["gc", str(folder), "--grace-period", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"orphans (no manifest lists them): {len(orphans)} files" in out
+    assert {line.strip() for line in out.splitlines() if line.startswith("  ")} == orphans
+    size = sum((folder / name).stat().st_size for name in orphans)
+    assert f"bytes: {size} (" in out
+    assert f"dry run: nothing removed; run again with --apply to remove these {len(orphans)} files" in out
+    assert _shard_files(folder) == orphans | listed
+
+    # --apply removes exactly them: the dataset's shards and other files stay.
+    assert run_shards_command(["gc", str(folder), "--grace-period", "0s", "--apply"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed: {len(orphans)} files" in out
+    assert _shard_files(folder) == listed
+    assert (folder / "notes.txt").read_text() == "not a shard"
+    assert load_manifest(str(folder)).num_samples == 20
+    assert run_shards_command(["gc", str(folder), "--grace-period", "0", "--apply"]) == 0
+    assert "removed: 0 files" in capsys.readouterr().out
+
+
+def test_shards_write_into_a_foreign_folder_suggests_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"\xff\xd8")
+    code = run_shards_command(["write", "synthetic:5", str(folder), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert (code, out) == (1, "")
+    assert "is not empty but holds no dataset manifest: it has 'a.jpg'" in err
+    assert "On the command line: pass --force to write there anyway." in err
+    assert "--mode" not in err  # the FileExistsError hint (append/overwrite) would not help here
+    assert sorted(p.name for p in folder.iterdir()) == ["a.jpg"]
+    assert run_shards_command(["write", "synthetic:5", str(folder), "--no-progress", "--force"]) == 0
+    assert load_manifest(str(folder)).num_samples == 5

@@ -1,7 +1,9 @@
 """Sharding: which shard a sample is written to, and which samples each rank and worker reads.
 
 The read plan (:mod:`.assignment`, :mod:`.topology`): :func:`plan` gives one DataLoader worker's samples from
-a :class:`PlanConfig`, a :class:`Topology` and the epoch; :func:`plan_epoch` gives every worker's.
+a :class:`PlanConfig`, a :class:`Topology` and the epoch; :func:`plan_epoch` gives every worker's;
+:func:`check_class_coverage` checks up front that a class-balanced plan gives every worker every class
+(:mod:`.class_stream`).
 
 Sharding rules, by registry name:
 
@@ -15,7 +17,14 @@ Third parties register more through the ``lightning_patterns.sharders`` entry-po
 from __future__ import annotations
 
 from lightning_patterns._registry import Registry
-from lightning_patterns.data.sharding.assignment import PlanConfig, WorkerPlan, plan, plan_epoch, samples_per_rank
+from lightning_patterns.data.sharding.assignment import (
+    PlanConfig,
+    WorkerPlan,
+    check_class_coverage,
+    plan,
+    plan_epoch,
+    samples_per_rank,
+)
 from lightning_patterns.data.sharding.base import DEFAULT_SHARD_BYTES, Sharder
 from lightning_patterns.data.sharding.hashed import HashSharder, bucket_of, stable_hash
 from lightning_patterns.data.sharding.sized import SizeSharder
@@ -31,6 +40,7 @@ __all__ = [
     "Topology",
     "WorkerPlan",
     "bucket_of",
+    "check_class_coverage",
     "plan",
     "plan_epoch",
     "samples_per_rank",

@@ -34,6 +34,16 @@ touches at most two more at its ends, so a worker opens at most ``n // m + 2`` s
 shuffle interleaves reads from the spans of one window, so up to ``shuffle_window // m + 2`` of them
 are in use at a time.)
 
+Class coverage. With ``min_per_class = k`` and each shard's label histogram (``class_counts``), step 1
+makes sure every worker of every rank holds at least ``k`` samples of each class per batch that must
+hold them (:func:`~lightning_patterns.data.sharding.class_stream.class_quota`): it keeps the plain stream
+when its spans guarantee that (a lower bound from the histograms), else it uses the class-sorted stream of
+:mod:`~lightning_patterns.data.sharding.class_stream`, in which every stretch holds each class in
+proportion; each worker's class counts are then the same in every epoch. If neither covers every worker,
+:func:`plan` raises :class:`~lightning_patterns.exceptions.ClassCoverageError` naming the ranks, workers
+and classes that fall short; :func:`check_class_coverage` raises it up front, at construction. Steps 2 to 4
+are the same for both streams, so every guarantee above holds either way.
+
 Resuming with another world size or worker count: :meth:`WorkerPlan.remaining_spans` gives what a
 worker has not yet yielded, and ``plan(..., resume=spans)`` takes such an *explicit* list of spans
 (gathered rank-major from every worker) as the stream instead of step 1, re-planning the rest of the
@@ -58,12 +68,21 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from lightning_patterns.data.sharding.class_stream import (
+    MAX_ROUNDS,
+    class_quota,
+    class_stream,
+    histogram_table,
+    segment_class_counts,
+)
 from lightning_patterns.data.sharding.topology import Topology, check_rank
+from lightning_patterns.exceptions import ClassCoverageError
 
 __all__ = [
     "PlanConfig",
     "Span",
     "WorkerPlan",
+    "check_class_coverage",
     "epoch_spans",
     "plan",
     "plan_epoch",
@@ -90,6 +109,10 @@ class PlanConfig:
         shuffle_window: Window of the within-worker shuffle; ``0`` or ``1`` disables it.
         span_samples: Split shards into spans of at most this many samples, so that a huge shard is
             shuffled at span granularity; ``None`` keeps whole shards.
+        class_counts: Each shard's label histogram (samples of class ``0, 1, ...``; rows sum to the shard
+            sizes), kept as a tuple of tuples padded to the number of classes; ``None`` when unknown.
+        min_per_class: Samples of each class every batch must be able to hold (``0``: no class requirement);
+            needs ``class_counts``. See "Class coverage" in the module docs.
 
     Raises:
         ValueError: If any value is out of range; the message names it.
@@ -102,9 +125,12 @@ class PlanConfig:
     drop_last: bool = False
     shuffle_window: int = 1024
     span_samples: int | None = None
+    class_counts: Sequence[Sequence[int]] | None = None
+    min_per_class: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shard_sizes", tuple(_sizes_array(self.shard_sizes).tolist()))
+        sizes = _sizes_array(self.shard_sizes)
+        object.__setattr__(self, "shard_sizes", tuple(sizes.tolist()))
         if self.batch_size < 1:
             raise ValueError(f"Expected batch_size >= 1, got batch_size={self.batch_size!r}.")
         if self.seed < 0:
@@ -120,11 +146,34 @@ class PlanConfig:
                 f"Expected span_samples >= 1 or None, got span_samples={self.span_samples!r}; "
                 "use None for whole shards."
             )
+        if self.class_counts is not None:
+            table = histogram_table(self.class_counts, sizes)
+            object.__setattr__(self, "class_counts", tuple(tuple(row) for row in table.tolist()))
+        if isinstance(self.min_per_class, bool) or not isinstance(self.min_per_class, int) or self.min_per_class < 0:
+            raise ValueError(f"Expected min_per_class >= 0, got min_per_class={self.min_per_class!r}; 0 disables it.")
+        if self.min_per_class and self.class_counts is None:
+            raise ValueError(
+                f"min_per_class={self.min_per_class} needs class_counts (each shard's label histogram) to plan "
+                "every rank's classes; pass them, or min_per_class=0."
+            )
+        if self.min_per_class * self.num_classes > self.batch_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} cannot hold min_per_class={self.min_per_class} samples of each of "
+                f"{self.num_classes} classes: raise batch_size to {self.min_per_class * self.num_classes} or lower "
+                "min_per_class."
+            )
+
+    @property
+    def num_classes(self) -> int:
+        """Classes in ``class_counts`` (``0`` without them)."""
+        return len(self.class_counts[0]) if self.class_counts else 0
 
     def to_state(self) -> dict[str, Any]:
         """A plain dict of builtins, for state dicts and checkpoints."""
         state = asdict(self)
         state["shard_sizes"] = list(self.shard_sizes)
+        if self.class_counts is not None:
+            state["class_counts"] = [list(row) for row in self.class_counts]
         return state
 
     @classmethod
@@ -144,6 +193,9 @@ class WorkerPlan:
         span_offsets: The global index of each span's first sample (``offset[shard] + start``).
         shuffle_window: Window of the within-worker shuffle; ``0`` when there is none.
         window_entropy: Entropy for ``numpy.random.SeedSequence`` seeding the window shuffle.
+        class_sorted: The spans count positions in each shard's *class order* (its samples sorted stably by
+            label, see :mod:`~lightning_patterns.data.sharding.class_stream`), not in file order; so do the
+            indices. A reader maps local position ``i`` of shard ``s`` to ``argsort(labels_s, stable)[i]``.
     """
 
     rank: int
@@ -152,6 +204,7 @@ class WorkerPlan:
     span_offsets: tuple[int, ...]
     shuffle_window: int = 0
     window_entropy: tuple[int, ...] = ()
+    class_sorted: bool = False
 
     # The span totals below are cached: a reader asks for them once per window. cached_property stores them in the
     # instance __dict__, which a frozen dataclass allows; __eq__ and __hash__ compare the fields only.
@@ -368,16 +421,18 @@ def plan(config: PlanConfig, topology: Topology, epoch: int, resume: Sequence[Sp
             the job that stopped (:meth:`WorkerPlan.remaining_spans`), with
             ``0 <= start <= stop <= shard_sizes[shard]``. They are the stream, in the order given (not
             reordered; ``shuffle`` only enables the window shuffle), and every guarantee of a whole epoch
-            holds for them. ``None`` plans the whole epoch.
+            holds for them. ``None`` plans the whole epoch. Not with ``min_per_class`` (class-balanced
+            epochs resume by replaying their plan on the same topology).
 
     Returns:
         The worker's plan.
 
     Raises:
         ValueError: If ``epoch < 0`` or a span of ``resume`` is out of range; the message names it.
+        ClassCoverageError: With ``min_per_class``, if no stream gives every worker enough of every class.
     """
-    stream, offsets = _stream(config, epoch, resume)
-    return _split(stream, offsets, config, topology, epoch)
+    stream, offsets, class_sorted = _covering_stream(config, epoch, resume, topology.world_size, topology.num_workers)
+    return _split(stream, offsets, config, topology, epoch, class_sorted)
 
 
 def plan_epoch(
@@ -399,14 +454,39 @@ def plan_epoch(
         ValueError: If any argument is out of range; the message names it.
     """
     Topology(world_size, 0, num_workers, 0)  # check the job's shape even when it plans nothing
-    stream, offsets = _stream(config, epoch, resume)
-    return [
-        [
-            _split(stream, offsets, config, Topology(world_size, rank, num_workers, worker_id), epoch)
-            for worker_id in range(max(num_workers, 1))
-        ]
-        for rank in range(world_size)
-    ]
+    stream, offsets, class_sorted = _covering_stream(config, epoch, resume, world_size, num_workers)
+    return _split_all(stream, offsets, config, epoch, world_size, num_workers, class_sorted)
+
+
+def check_class_coverage(config: PlanConfig, *, world_size: int, num_workers: int) -> None:
+    """Raise unless every epoch can give every worker its ``min_per_class`` share of each class.
+
+    The class-sorted stream gives every worker the same class counts in every epoch, so checking it once
+    covers the whole run; without ``shuffle`` the plain stream is the same in every epoch, and it is
+    accepted too. Call this at construction, so that a job that cannot be balanced fails before it starts.
+
+    Args:
+        config: The plan's settings, with ``class_counts`` and ``min_per_class``; nothing is checked when
+            ``min_per_class`` is ``0``.
+        world_size: Number of ranks, ``>= 1``.
+        num_workers: The DataLoader's ``num_workers``, ``>= 0``.
+
+    Raises:
+        ClassCoverageError: Naming the ranks, workers and classes that would fall short, with what they
+            would get and what they need.
+    """
+    Topology(world_size, 0, num_workers, 0)
+    if not config.min_per_class:
+        return
+    sizes, hist, offsets = _class_inputs(config)
+    stream = _class_sorted_stream(config, sizes, hist, 0)
+    short = _shortfalls(stream, offsets, config, world_size, num_workers, class_sorted=True)
+    if short and not config.shuffle:
+        plain = _stream(config, 0, None)[0]
+        if not _shortfalls(plain, offsets, config, world_size, num_workers, class_sorted=False):
+            return
+    if short:
+        raise ClassCoverageError(_coverage_message(config, world_size, num_workers, short))
 
 
 # --- the stream (step 1) --------------------------------------------------------------------------
@@ -473,6 +553,124 @@ def _span_arrays(spans: Sequence[Span], sizes: _IntArray) -> _Table:
     return shard[keep], start[keep], stop[keep]
 
 
+# --- class coverage (step 1 with min_per_class) -----------------------------------------------------
+
+_Shortfall = tuple[int, int, int, int, int]
+"""``(rank, worker_id, class, samples it would get, samples it needs)``."""
+
+
+def _class_inputs(config: PlanConfig) -> tuple[_IntArray, _IntArray, _IntArray]:
+    sizes = np.asarray(config.shard_sizes, dtype=np.int64).reshape(-1)
+    hist = np.asarray(config.class_counts, dtype=np.int64).reshape(sizes.size, config.num_classes)
+    return sizes, hist, np.cumsum(sizes) - sizes
+
+
+def _class_sorted_stream(config: PlanConfig, sizes: _IntArray, hist: _IntArray, epoch: int) -> _Table:
+    rounds = max(1, min(-(-int(sizes.sum()) // config.batch_size), MAX_ROUNDS))
+    return class_stream(
+        sizes,
+        hist,
+        rounds=rounds,
+        span_samples=config.span_samples,
+        shuffle=config.shuffle,
+        seed=config.seed,
+        epoch=epoch,
+    )
+
+
+def _covering_stream(
+    config: PlanConfig, epoch: int, resume: Sequence[Span] | None, world_size: int, num_workers: int
+) -> tuple[_Table, _IntArray, bool]:
+    """The epoch's stream, its shard offsets, and whether it is class-sorted (see "Class coverage")."""
+    stream, offsets = _stream(config, epoch, resume)
+    if not config.min_per_class:
+        return stream, offsets, False
+    if resume is not None:
+        raise ValueError(
+            "A class-balanced plan (min_per_class > 0) cannot be re-planned from resume spans: resume it by "
+            "replaying the epoch's plan on the topology that saved it."
+        )
+    if not _shortfalls(stream, offsets, config, world_size, num_workers, class_sorted=False):
+        return stream, offsets, False
+    sizes, hist, _ = _class_inputs(config)
+    stream = _class_sorted_stream(config, sizes, hist, epoch)
+    short = _shortfalls(stream, offsets, config, world_size, num_workers, class_sorted=True)
+    if short:
+        raise ClassCoverageError(_coverage_message(config, world_size, num_workers, short))
+    return stream, offsets, True
+
+
+def _shortfalls(
+    stream: _Table, offsets: _IntArray, config: PlanConfig, world_size: int, num_workers: int, *, class_sorted: bool
+) -> list[_Shortfall]:
+    """Every (rank, worker, class) whose samples (exact when class-sorted, else a lower bound) fall short."""
+    sizes, hist, _ = _class_inputs(config)
+    k, num_classes = config.min_per_class, config.num_classes
+    lengths = stream[2] - stream[1]
+    total = int(lengths.sum())
+    per_rank = samples_per_rank(total, world_size, config.drop_last)
+    slots: list[tuple[int, int, int]] = []  # (rank, worker, samples)
+    segments: list[tuple[int, int]] = []
+    owners: list[int] = []
+    for rank in range(world_size):
+        for worker in range(max(num_workers, 1)):
+            begin, end = _worker_bounds(per_rank, num_workers, worker, config.batch_size)
+            begin, end = begin + rank * per_rank, end + rank * per_rank
+            slots.append((rank, worker, end - begin))
+            # As in _split: positions past the stream's end wrap to its start, at most once.
+            while end > begin:
+                lo = begin % total
+                hi = min(total, lo + (end - begin))
+                segments.append((lo, hi))
+                owners.append(len(slots) - 1)
+                begin += hi - lo
+    per_segment = segment_class_counts(stream, segments, sizes, hist, class_sorted=class_sorted)
+    have = np.zeros((len(slots), num_classes), dtype=np.int64)
+    np.add.at(have, np.asarray(owners, dtype=np.int64), per_segment)
+    short: list[_Shortfall] = []
+    for (rank, worker, samples), counts in zip(slots, have, strict=True):
+        need = class_quota(samples, config.batch_size, k, num_classes)
+        short.extend((rank, worker, int(c), int(counts[c]), need) for c in np.flatnonzero(counts < need))
+    return short
+
+
+def _coverage_message(config: PlanConfig, world_size: int, num_workers: int, short: list[_Shortfall]) -> str:
+    by_worker: dict[tuple[int, int], list[str]] = {}
+    for rank, worker, klass, have, need in short:
+        by_worker.setdefault((rank, worker), []).append(f"class {klass} ({have} of {need})")
+    shown = [
+        f"rank {rank}" + (f" worker {worker}" if num_workers else "") + ": " + ", ".join(classes)
+        for (rank, worker), classes in list(by_worker.items())[:8]
+    ]
+    more = f"; and {len(by_worker) - 8} more" if len(by_worker) > 8 else ""
+    classes = sorted({klass for _, _, klass, _, _ in short})
+    totals = np.asarray(config.class_counts, dtype=np.int64).reshape(-1, config.num_classes).sum(axis=0)
+    # What the whole epoch needs of each class: the quotas of every worker together.
+    per_rank = samples_per_rank(sum(config.shard_sizes), world_size, config.drop_last)
+    needed = world_size * sum(
+        class_quota(end - begin, config.batch_size, config.min_per_class, config.num_classes)
+        for begin, end in (
+            _worker_bounds(per_rank, num_workers, worker, config.batch_size) for worker in range(max(num_workers, 1))
+        )
+    )
+    scarce = [c for c in classes if totals[c] < needed]
+    overall = (
+        "In all, "
+        + " and ".join(f"class {c} has {int(totals[c])} samples" for c in scarce)
+        + f" but {needed // config.min_per_class} batches × min_per_class={config.min_per_class} need {needed}. "
+        if scarce
+        else ""
+    )
+    return (
+        f"min_per_class={config.min_per_class} with batch_size={config.batch_size} needs every DataLoader worker of "
+        f"every rank (world_size={world_size}, num_workers={num_workers}) to hold {config.min_per_class} samples of "
+        f"each of {config.num_classes} classes per batch, but some cannot, even with the classes spread evenly over "
+        f"them (samples of the class they would get, of those they need): {'; '.join(shown)}{more}. {overall}Lower "
+        f"min_per_class or batch_size, use fewer ranks or workers, or add samples of class "
+        f"{', '.join(map(str, classes))}."
+    )
+
+
 # --- the split (steps 2 to 4) ---------------------------------------------------------------------
 
 
@@ -486,9 +684,38 @@ def _worker_bounds(per_rank: int, num_workers: int, worker_id: int, batch_size: 
     return min(first * batch_size, per_rank), min(last * batch_size, per_rank)
 
 
-def _split(stream: _Table, offsets: _IntArray, config: PlanConfig, topology: Topology, epoch: int) -> WorkerPlan:
+def _split_all(
+    stream: _Table,
+    offsets: _IntArray,
+    config: PlanConfig,
+    epoch: int,
+    world_size: int,
+    num_workers: int,
+    class_sorted: bool,
+) -> list[list[WorkerPlan]]:
+    ends = np.cumsum(stream[2] - stream[1])  # once for every worker
+    return [
+        [
+            _split(
+                stream, offsets, config, Topology(world_size, rank, num_workers, worker_id), epoch, class_sorted, ends
+            )
+            for worker_id in range(max(num_workers, 1))
+        ]
+        for rank in range(world_size)
+    ]
+
+
+def _split(
+    stream: _Table,
+    offsets: _IntArray,
+    config: PlanConfig,
+    topology: Topology,
+    epoch: int,
+    class_sorted: bool = False,
+    ends: _IntArray | None = None,
+) -> WorkerPlan:
     shard, start, stop = stream
-    ends = np.cumsum(stop - start)
+    ends = np.cumsum(stop - start) if ends is None else ends
     total = int(ends[-1]) if ends.size else 0
     rank = topology.rank
     per_rank = samples_per_rank(total, topology.world_size, config.drop_last)
@@ -514,4 +741,5 @@ def _split(stream: _Table, offsets: _IntArray, config: PlanConfig, topology: Top
         span_offsets=tuple(firsts),
         shuffle_window=window,
         window_entropy=(config.seed, epoch, rank, topology.worker_id) if window else (),
+        class_sorted=class_sorted,
     )

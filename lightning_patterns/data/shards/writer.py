@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -19,6 +20,7 @@ from lightning_patterns._lazy import instance_of_loaded
 from lightning_patterns.data.sharding import SHARDERS, Sharder
 from lightning_patterns.data.shards.builder import ShardBuilder
 from lightning_patterns.data.shards.garbage import DEFAULT_GRACE_PERIOD, split_expired
+from lightning_patterns.data.shards.labels import LabelCounter
 from lightning_patterns.data.shards.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -73,6 +75,9 @@ class ShardWriter:
         force: write into a folder that holds no manifest but other files. Without it such a folder is
             refused, so a dataset is never written beside unrelated files; leftovers of a killed writer
             (its shard files) do not count.
+        label_fields: integer scalar fields whose per-shard class counts the manifest records (``label_counts``,
+            see :mod:`~lightning_patterns.data.shards.labels`), so that readers balance classes per rank from
+            the manifest alone; ``None`` records ``"label"`` when the samples have such a field, ``[]`` none.
 
     Each buffered hash bucket holds up to ``shard_bytes`` in memory, so peak memory is about
     ``num_shards * shard_bytes``.
@@ -90,6 +95,7 @@ class ShardWriter:
         storage_options: Mapping[str, Any] | None = None,
         grace_period: float = DEFAULT_GRACE_PERIOD,
         force: bool = False,
+        label_fields: list[str] | None = None,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"Unknown mode={mode!r}. Expected one of {_MODES}.")
@@ -100,6 +106,7 @@ class ShardWriter:
             )
         self.grace_period = float(grace_period)
         self.force = force
+        self.label_fields = None if label_fields is None else list(label_fields)
         if sharding is not None and sharding not in SHARDERS:
             raise ValueError(f"Unknown sharding={sharding!r}. Expected one of: {', '.join(SHARDERS.names())}.")
         self.url = url
@@ -121,8 +128,10 @@ class ShardWriter:
         append_to = self._previous if mode == "append" else None
         self._sharder = self._make_sharder(append_to, sharding, shard_bytes, num_shards, hash_key)
         self.schema: Schema | None = append_to.schema if append_to is not None else None
+        self._labels: LabelCounter | None = None
         if self.schema is not None:
             self._sharder.check_schema(list(self.schema))
+            self._labels = LabelCounter(self.schema, self.label_fields)
         self._kept: tuple[ShardInfo, ...] = append_to.shards if append_to is not None else ()
         self._next_index = sum(s.num_samples for s in self._kept)
         self.generation = (self._previous.generation if self._previous is not None else 0) + 1
@@ -231,6 +240,7 @@ class ShardWriter:
         if self.schema is None:
             self.schema = Schema.infer(sample)
             self._sharder.check_schema(list(self.schema))
+            self._labels = LabelCounter(self.schema, self.label_fields)
         try:
             values = self.schema.normalize(sample)
         except SchemaMismatchError as err:
@@ -255,6 +265,8 @@ class ShardWriter:
                     stacklevel=3,
                 )
         builder.append(values)
+        assert self._labels is not None
+        self._labels.add(bucket, values, index)
         self._next_index = index + 1
 
     def _flush(self, bucket: int) -> None:
@@ -265,8 +277,16 @@ class ShardWriter:
         if not self._written and isinstance(self._fs, LocalFileSystem):
             self._fs.makedirs(self._root, exist_ok=True)  # object stores have no folders to create
         self._fs.pipe_file(shard_url(self._root, path), data)
+        assert self._labels is not None
         self._written.append(
-            ShardInfo(path, builder.num_samples, len(data), checksum_of(data), bucket if multi else None)
+            ShardInfo(
+                path,
+                builder.num_samples,
+                len(data),
+                checksum_of(data),
+                bucket if multi else None,
+                self._labels.pop(bucket),
+            )
         )
         log.debug("Wrote shard %s (%d samples, %d bytes)", path, builder.num_samples, len(data))
 
@@ -289,7 +309,7 @@ class ShardWriter:
             expired, pending = self._retire()
             manifest = Manifest(
                 schema=self.schema,
-                shards=self._kept + tuple(self._written),
+                shards=self._kept + self._with_recorded_labels(),
                 sharding=self._sharder.to_json(),
                 generation=self.generation,
                 retired=pending,
@@ -307,6 +327,14 @@ class ShardWriter:
         # Only after the swap: until then readers may still load the previous manifest.
         self._remove_paths([path for generation in expired for path in generation.shards])
         return manifest
+
+    def _with_recorded_labels(self) -> tuple[ShardInfo, ...]:
+        """The shards written, with class counts only of the fields counted to the end (see :mod:`.labels`)."""
+        fields = set(self._labels.fields) if self._labels is not None else set()
+        return tuple(
+            dataclasses.replace(info, label_counts={k: v for k, v in info.label_counts.items() if k in fields})
+            for info in self._written
+        )
 
     def _retire(self) -> tuple[tuple[RetiredGeneration, ...], tuple[RetiredGeneration, ...]]:
         """``(expired, pending)`` retired generations after this write: an overwrite retires the previous one."""
@@ -397,6 +425,7 @@ def write_dataset(
     progress: bool = True,
     grace_period: float = DEFAULT_GRACE_PERIOD,
     force: bool = False,
+    label_fields: list[str] | None = None,
 ) -> Manifest:
     """Write ``samples`` as shards plus a manifest at ``url`` and return the published manifest.
 
@@ -413,9 +442,12 @@ def write_dataset(
         progress: show a tqdm progress bar.
         grace_period: seconds an overwritten generation stays readable; see :class:`ShardWriter`.
         force: write into a folder that holds other files but no manifest; see :class:`ShardWriter`.
+        label_fields: integer label fields whose per-shard class counts the manifest records; ``None``: ``"label"``
+            if the samples have one. See :class:`ShardWriter`.
 
     Raises:
-        ValueError: invalid arguments, or an empty dataset.
+        ValueError: invalid arguments (a ``label_fields`` entry that is no integer scalar field), or an empty
+            dataset.
         FileExistsError: ``mode="create"`` and a dataset exists at ``url``.
         DestinationNotEmptyError: ``url`` holds other files but no manifest, and ``force`` is not set (a
             ``FileExistsError``).
@@ -439,6 +471,7 @@ def write_dataset(
             storage_options=storage_options,
             grace_period=grace_period,
             force=force,
+            label_fields=label_fields,
         ) as writer,
         tqdm(iterator, total=total, disable=not progress, unit="sample", desc=f"Writing {url}") as bar,
     ):

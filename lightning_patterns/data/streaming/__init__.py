@@ -2,7 +2,8 @@
 
 - :class:`RemoteReader`, :class:`RetryPolicy`, :class:`FetchStats`, :func:`open_url`: re-exported from
   :mod:`lightning_patterns.data.remote`, the one remote-read layer.
-- :mod:`.idx`: :class:`IDXDataset` streams MNIST-style IDX files (raw or gzip) from any fsspec URL.
+- :mod:`.idx`: :class:`IDXDataset` streams MNIST-style IDX files (raw or gzip) from any fsspec URL, sharded over
+  ranks and workers, optionally shuffled and cached; :class:`IDXDataLoader` sets its epoch.
 - :mod:`.dataset`: :class:`StreamingDataset` streams sharded datasets, rank- and worker-aware, with read-ahead
   (:class:`ReadAhead`) and class-balanced batches (:class:`ClassBalance`); its position is one :class:`StreamCursor`.
 - :mod:`.loader`: :class:`StreamingDataLoader` advances epochs and resumes mid-epoch, also on another topology.
@@ -18,6 +19,7 @@ __all__ = [
     "ClassBalance",
     "FetchStats",
     "FetchStatsSnapshot",
+    "IDXDataLoader",
     "IDXDataset",
     "IDXHeader",
     "ReadAhead",
@@ -40,6 +42,7 @@ __getattr__ = lazy_exports(
         "ClassBalance": f"{_HERE}.options:ClassBalance",
         "FetchStats": f"{_REMOTE}:FetchStats",
         "FetchStatsSnapshot": f"{_REMOTE}:FetchStatsSnapshot",
+        "IDXDataLoader": f"{_HERE}.idx_loader:IDXDataLoader",
         "IDXDataset": f"{_HERE}.idx:IDXDataset",
         "IDXHeader": f"{_HERE}.idx:IDXHeader",
         "ReadAhead": f"{_HERE}.options:ReadAhead",

@@ -21,14 +21,22 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from lightning_patterns.data.batching import ClassBalancer, check_class_counts
+from lightning_patterns.data.batching import ClassBalancer
 from lightning_patterns.data.caching import CacheConfig, EpochCache, make_cache
 from lightning_patterns.data.remote import Deadline, FetchStatsSnapshot, RemoteReader, RetryPolicy
-from lightning_patterns.data.sharding.assignment import PlanConfig, Span, WorkerPlan, plan, samples_per_rank
+from lightning_patterns.data.sharding.assignment import (
+    PlanConfig,
+    Span,
+    WorkerPlan,
+    check_class_coverage,
+    plan,
+    samples_per_rank,
+)
 from lightning_patterns.data.sharding.topology import Topology
 from lightning_patterns.data.shards.manifest import Manifest, fetch_shard, open_shard, read_manifest, shard_url
 from lightning_patterns.data.shards.reader import ShardReader, read_column
 from lightning_patterns.data.streaming.batches import BatchPositions, PlanIndices, ShardUse, only_shard, shard_use_of
+from lightning_patterns.data.streaming.class_order import ClassOrder, recorded_histograms
 from lightning_patterns.data.streaming.cursor import StreamCursor
 from lightning_patterns.data.streaming.metrics import StreamCounters
 from lightning_patterns.data.streaming.options import ClassBalance, ReadAhead
@@ -83,7 +91,10 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         cache_dir: folder of the disk cache, with ``cache="disk"``; ranks and workers on one machine may share it.
         cache_limit: bytes the cache may hold, with a cache name (``None``: as much as the dataset).
         min_per_class: make every batch hold at least this many samples of each class (needs ``batch_size``):
-            short for ``class_balance=ClassBalance(min_per_class)``.
+            short for ``class_balance=ClassBalance(min_per_class)``. Every DataLoader worker of every rank then
+            gets enough samples of each class (the plan spreads the classes over the ranks when the shards are
+            split by label), or the dataset (or its loader, for ``num_workers``) fails at construction naming the
+            ranks, workers and classes that fall short (a :class:`~lightning_patterns.exceptions.ClassCoverageError`).
         class_balance: class-balanced batches with all their settings (label field, number of classes,
             look-ahead); give it or ``min_per_class``, not both.
     """
@@ -126,14 +137,15 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         self.verify_checksums = verify_checksums
         self._reader = RemoteReader(self.url, self.storage_options, retry=retry)
         self.manifest: Manifest = self._read_manifest()
+        self._shard_class_counts: np.ndarray | None = None
         self._plan_config = replace(settings, shard_sizes=[shard.num_samples for shard in self.manifest.shards])
         self._offsets = np.concatenate([[0], np.cumsum(self._plan_config.shard_sizes)]).astype(np.int64)
+        self._num_workers_hint = 0
         self._balancer = self._make_balancer()
         self.cache = make_cache(cache, cache_dir=cache_dir, cache_limit=cache_limit)
         if self.cache is not None:
             self.cache.bind(self.manifest)
         self.counters = StreamCounters()
-        self._num_workers_hint = 0
         self._cursor = StreamCursor()
         # Units yielded since an iteration began from the cursor; None until one begins.
         self._yielded: int | None = None
@@ -158,16 +170,22 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
                 f"{sorted(self.manifest.schema)}: pass `ClassBalance(label_field=...)` naming the field with class "
                 "labels."
             )
-        counts = self.class_counts()
-        classes = balance.num_classes if balance.num_classes is not None else len(counts)
+        histograms = self.shard_class_counts()
+        classes = balance.num_classes if balance.num_classes is not None else histograms.shape[1]
         balancer = ClassBalancer(self.batch_size, balance.min_per_class, classes, lookahead=balance.lookahead)
-        world_size = self.rank_and_world_size[1]
-        check_class_counts(
-            np.pad(counts, (0, max(0, classes - len(counts)))),
-            num_batches=world_size * len(self),
-            min_per_class=balance.min_per_class,
+        histograms = np.pad(histograms, ((0, 0), (0, max(0, classes - histograms.shape[1]))))
+        # The plan spreads the classes over every rank and worker (see "Class coverage" in the assignment module),
+        # and checks up front that each gets enough of every class.
+        self._plan_config = replace(
+            self._plan_config, class_counts=histograms.tolist(), min_per_class=balance.min_per_class
         )
+        self._check_class_coverage()
         return balancer
+
+    def _check_class_coverage(self) -> None:
+        check_class_coverage(
+            self._plan_config, world_size=self.rank_and_world_size[1], num_workers=self._num_workers_hint
+        )
 
     @property
     def min_per_class(self) -> int | None:
@@ -175,10 +193,24 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         return None if self.class_balance is None else self.class_balance.min_per_class
 
     def class_counts(self) -> np.ndarray:
-        """Samples per class over the whole dataset, from the label column alone (two range reads per shard)."""
+        """Samples per class over the whole dataset (see :meth:`shard_class_counts`)."""
+        totals: np.ndarray = self.shard_class_counts().sum(axis=0)
+        return totals
+
+    def shard_class_counts(self) -> np.ndarray:
+        """Samples per class of each shard, ``[shard, class]``: the manifest's ``label_counts`` where recorded.
+
+        Shards without recorded counts have their label column read (two range reads per shard, the rest of the
+        shard untouched), once: the result is kept.
+        """
+        if self._shard_class_counts is not None:
+            return self._shard_class_counts
         label_field = self._label_field
-        total = np.zeros(0, dtype=np.int64)
-        for shard in self.manifest.shards:
+        rows: list[np.ndarray] = []
+        for shard, recorded in zip(self.manifest.shards, recorded_histograms(self.manifest, label_field), strict=True):
+            if recorded is not None:
+                rows.append(np.asarray(recorded, dtype=np.int64))
+                continue
             labels = read_column(
                 functools.partial(self._reader.read_range, shard.path, deadline=Deadline(self.read_ahead.timeout)),
                 label_field,
@@ -192,11 +224,13 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
                     f"Class labels must be >= 0, but {shard_url(self.url, shard.path)} holds {int(labels.min())} in "
                     f"{label_field!r}: map the labels to 0 .. num_classes - 1 before writing."
                 )
-            counts = np.bincount(labels.reshape(-1).astype(np.int64))
-            if counts.size > total.size:
-                total = np.pad(total, (0, counts.size - total.size))
-            total[: counts.size] += counts
-        return total
+            rows.append(np.bincount(labels.reshape(-1).astype(np.int64)))
+        width = max((row.size for row in rows), default=0)
+        table = np.zeros((len(rows), width), dtype=np.int64)
+        for s, row in enumerate(rows):
+            table[s, : row.size] = row
+        self._shard_class_counts = table
+        return table
 
     # ------------------------------------------------------------------ topology and planning
 
@@ -204,10 +238,18 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         """Shard for ``rank`` of ``world_size`` (the DataModule passes the Trainer strategy's values)."""
         resolve_rank(rank, world_size)
         self._rank, self._world_size = rank, world_size
+        if self._balancer is not None:
+            self._check_class_coverage()
 
     def set_num_workers(self, num_workers: int) -> None:
-        """Tell the dataset the DataLoader's ``num_workers`` (for :meth:`state_dict` in the main process)."""
+        """Tell the dataset the DataLoader's ``num_workers`` (for :meth:`state_dict`, and the class coverage check).
+
+        Raises:
+            ClassCoverageError: with class balancing, if some worker would get too few samples of some class.
+        """
         self._num_workers_hint = num_workers
+        if self._balancer is not None:
+            self._check_class_coverage()
 
     @property
     def rank_and_world_size(self) -> tuple[int, int]:
@@ -404,15 +446,28 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
             timeout=read_ahead.timeout,
             describe=self._describe,
         )
-        use = ShardUse(pending, last_position, balanced, pipeline.release)
+        class_order = self._class_order() if worker_plan.class_sorted else None
+
+        def release(shard: int) -> None:
+            pipeline.release(shard)
+            if class_order is not None:
+                class_order.forget(shard)
+
+        use = ShardUse(pending, last_position, balanced, release)
+
+        def locate(global_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            shards, local = self._locate(global_indices)
+            if class_order is not None:  # the plan counts positions in each shard's class order
+                local = class_order.file_positions(pipeline.get, shards, local)
+            return shards, local
 
         def read_labels(begin: int, end: int) -> np.ndarray:
-            return self._read_labels(pipeline, *self._locate(indices.between(begin, end)))
+            return self._read_labels(pipeline, *locate(indices.between(begin, end)))
 
         waited = 0.0
         try:
             for batch_positions, skipped in positions.batches(read_labels, use.labels_read):
-                shards, local = self._locate(indices.at(batch_positions))
+                shards, local = locate(indices.at(batch_positions))
                 if skipped:
                     use.gathered(shards)
                     continue
@@ -429,6 +484,11 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
                         yield {name: value[row] for name, value in batch.items()}
         finally:
             pipeline.close()
+
+    def _class_order(self) -> ClassOrder:
+        histograms = self._plan_config.class_counts
+        assert histograms is not None  # a class-sorted plan is made from them
+        return ClassOrder(self._label_field, histograms, self._describe)
 
     def _count_yielded(self, cursor: StreamCursor) -> None:
         # Only the iteration that began from the current cursor moves it on; one abandoned before a reset does not.
@@ -451,24 +511,11 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         self, slot: int, fetched: FetchStatsSnapshot, waited: float, wait_total: float, samples: int
     ) -> tuple[FetchStatsSnapshot, float]:
         now = self._reader.stats.snapshot()
-        delta = now - fetched
-        self.counters.add(
-            slot,
-            samples=samples,
-            remote_bytes=delta.bytes_read,
-            remote_requests=delta.requests,
-            retries=delta.retries,
-            fetch_seconds=delta.seconds,
-            read_wait_seconds=wait_total - waited,
-        )
+        self.counters.add_fetches(slot, now - fetched, samples=samples, read_wait_seconds=wait_total - waited)
         return now, wait_total
 
     def _record_cache(self, slot: int, seen: tuple[int, int]) -> tuple[int, int]:
-        if self.cache is None:
-            return seen
-        hits, misses = self.cache.stats()
-        self.counters.add(slot, cache_hits=hits - seen[0], cache_misses=misses - seen[1])
-        return hits, misses
+        return self.counters.add_cache(slot, self.cache, seen)
 
     def _gather(self, pipeline: ReadAheadPipeline, shards: np.ndarray, local: np.ndarray) -> dict[str, Any]:
         first = only_shard(shards)

@@ -9,7 +9,6 @@ world size or number of workers yields each remaining sample of the epoch once.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +18,7 @@ from lightning_patterns._warnings import silence_known_noise
 from lightning_patterns.data.sharding.assignment import Span
 from lightning_patterns.data.streaming.cursor import StreamCursor
 from lightning_patterns.data.streaming.dataset import StreamingDataset
+from lightning_patterns.data.streaming.metrics import timed
 from lightning_patterns.data.streaming.resume import ResumePoint, remaining_stream
 
 __all__ = ["StreamingDataLoader"]
@@ -119,16 +119,12 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
             self._batches_consumed = min(self._batches_consumed + 1, self._batches_yielded)
 
     def _counted(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        while True:
-            started = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            finally:
-                self.wait_seconds += time.perf_counter() - started
+        for batch in timed(batches, self._waited):
             self._batches_yielded += 1
             yield batch
+
+    def _waited(self, seconds: float) -> None:
+        self.wait_seconds += seconds
 
     def resume_point(self, batches_consumed: int | None = None) -> ResumePoint:
         """Where this rank stands: ``batches_consumed`` (default: all delivered) batches into the epoch."""

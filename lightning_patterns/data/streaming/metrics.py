@@ -9,10 +9,18 @@ reads the sum.
 from __future__ import annotations
 
 import multiprocessing
+import time
+from collections.abc import Callable, Iterator
 from multiprocessing.context import get_spawning_popen
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-__all__ = ["METRIC_NAMES", "StreamCounters"]
+if TYPE_CHECKING:
+    from lightning_patterns.data.caching import EpochCache
+    from lightning_patterns.data.remote import FetchStatsSnapshot
+
+__all__ = ["METRIC_NAMES", "StreamCounters", "timed"]
+
+_T = TypeVar("_T")
 
 METRIC_NAMES = (
     "samples",
@@ -53,6 +61,25 @@ class StreamCounters:
         for name, amount in amounts.items():
             self._values[base + METRIC_NAMES.index(name)] += amount
 
+    def add_fetches(self, slot: int, delta: FetchStatsSnapshot, **amounts: float) -> None:
+        """Add what the remote reads between two snapshots did (bytes, requests, retries, seconds), and ``amounts``."""
+        self.add(
+            slot,
+            remote_bytes=delta.bytes_read,
+            remote_requests=delta.requests,
+            retries=delta.retries,
+            fetch_seconds=delta.seconds,
+            **amounts,
+        )
+
+    def add_cache(self, slot: int, cache: EpochCache | None, seen: tuple[int, int]) -> tuple[int, int]:
+        """Add the hits and misses of ``cache`` since ``seen`` (an earlier ``stats()``); returns ``stats()`` now."""
+        if cache is None:
+            return seen
+        hits, misses = cache.stats()
+        self.add(slot, cache_hits=hits - seen[0], cache_misses=misses - seen[1])
+        return hits, misses
+
     def totals(self) -> dict[str, float]:
         """Every counter summed over the main process and all workers."""
         width = len(METRIC_NAMES)
@@ -65,3 +92,16 @@ class StreamCounters:
         """Zero every counter."""
         for i in range(len(self._values)):
             self._values[i] = 0.0
+
+
+def timed(items: Iterator[_T], add_wait: Callable[[float], None]) -> Iterator[_T]:
+    """Yield ``items``, telling ``add_wait`` how many seconds each one took to arrive (the time waited for data)."""
+    while True:
+        started = time.perf_counter()
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        finally:
+            add_wait(time.perf_counter() - started)
+        yield item

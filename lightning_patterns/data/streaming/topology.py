@@ -9,13 +9,14 @@ values are checked by :func:`~lightning_patterns.data.sharding.topology.check_ra
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch.distributed as dist
 from torch.utils.data import get_worker_info
 
 from lightning_patterns.data.sharding.topology import check_rank
 
-__all__ = ["current_worker", "resolve_rank"]
+__all__ = ["current_worker", "resolve_rank", "trainer_rank_and_world_size"]
 
 
 def _env_int(name: str) -> int:
@@ -49,3 +50,19 @@ def current_worker() -> tuple[int, int]:
     if info is None:
         return 0, 0
     return info.num_workers, info.id
+
+
+def trainer_rank_and_world_size(trainer: Any) -> tuple[int, int]:
+    """``(rank, world_size)`` of the data-parallel replicas: the strategy's sampler kwargs, else :func:`resolve_rank`.
+
+    Args:
+        trainer: the Lightning ``Trainer`` a DataModule is attached to, or ``None`` outside one. The
+            parameter-server strategy names only its workers in ``distributed_sampler_kwargs``, so data never
+            goes to servers.
+    """
+    if trainer is not None:
+        kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
+        if kwargs:
+            return int(kwargs["rank"]), int(kwargs["num_replicas"])
+        return 0, 1
+    return resolve_rank(None, None)

@@ -239,7 +239,7 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("argv", "code", "message"),
     [
-        ([], 2, "the following arguments are required: {write,inspect}"),
+        ([], 2, "the following arguments are required: {write,inspect,gc}"),
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
         (["write"], 2, "the following arguments are required: DEST"),
         (["write", "{dest}"], 2, "the following arguments are required: SRC (a dataset URL or synthetic:N)"),
@@ -263,6 +263,20 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
         (["inspect", "{missing}"], 1, "No dataset manifest at '{missing}/manifest.json'"),
         (["inspect", "{missing}", "--world-size", "0"], 2, "argument --world-size: expected an integer >= 1, got 0"),
         (["inspect", "{missing}", "--num-workers", "-1"], 2, "argument --num-workers: expected an integer >= 0"),
+        (["gc"], 2, "the following arguments are required: URL"),
+        (["gc", "{missing}", "--grace-period", "-1"], 2, "argument --grace-period: expected a duration >= 0"),
+        (
+            ["gc", "{missing}", "--grace-period", "1w"],
+            2,
+            "with a unit s, m, h or d (e.g. 0, 3600, 30m, 24h, 7d); got '1w'",
+        ),
+        (["gc", "{missing}", "--dry-run"], 2, "unrecognized arguments: --dry-run"),
+        (
+            ["write", "synthetic:5", "{dest}", "--label-field", "image"],
+            1,
+            "label_fields names 'image', a uint8[28, 28] field; class counts are recorded for integer scalar fields",
+        ),
+        (["write", "synthetic:5", "{dest}", "--label-field", "y"], 1, "label_fields names 'y', which the samples do"),
     ],
 )
 def test_errors(argv: list[str], code: int, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -312,3 +326,42 @@ def test_existing_dest_points_to_mode(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "A dataset already exists at" in err
     assert "--mode append or --mode overwrite" in err
     assert load_manifest(dest).num_samples == 5
+
+
+def test_write_records_label_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dest = str(tmp_path / "ds")
+    code, out, _ = run(
+        capsys, "write", "synthetic:300", dest, "--num-shards", "4", "--hash-key", "label", "--no-progress"
+    )
+    assert code == 0
+    assert "label counts: recorded for label" in out
+    _, labels, buckets = read_back(dest)
+    for shard in load_manifest(dest).shards:
+        mine = labels[np.asarray(buckets) == shard.bucket]
+        assert shard.label_counts["label"] == tuple(np.bincount(mine).tolist())
+    none = str(tmp_path / "none")
+    assert run(capsys, "write", "synthetic:30", none, "--label-field", "label", "--no-progress")[0] == 0
+    assert all(shard.label_counts for shard in load_manifest(none).shards)
+
+
+def test_gc_lists_and_removes_an_overwritten_generation(memory_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "write", "synthetic:40", memory_url, "--shard-bytes", "8KiB", "--no-progress")[0] == 0
+    old = {shard.path for shard in load_manifest(memory_url).shards}
+    argv = ["write", "synthetic:10", memory_url, "--mode", "overwrite", "--no-progress"]
+    assert run(capsys, *argv)[0] == 0
+    new = load_manifest(memory_url)
+
+    code, out, err = run(capsys, "gc", memory_url)
+    assert (code, err) == (0, "")
+    assert f"kept (inside the grace period): {len(old)} files" in out
+    assert "grace period: 86400 s" in out
+
+    code, out, _ = run(capsys, "gc", memory_url, "--grace-period", "0")
+    expired = {line.strip() for line in out.split("expired")[1].split("kept")[0].splitlines()[1:]}
+    assert (code, expired) == (0, old)
+    assert f"dry run: nothing removed; run again with --apply to remove these {len(old)} files" in out
+
+    code, out, _ = run(capsys, "gc", memory_url, "--grace-period", "0", "--apply")
+    assert (code, f"removed: {len(old)} files" in out) == (0, True)
+    assert load_manifest(memory_url) == new  # gc never rewrites the manifest
+    assert run(capsys, "inspect", memory_url)[0] == 0

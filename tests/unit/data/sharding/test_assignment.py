@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,11 +14,13 @@ from lightning_patterns.data.sharding import PlanConfig, Topology
 from lightning_patterns.data.sharding.assignment import (
     Span,
     WorkerPlan,
+    check_class_coverage,
     epoch_spans,
     plan,
     plan_epoch,
     samples_per_rank,
 )
+from lightning_patterns.exceptions import ClassCoverageError
 
 BASE: dict[str, Any] = {
     "world_size": 2,
@@ -29,6 +33,7 @@ BASE: dict[str, Any] = {
     "drop_last": False,
 }
 _TOPOLOGY = ("world_size", "rank", "num_workers", "worker_id")
+_TOP = Topology(world_size=1, rank=0)
 
 
 def _plan(sizes: Sequence[int], resume: Sequence[Span] | None = None, **overrides: Any) -> WorkerPlan:
@@ -178,6 +183,16 @@ def test_invalid_arguments(overrides: dict[str, Any], match: str) -> None:
         (lambda: _plan([3, 3], [(0, 0, 1), (1, 0, 4)]), r"got resume\[1\]=\(1, 0, 4\)"),
         (lambda: _plan([3, 3], [(2, 0, 1)]), r"0 <= shard < 2"),
         (lambda: _plan([], [(0, 0, 1)]), r"0 <= shard < 0"),
+        (lambda: PlanConfig([2, 1], class_counts=[[2]]), r"one row per shard \(2\), got 1 rows"),
+        (lambda: PlanConfig([2, 1], class_counts=[[2], [0, 2]]), r"class_counts\[1\] to be counts >= 0 summing to"),
+        (lambda: PlanConfig([2], class_counts=[[3, -1]]), r"class_counts\[0\] to be counts >= 0 summing to"),
+        (lambda: PlanConfig([2], min_per_class=-1), r"min_per_class >= 0, got min_per_class=-1"),
+        (lambda: PlanConfig([2], min_per_class=1), r"min_per_class=1 needs class_counts"),
+        (lambda: PlanConfig([2], class_counts=[[1, 1]], min_per_class=2, batch_size=3), r"batch_size=3 cannot hold"),
+        (
+            lambda: plan(PlanConfig([2], class_counts=[[1, 1]], min_per_class=1, batch_size=2), _TOP, 0, [(0, 0, 1)]),
+            r"cannot be re-planned from resume spans",
+        ),
     ],
 )
 def test_invalid_arguments_of_helpers(call: Any, match: str) -> None:
@@ -232,3 +247,40 @@ def test_plan_epoch_is_every_worker_planned_alone() -> None:
     for stream in (None, resume):
         every = plan_epoch(config, 5, world_size=3, num_workers=2, resume=stream)
         assert every == [[plan(config, Topology(3, r, 2, w), 5, stream) for w in range(2)] for r in range(3)]
+
+
+def test_class_coverage_spreads_label_split_shards_over_ranks_and_workers() -> None:
+    # Four shards of one class each (as hash sharding by the label writes them), read by 2 ranks of 2 workers.
+    hist = [[40, 0, 0, 0], [0, 40, 0, 0], [0, 0, 40, 0], [0, 0, 0, 40]]
+    plain = PlanConfig([40] * 4, batch_size=4)
+    balanced = PlanConfig([40] * 4, batch_size=4, class_counts=hist, min_per_class=1)
+    check_class_coverage(balanced, world_size=2, num_workers=2)
+    before = plan_epoch(plain, 0, world_size=2, num_workers=2)
+    after = plan_epoch(balanced, 0, world_size=2, num_workers=2)
+    for old, new in zip(before, after, strict=True):
+        assert {shard for worker in old for shard in worker.shard_ids} in ({0, 1}, {2, 3})  # 2 classes per rank
+        for worker in new:
+            assert worker.class_sorted
+            assert worker.num_samples == 40
+            # Class-sorted positions of a one-class shard are its file positions: 10 of each class per worker.
+            assert Counter(shard for shard, start, stop in worker.spans for _ in range(start, stop)) == dict.fromkeys(
+                range(4), 10
+            )
+    assert [w.indices().tolist() for ws in after for w in ws] == [
+        w.indices().tolist() for ws in plan_epoch(balanced, 0, world_size=2, num_workers=2) for w in ws
+    ]
+
+
+def test_class_coverage_failure_names_ranks_workers_and_classes() -> None:
+    hist = [[40, 0, 0], [0, 40, 0], [0, 0, 3]]
+    config = PlanConfig([40, 40, 3], batch_size=6, class_counts=hist, min_per_class=1)
+    with pytest.raises(ClassCoverageError) as info:
+        check_class_coverage(config, world_size=2, num_workers=2)
+    message = str(info.value)
+    assert "(world_size=2, num_workers=2)" in message
+    for rank, worker in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        assert re.search(rf"rank {rank} worker {worker}: class 2 \([01] of [34]\)", message), message
+    assert "In all, class 2 has 3 samples but 14 batches × min_per_class=1 need 14." in message
+    with pytest.raises(ClassCoverageError, match="rank 0 worker 0: class 2"):
+        plan(config, Topology(2, 1, 2, 1), epoch=0)
+    check_class_coverage(PlanConfig([40, 40, 3], batch_size=6), world_size=2, num_workers=2)  # nothing asked

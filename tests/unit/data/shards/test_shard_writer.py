@@ -229,6 +229,7 @@ def test_sample_larger_than_the_target_gets_its_own_shard_with_a_warning(memory_
             ValueError,
             r"Unknown mode='replace'. Expected one of \('create', 'append', 'overwrite'\)",
         ),
+        ({"label_fields": ["y"]}, ValueError, r"label_fields names 'y', which the samples do not have .*\['x'\]"),
     ],
 )
 def test_invalid_arguments(kwargs: dict[str, Any], error: type[Exception], match: str, memory_url: str) -> None:
@@ -267,3 +268,51 @@ def test_writes_from_an_iterable_dataset(memory_url: str) -> None:
     manifest = write_dataset(Stream(), memory_url, progress=False)
     assert manifest.num_samples == 5
     assert load_manifest(memory_url).num_samples == 5
+
+
+def _labelled(labels: list[int], dtype: str = "int64") -> list[dict[str, Any]]:
+    return [
+        {"x": np.float32(i), "label": np.array(label, dtype=dtype)[()], "y": i % 3} for i, label in enumerate(labels)
+    ]
+
+
+def test_label_counts_are_recorded_per_shard(memory_url: str) -> None:
+    labels = [i % 7 for i in range(200)]
+    manifest = write_dataset(_labelled(labels), memory_url, num_shards=3, hash_key="label", progress=False)
+    assert load_manifest(memory_url) == manifest
+    for shard in manifest.shards:
+        counts = shard.label_counts["label"]
+        assert sum(counts) == shard.num_samples
+        classes = {c for c in range(7) if bucket_of(c, 3) == shard.bucket}
+        assert {c for c, n in enumerate(counts) if n} == classes  # the shard holds exactly its bucket's classes
+    assert sum(
+        np.pad(s.label_counts["label"], (0, 7 - len(s.label_counts["label"]))) for s in manifest.shards
+    ).tolist() == [labels.count(c) for c in range(7)]
+    # Unsigned labels and named fields; an append records its new shards, keeping the old ones as they were.
+    more = write_dataset(_labelled([2] * 5, "int64"), memory_url, mode="append", progress=False, label_fields=["y"])
+    assert more.shards[: len(manifest.shards)] == manifest.shards
+    assert [s.label_counts for s in more.shards[len(manifest.shards) :]] == [{"y": (2, 2, 1)}]
+    url = memory_url + "-u8"
+    assert write_dataset(_labelled([1, 1, 4], "uint8"), url, progress=False).shards[0].label_counts == {
+        "label": (0, 2, 0, 0, 1)
+    }
+    assert (
+        write_dataset(_labelled([1], "int64"), url + "none", progress=False, label_fields=[]).shards[0].label_counts
+        == {}
+    )
+
+
+def test_fields_that_are_not_class_labels_are_not_counted(memory_url: str) -> None:
+    # By default: a 'label' that is not an integer scalar, or holds a value that is no class index, is skipped.
+    floats = [{"label": np.float32(1.0)}] * 3
+    assert write_dataset(floats, memory_url + "/f", progress=False).shards[0].label_counts == {}
+    negative = _labelled([3, 1, 2] * 10 + [-1] + [2] * 5)  # sample 30: after the first shard was written
+    manifest = write_dataset(negative, memory_url + "/n", shard_bytes=1024, progress=False)
+    assert manifest.shards[0].num_samples < 30
+    assert all(shard.label_counts == {} for shard in manifest.shards)  # not even the shards written before the -1
+    # Named explicitly, such a field or value is an error naming it.
+    with pytest.raises(ValueError, match=r"label_fields names 'x', a float32 field; class counts are recorded for"):
+        write_dataset(negative, memory_url + "/x", progress=False, label_fields=["x"])
+    with pytest.raises(ValueError, match=r"Sample 30 has label=-1, which is not a class index 0 \.\. 65535"):
+        write_dataset(negative, memory_url + "/e", progress=False, label_fields=["label", "y"])
+    assert not fsspec.filesystem("memory").exists(memory_url + "/e/" + MANIFEST_NAME)

@@ -6,6 +6,7 @@ import pickle
 import struct
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_patterns.data.streaming.idx import IDXDataset, IDXHeader, read_idx_header
+from lightning_patterns.data.streaming.idx_loader import IDXDataLoader
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -185,3 +187,120 @@ def test_invalid_arguments(kwargs: dict[str, object], match: str) -> None:
 def test_invalid_batch_size(root: str) -> None:
     with IDXDataset("memory://i", "memory://l") as dataset, pytest.raises(ValueError, match="batch_size=0"):
         next(dataset.iter_batches(0))
+
+
+def _labels_of(batches: list[dict[str, torch.Tensor]]) -> list[int]:
+    return [int(label) for batch in batches for label in batch["label"]]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize(("world_size", "num_workers", "shuffle"), [(2, 0, False), (2, 2, True), (3, 2, True)])
+def test_ranks_and_workers_read_disjoint_shares_of_equal_length(
+    root: str, gz: bool, world_size: int, num_workers: int, shuffle: bool
+) -> None:
+    n = 101  # labels tag the samples (unique), and images must stay with their labels
+    images_url, labels_url, images, _ = make(root, n=n, gz=gz, unique_labels=True)
+    seen: list[int] = []
+    batch_counts = []
+    for rank in range(world_size):
+        dataset = IDXDataset(
+            images_url, labels_url, chunk_samples=8, batch_size=10, shuffle=shuffle, rank=rank, world_size=world_size
+        )
+        loader = IDXDataLoader(
+            dataset, num_workers=num_workers, multiprocessing_context="fork" if num_workers else None
+        )
+        batches = list(loader)
+        batch_counts.append(len(batches))
+        assert len(batches) == len(loader) == len(dataset)
+        for batch in batches:
+            for image, label in zip(batch["image"], batch["label"], strict=True):
+                assert np.array_equal(image.numpy(), images[int(label)])
+        seen += _labels_of(batches)
+        assert loader.metrics()["samples"] == dataset.samples_per_rank() == -(-n // world_size)
+    assert len(set(batch_counts)) == 1
+    assert set(seen) == set(range(n))
+    assert len(seen) - n <= world_size - 1  # padding repeats only
+
+
+def test_shuffle_is_seeded_per_epoch_and_the_same_on_every_rank(root: str) -> None:
+    images_url, labels_url, _, _ = make(root, n=120, unique_labels=True)
+
+    def epoch_order(epoch: int, seed: int = 3, rank: int = 0) -> list[int]:
+        dataset = IDXDataset(
+            images_url, labels_url, chunk_samples=10, batch_size=8, shuffle=True, seed=seed, rank=rank, world_size=2
+        )
+        dataset.set_epoch(epoch)
+        return _labels_of(list(dataset))
+
+    assert epoch_order(0) == epoch_order(0)
+    assert epoch_order(0) != epoch_order(1)
+    assert epoch_order(0) != epoch_order(0, seed=4)
+    assert set(epoch_order(1)) != set(epoch_order(0))  # each rank's share changes with the epoch
+    assert not set(epoch_order(5)) & set(epoch_order(5, rank=1))
+    # Iterating again without set_epoch reads the next epoch; without shuffle, file order.
+    dataset = IDXDataset(
+        images_url, labels_url, chunk_samples=10, batch_size=8, shuffle=True, seed=3, rank=0, world_size=2
+    )
+    assert [_labels_of(list(dataset)) for _ in range(2)] == [epoch_order(0), epoch_order(1)]
+    plain = IDXDataset(images_url, labels_url, batch_size=8, rank=0, world_size=1)
+    assert _labels_of(list(plain)) == list(range(120))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize(("cache", "num_workers"), [("memory", 0), ("memory", 2), ("disk", 2)])
+def test_a_cache_makes_epoch_two_read_nothing_remote(
+    root: str, tmp_path: Any, gz: bool, cache: str, num_workers: int
+) -> None:
+    images_url, labels_url, images, _ = make(root, n=90, gz=gz, unique_labels=True)
+    cache_dir = str(tmp_path / "cache") if cache == "disk" else None
+    dataset = IDXDataset(
+        images_url,
+        labels_url,
+        chunk_samples=8,
+        batch_size=10,
+        shuffle=True,
+        rank=1,
+        world_size=2,
+        cache=cache,
+        cache_dir=cache_dir,
+    )
+    loader = IDXDataLoader(dataset, num_workers=num_workers, multiprocessing_context="fork" if num_workers else None)
+    remote, hits, epochs = [], [], []
+    for _ in range(2):
+        before = loader.metrics()
+        epochs.append(_labels_of(list(loader)))
+        after = loader.metrics()
+        remote.append(after["remote_bytes"] - before["remote_bytes"])
+        hits.append(after["cache_hits"] - before["cache_hits"])
+    fs = fsspec.filesystem("memory")
+    files = sum(fs.size(url.removeprefix("memory://")) for url in (images_url, labels_url))
+    assert remote[0] == files  # epoch 1 fetched the pair once (the workers share it)...
+    assert remote[1] == 0  # ...epoch 2 read it from the cache
+    assert hits[1] > 0
+    assert epochs[0] != epochs[1]
+    assert sorted(epochs[0]) == sorted(set(epochs[0]))
+    if cache == "disk":
+        # A new run finds the pair on disk (its checksums recorded), verified, and reads nothing but the headers.
+        again = IDXDataset(
+            images_url, labels_url, batch_size=10, rank=0, world_size=1, cache=cache, cache_dir=cache_dir
+        )
+        rerun = IDXDataLoader(again)
+        batches = list(rerun)
+        assert rerun.metrics()["remote_bytes"] == 0
+        assert np.array_equal(torch.cat([b["image"] for b in batches]).numpy(), images)
+
+
+def test_idx_loader_and_cache_errors(root: str) -> None:
+    images_url, labels_url, _, _ = make(root, n=5)
+    with pytest.raises(ValueError, match=r"IDXDataLoader needs the dataset to yield whole batches"):
+        IDXDataLoader(IDXDataset(images_url, labels_url))
+    with pytest.raises(ValueError, match=r"IDXDataLoader decides shuffle itself"):
+        IDXDataLoader(IDXDataset(images_url, labels_url, batch_size=2), shuffle=True)
+    with pytest.raises(ValueError, match=r"cache='disk' needs a folder to keep shards in"):
+        IDXDataset(images_url, labels_url, cache="disk")
+    with pytest.raises(ValueError, match=r"IDXDataset\(batch_size=0\) must be a positive integer or None"):
+        IDXDataset(images_url, labels_url, batch_size=0)
+    with pytest.raises(ValueError, match=r"set_epoch\(epoch=-1\) needs an integer >= 0"):
+        IDXDataset(images_url, labels_url).set_epoch(-1)
+    with pytest.raises(ValueError, match=r"Give both rank and world_size or neither"):
+        IDXDataset(images_url, labels_url, rank=1)
