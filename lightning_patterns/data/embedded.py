@@ -33,6 +33,16 @@ def default_data_root() -> Path:
     return Path(default_cache_dir()) / "demo"
 
 
+def _check_sizes(source: EmbeddedFashionMNIST | EmbeddedClickThrough) -> None:
+    if source.train_samples < 1 or source.val_samples < 1:
+        raise ValueError(
+            f"{type(source).__name__} needs at least one sample per split, got train_samples={source.train_samples}, "
+            f"val_samples={source.val_samples}."
+        )
+    if source.shard_bytes < 1:
+        raise ValueError(f"`shard_bytes` must be positive, got shard_bytes={source.shard_bytes}.")
+
+
 @dataclass(frozen=True)
 class EmbeddedFashionMNIST:
     """A generated Fashion-MNIST-shaped dataset (28×28 uint8 images, 10 classes) served from 127.0.0.1.
@@ -53,13 +63,7 @@ class EmbeddedFashionMNIST:
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.train_samples < 1 or self.val_samples < 1:
-            raise ValueError(
-                f"EmbeddedFashionMNIST needs at least one sample per split, got train_samples={self.train_samples}, "
-                f"val_samples={self.val_samples}."
-            )
-        if self.shard_bytes < 1:
-            raise ValueError(f"`shard_bytes` must be positive, got shard_bytes={self.shard_bytes}.")
+        _check_sizes(self)
 
     @property
     def root(self) -> Path:
@@ -113,13 +117,7 @@ class EmbeddedClickThrough:
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.train_samples < 1 or self.val_samples < 1:
-            raise ValueError(
-                f"EmbeddedClickThrough needs at least one sample per split, got train_samples={self.train_samples}, "
-                f"val_samples={self.val_samples}."
-            )
-        if self.shard_bytes < 1:
-            raise ValueError(f"`shard_bytes` must be positive, got shard_bytes={self.shard_bytes}.")
+        _check_sizes(self)
         self.model()  # checks the model's arguments now, not when the first split is written
 
     def model(self) -> Any:
