@@ -179,6 +179,7 @@ CLASSES: dict[str, tuple[str, str, str]] = {
     "AdaptiveBatchSize": ("lightning_patterns.adaptive.callbacks:_AdaptiveBatchSize", "", "Callback"),
     "CNNClassifier": ("lightning_patterns.models:_CNNClassifier", "", "LightningModule"),
     "DataMetricsCallback": ("lightning_patterns.callbacks:_DataMetricsCallback", "", "Callback"),
+    "EmbeddingCTR": ("lightning_patterns.ctr:_EmbeddingCTR", "", "LightningModule"),
     "GradientNoiseScale": ("lightning_patterns.adaptive.callbacks:_GradientNoiseScale", "", "Callback"),
     "IDXDataModule": ("lightning_patterns.data.idx_datamodule:_IDXDataModule", "", "LightningDataModule"),
     "ImageClassifier": ("lightning_patterns.models:_ImageClassifier", "", "LightningModule"),

@@ -19,6 +19,7 @@ __all__ = [
     "AdaptiveBatchSize",
     "CNNClassifier",
     "DataMetricsCallback",
+    "EmbeddingCTR",
     "GradientNoiseScale",
     "IDXDataModule",
     "ImageClassifier",
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # type checkers see the bodies; at run time `__getattr__` bui
     from lightning_patterns.adaptive.callbacks import _AdaptiveBatchSize as AdaptiveBatchSize
     from lightning_patterns.adaptive.callbacks import _GradientNoiseScale as GradientNoiseScale
     from lightning_patterns.callbacks import _DataMetricsCallback as DataMetricsCallback
+    from lightning_patterns.ctr import _EmbeddingCTR as EmbeddingCTR
     from lightning_patterns.data.datamodule import _ShardedStreamingDataModule as ShardedStreamingDataModule
     from lightning_patterns.data.idx_datamodule import _IDXDataModule as IDXDataModule
     from lightning_patterns.data.in_memory import _InMemoryDataModule as InMemoryDataModule

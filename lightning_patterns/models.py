@@ -25,10 +25,10 @@ if TYPE_CHECKING:
 else:
     _LightningModule = object  # the Lightning base is added per package: see lightning_patterns._lightning
 
-__all__ = ["CNNClassifier", "ImageClassifier", "MLPClassifier"]
+__all__ = ["CNNClassifier", "EmbeddingCTR", "ImageClassifier", "MLPClassifier"]
 
 # The public classes are the bodies below built for the Lightning package in use (lightning_patterns._lightning).
-__getattr__ = _lightning.class_getter(__name__, ["ImageClassifier", "MLPClassifier", "CNNClassifier"])
+__getattr__ = _lightning.class_getter(__name__, ["ImageClassifier", "MLPClassifier", "CNNClassifier", "EmbeddingCTR"])
 
 IMAGE_SIDE = 28
 NUM_CLASSES = 10
@@ -281,6 +281,8 @@ class _CNNClassifier(_ImageClassifier):
 
 
 if TYPE_CHECKING:  # type checkers see the bodies; at run time `__getattr__` builds the classes
+    from lightning_patterns.ctr import _EmbeddingCTR as EmbeddingCTR
+
     ImageClassifier = _ImageClassifier
     MLPClassifier = _MLPClassifier
     CNNClassifier = _CNNClassifier

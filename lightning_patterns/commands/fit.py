@@ -171,6 +171,11 @@ class _LightningPatternsCLI(_LightningCLI):
             echo(f"validation accuracy: {metrics['val_acc']:.4f}")
         if "test_acc" in metrics:
             echo(f"test accuracy: {metrics['test_acc']:.4f}")
+        for split, name in (("val", "validation"), ("test", "test")):
+            if f"{split}_auc" in metrics:
+                reference = metrics.get(f"{split}_reference_auc")
+                beside = "" if reference is None else f" (the generating model's: {reference:.4f})"
+                echo(f"{name} AUC: {metrics[f'{split}_auc']:.4f}{beside}")
         shown = ", ".join(
             f"{name}={value}" if isinstance(value, int) else f"{name}={value:.4f}"
             for name, value in sorted(metrics.items())

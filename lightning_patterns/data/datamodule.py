@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, Any
 from lightning_patterns import _lightning
 from lightning_patterns._warnings import silence_known_noise
 from lightning_patterns.data.caching import CacheConfig
-from lightning_patterns.data.embedded import EmbeddedFashionMNIST, prepare_embedded_dataset
+from lightning_patterns.data.embedded import (
+    EmbeddedClickThrough,
+    EmbeddedDataset,
+    EmbeddedFashionMNIST,
+    prepare_embedded_dataset,
+)
 from lightning_patterns.data.remote import RetryPolicy
 from lightning_patterns.data.streaming.dataset import StreamingDataset
 from lightning_patterns.data.streaming.loader import StreamingDataLoader
@@ -71,6 +76,8 @@ class _ShardedStreamingDataModule(_LightningDataModule):
             look-ahead); give it or ``min_per_class``, not both.
         embedded: instead of URLs, generate this dataset, serve it over HTTP from a process started on
             127.0.0.1 by global rank zero, and stream it from there (the main job's embedded default).
+        embedded_click_through: the same with synthetic click-through impressions of a known model
+            (:class:`~lightning_patterns.data.embedded.EmbeddedClickThrough`); give it or ``embedded``.
     """
 
     def __init__(
@@ -97,11 +104,16 @@ class _ShardedStreamingDataModule(_LightningDataModule):
         min_per_class: int | None = None,
         class_balance: ClassBalance | None = None,
         embedded: EmbeddedFashionMNIST | None = None,
+        embedded_click_through: EmbeddedClickThrough | None = None,
     ) -> None:
         super().__init__()
-        if embedded is not None and (train_url is not None or val_url is not None):
+        if embedded is not None and embedded_click_through is not None:
+            raise ValueError("Give one embedded dataset: `embedded` or `embedded_click_through`, not both.")
+        source = embedded if embedded is not None else embedded_click_through
+        if source is not None and (train_url is not None or val_url is not None):
             raise ValueError(
-                "Give either `embedded` (a generated dataset served from 127.0.0.1) or `train_url`/`val_url`, not both."
+                "Give either `embedded` or `embedded_click_through` (a generated dataset served from 127.0.0.1) or "
+                "`train_url`/`val_url`, not both."
             )
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be at least 1, got batch_size={batch_size!r}.")
@@ -125,7 +137,9 @@ class _ShardedStreamingDataModule(_LightningDataModule):
         self.cache_limit = cache_limit
         self.storage_options = storage_options
         self.verify_checksums = verify_checksums
-        self.embedded = embedded
+        # Either embedded dataset is served the same way. (Two arguments, not one of two types: LightningCLI cannot
+        # tell two dataclasses apart when a flag such as `--data.init_args.embedded.seed=1` sets a shared field.)
+        self.embedded: EmbeddedDataset | None = source
         self.min_per_class = min_per_class
         self.class_balance = class_balance
         self._server: LocalHTTPServer | None = None
