@@ -10,7 +10,9 @@
 
 ``shards inspect`` prints the per-shard table, the shard-size balance, and the plan of
 :func:`~lightning_patterns.data.sharding.assignment.plan_epoch` for a world size and worker count, and can
-plot both. The data layers are imported when a subcommand runs, so ``--help`` stays fast.
+plot both. ``shards check`` (:mod:`~lightning_patterns.commands.shards_check`) searches ranges of world sizes,
+workers and batch sizes for a job under which the dataset is unbalanced. The data layers are imported when a
+subcommand runs, so ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_patterns._units import human_bytes, parse_size
 from lightning_patterns.commands.base import PROG, Command, CommandParser, echo
 from lightning_patterns.commands.errors import report_error
+from lightning_patterns.commands.shards_check import check_parser, run_check
 
 if TYPE_CHECKING:
     from lightning_patterns.data.sharding.assignment import WorkerPlan
@@ -191,10 +194,11 @@ def _inspect_parser() -> argparse.ArgumentParser:
 
 
 def _main_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog=_PROG, description="Write and inspect sharded datasets.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{write,inspect}")
+    parser = CommandParser(prog=_PROG, description="Write, inspect and check sharded datasets.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{write,inspect,check}")
     commands.add_parser("write", help="write samples (a dataset, IDX files, synthetic:N) as shards")
     commands.add_parser("inspect", help="print shard sizes and the per-rank, per-worker plan")
+    commands.add_parser("check", help="search world sizes, workers and batch sizes for a job that unbalances URL")
     return parser
 
 
@@ -469,7 +473,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def run_shards_command(argv: Sequence[str]) -> int:
-    """Run ``lightning-patterns shards write|inspect ...`` and return the exit status.
+    """Run ``lightning-patterns shards write|inspect|check ...`` and return the exit status.
 
     ``0`` on success, ``2`` for a usage error (argparse's message, or a bad combination of options, on
     stderr), ``1`` when the work itself fails (missing source or dataset, schema mismatch, an existing
@@ -482,7 +486,14 @@ def run_shards_command(argv: Sequence[str]) -> int:
         The exit status.
     """
     argv = list(argv)
-    commands = {"write": (_write_parser, _write), "inspect": (_inspect_parser, _inspect)}
+    commands = {
+        "write": (_write_parser, _write),
+        "inspect": (_inspect_parser, _inspect),
+        "check": (
+            lambda: check_parser(_option_arg),
+            lambda args: run_check(args, _storage_options(args.storage_option)),
+        ),
+    }
     try:
         if not argv or argv[0] not in commands:
             _main_parser().parse_args(argv)  # prints help or argparse's error and exits
@@ -508,10 +519,10 @@ def run_shards_command(argv: Sequence[str]) -> int:
 
 
 class ShardsCommand(Command):
-    """``lightning-patterns shards write|inspect``."""
+    """``lightning-patterns shards write|inspect|check``."""
 
     name = "shards"
-    help = "write datasets as shards (from a dataset, IDX files or synthetic:N) and inspect their plan"
+    help = "write datasets as shards (from a dataset, IDX files or synthetic:N), inspect and check their plan"
 
     def run(self, argv: list[str]) -> int:
         """Run :func:`run_shards_command`."""

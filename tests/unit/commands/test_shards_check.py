@@ -1,0 +1,148 @@
+"""``lightning-patterns shards check``: "holds for N examples" on a balanced dataset; the shrunk worst case, a command
+to reproduce it and exit status 1 on a violation; usage errors with status 2."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import find
+
+from lightning_patterns.commands.shards import run_shards_command
+from lightning_patterns.data.shards import publish_manifest, write_dataset
+from lightning_patterns.testing import strategies as lps
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = run_shards_command(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def balanced(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = str(tmp_path_factory.mktemp("balanced") / "train")
+    write_dataset([{"x": np.float32(i)} for i in range(1000)], url, shard_bytes=1024, progress=False)
+    return url
+
+
+@pytest.fixture(scope="module")
+def label_sorted(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A manifest (no shard files) of 6 shards sorted by label over 3 classes, drawn by the public strategies."""
+    manifest = find(
+        lps.manifests(
+            lps.uniform_shard_sizes(min_shards=6, max_shards=6, min_samples=60),
+            num_classes=3,
+            label_layout="single_class",
+        ),
+        lambda m: len({shard.label_counts["label"].index(max(shard.label_counts["label"])) for shard in m.shards}) == 3,
+    )
+    url = str(tmp_path_factory.mktemp("sorted") / "train")
+    publish_manifest(manifest, url)
+    return url
+
+
+def test_a_balanced_dataset_holds_for_every_example(capsys: pytest.CaptureFixture[str], balanced: str) -> None:
+    code, out, err = run(
+        capsys,
+        "check",
+        balanced,
+        "--world-size",
+        "1-64",
+        "--workers",
+        "0-8",
+        "--batch-size",
+        "1-512",
+        "--max-examples",
+        "40",
+    )
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0].startswith(f"checking {balanced} (")
+    assert "world_size 1-64, num_nodes 1, workers 0-8, batch_size 1-512, drop_last both" in out
+    assert out.splitlines()[-1] == "holds for 40 examples"
+
+
+def test_a_small_search_space_reports_how_many_jobs_it_tried(capsys: pytest.CaptureFixture[str], balanced: str) -> None:
+    """Two world sizes, one worker count, one batch size, both drop_last: 4 jobs exist, so at most 4 are tried."""
+    code, out, _ = run(
+        capsys, "check", balanced, "--world-size", "1-2", "--workers", "0", "--batch-size", "8", "--max-examples", "50"
+    )
+    assert code == 0
+    tried = int(re.fullmatch(r"holds for (\d+) examples", out.splitlines()[-1]).group(1))  # type: ignore[union-attr]
+    assert 1 <= tried <= 50
+
+
+def test_resume_and_nodes_are_searched_too(capsys: pytest.CaptureFixture[str], balanced: str) -> None:
+    code, out, _ = run(
+        capsys,
+        "check",
+        balanced,
+        "--world-size",
+        "1-16",
+        "--num-nodes",
+        "1-4",
+        "--resume",
+        "--shuffle",
+        "--seed",
+        "3",
+        "--max-examples",
+        "25",
+    )
+    assert code == 0
+    assert "num_nodes 1-4" in out
+    assert "with resume" in out
+    assert out.splitlines()[-1] == "holds for 25 examples"
+
+
+def test_a_violation_prints_the_shrunk_worst_case(capsys: pytest.CaptureFixture[str], label_sorted: str) -> None:
+    code, out, _ = run(capsys, "check", label_sorted, "--world-size", "1-64", "--min-per-class", "1")
+    assert code == 1
+    assert "violated; the shrunk worst case:" in out
+    # The smallest failing job: 2 ranks, no workers, batch size 1.
+    assert (
+        f"Shard balance: NOT balanced: dataset {label_sorted} (60 samples), epoch 0, world_size=2, num_workers=0, "
+        "batch_size=1, drop_last=False, min_per_class=1." in out
+    )
+    assert "1 rank holds fewer than min_per_class=1 samples of some class: rank 0 lacks classes 1, 2" in out
+    assert re.search(r"worst rank +0 +0 +0 +30 +30 +0 +\d/3 \(missing", out)
+    assert (
+        f"reproduce: lightning-patterns shards inspect {label_sorted} --world-size 2 --num-workers 0 --batch-size 1"
+        in out
+    )
+    # Without --min-per-class the same dataset is balanced.
+    assert run(capsys, "check", label_sorted, "--world-size", "1-8", "--max-examples", "20")[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["--world-size", "x"], 2, r"argument --world-size: expected N or LOW-HIGH \(e\.g\. 1-64\), got 'x'"),
+        (["--world-size", "8-4"], 2, r"expected 1 <= LOW <= HIGH, got '8-4'"),
+        (["--workers", "-1"], 2, r"argument --workers: expected N or LOW-HIGH"),
+        (["--max-examples", "0"], 2, r"argument --max-examples: expected an integer >= 1, got 0"),
+        (
+            ["--world-size", "3", "--num-nodes", "2"],
+            2,
+            r"no world size in --world-size 3 is a multiple of a node count",
+        ),
+        (
+            ["--min-per-class", "1"],
+            1,
+            r"min_per_class=1 counts each rank's classes from the per-shard label histograms",
+        ),
+    ],
+)
+def test_errors_are_explained(
+    capsys: pytest.CaptureFixture[str], balanced: str, argv: list[str], code: int, message: str
+) -> None:
+    got, _, err = run(capsys, "check", balanced, *argv)
+    assert got == code
+    assert re.search(message, err), err
+
+
+def test_a_missing_dataset_is_explained(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(capsys, "check", str(tmp_path / "nothing"))
+    assert code == 1
+    assert "No dataset manifest at" in err
