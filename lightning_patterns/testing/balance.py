@@ -110,64 +110,116 @@ def check_balance(
     shape = _Shape(sizes, offsets, histograms)
     violations: list[str] = []
 
-    plans = planner(
-        topology.plan_config(sizes.tolist()), epoch, world_size=topology.world_size, num_workers=topology.num_workers
-    )
+    class_counts = None if histograms is None else histograms.tolist()
+    try:
+        plans = planner(
+            topology.plan_config(sizes.tolist(), class_counts),
+            epoch,
+            world_size=topology.world_size,
+            num_workers=topology.num_workers,
+        )
+    except ValueError as err:
+        if topology.min_per_class is None:
+            raise
+        # A planner that plans classes refuses a job it cannot cover, as StreamingDataset does at construction.
+        refused = (
+            f"the plan refuses min_per_class={topology.min_per_class} for this job (as StreamingDataset would): {err}"
+        )
+        return _report(name, topology, epoch, total, histograms, resume, violations=(refused,))
     _check_plan_shape(plans, topology, "", violations)
-    ranks = list(_run_rows(0, topology, plans, shape))
-    delivered = [interval for rank_plans in plans for plan in rank_plans for interval in _intervals(plan)]
+    ranks = _run_rows(0, topology, plans, shape)
+    delivered = _plan_intervals(plans)
     padding, dropped = _documented(total, topology)
     if resume is not None:
         yielded, remaining = _stop(plans, topology, resume)
-        rest = sum(stop - start for _, start, stop in remaining)
         finishing = resume.topology
         plans_after = planner(
-            finishing.plan_config(sizes.tolist()),
+            finishing.plan_config(sizes.tolist(), class_counts),
             epoch,
             world_size=finishing.world_size,
             num_workers=finishing.num_workers,
             resume=remaining,
         )
         _check_plan_shape(plans_after, finishing, " of the job finishing the epoch", violations)
+        violations += _order_violations(plans, plans_after)
         ranks += _run_rows(1, finishing, plans_after, shape)
-        delivered = yielded + [
-            interval for rank_plans in plans_after for plan in rank_plans for interval in _intervals(plan)
-        ]
-        more_padding, more_dropped = _documented(rest, finishing)
+        delivered = yielded + _plan_intervals(plans_after)
+        more_padding, more_dropped = _documented(sum(stop - start for _, start, stop in remaining), finishing)
         padding, dropped = padding + more_padding, dropped + more_dropped
 
-    starts = np.asarray([a for a, _ in delivered], dtype=np.int64)
-    stops = np.asarray([b for _, b in delivered], dtype=np.int64)
-    count = int((stops - starts).sum())
-    outside = int(
-        (np.minimum(stops, 0) - np.minimum(starts, 0)).sum()
-        + (np.maximum(stops, total) - np.maximum(starts, total)).sum()
-    )
-    distinct = union_length(np.clip(starts, 0, total), np.clip(stops, 0, total))
-    report_ranks = tuple(ranks)
-    duplicates, losses = count - outside - distinct, total - distinct
+    count, outside, duplicates, losses = _delivery_counts(delivered, total)
     if outside:
         violations.append(f"{outside} samples delivered are outside the dataset's {total} (a planner bug)")
+    report_ranks = tuple(ranks)
     violations += _rank_violations(report_ranks, topology)
     violations += _sample_violations(duplicates, losses, padding, dropped, exact=resume is None)
-    class_totals = None if histograms is None else tuple(int(v) for v in histograms.sum(axis=0))
-    report = BalanceReport(
-        dataset=name,
-        topology=topology,
-        epoch=epoch,
-        num_samples=total,
+    report = _report(
+        name,
+        topology,
+        epoch,
+        total,
+        histograms,
+        resume,
         ranks=report_ranks,
         delivered=count,
         duplicates=duplicates,
         losses=losses,
         expected_padding=padding,
         expected_dropped=dropped,
-        class_totals=class_totals,
-        resume=resume,
-        violations=(),
     )
     violations += _class_violations(report)
     return replace(report, violations=tuple(violations))
+
+
+def _delivery_counts(delivered: Sequence[tuple[int, int]], total: int) -> tuple[int, int, int, int]:
+    """``(deliveries, outside the dataset, duplicates, losses)`` of the global intervals ``delivered``."""
+    starts = np.asarray([a for a, _ in delivered], dtype=np.int64)
+    stops = np.asarray([b for _, b in delivered], dtype=np.int64)
+    count = int((stops - starts).sum())
+    below = np.minimum(stops, 0) - np.minimum(starts, 0)
+    above = np.maximum(stops, total) - np.maximum(starts, total)
+    outside = int(below.sum() + above.sum())
+    distinct = union_length(np.clip(starts, 0, total), np.clip(stops, 0, total))
+    return count, outside, count - outside - distinct, total - distinct
+
+
+def _order_violations(plans: list[list[WorkerPlan]], plans_after: list[list[WorkerPlan]]) -> list[str]:
+    orders = {_class_sorted(plan) for rank_plans in (*plans, *plans_after) for plan in rank_plans}
+    if len(orders) <= 1:
+        return []
+    return [
+        "the job finishing the epoch reads shards in another sample order (class-sorted or file order) than the "
+        "job that stopped: the positions its resume spans name would be other samples"
+    ]
+
+
+def _report(
+    name: str,
+    topology: JobTopology,
+    epoch: int,
+    total: int,
+    histograms: npt.NDArray[np.int64] | None,
+    resume: ResumePoint | None,
+    **counts: Any,
+) -> BalanceReport:
+    fields: dict[str, Any] = {
+        "ranks": (),
+        "delivered": 0,
+        "duplicates": 0,
+        "losses": 0,
+        "expected_padding": 0,
+        "expected_dropped": 0,
+        "violations": (),
+    }
+    return BalanceReport(
+        dataset=name,
+        topology=topology,
+        epoch=epoch,
+        num_samples=total,
+        class_totals=None if histograms is None else tuple(int(v) for v in histograms.sum(axis=0)),
+        resume=resume,
+        **{**fields, **counts},
+    )
 
 
 def assert_balanced(
@@ -261,8 +313,13 @@ class _Shape:
         self.offsets = offsets
         self.histograms = histograms
 
-    def sure_counts(self, spans: Iterable[Span]) -> tuple[int, ...] | None:
-        """Per class, the samples that ``spans`` hold whatever the order of labels within each shard."""
+    def sure_counts(self, spans: Iterable[Span], class_sorted: bool = False) -> tuple[int, ...] | None:
+        """Per class, the samples that ``spans`` surely hold.
+
+        In file order the labels within a shard are unknown, so a part of ``L`` of its ``n`` samples surely holds
+        ``count - (n - L)`` of a class (all of it for a whole shard). In class order (a plan whose spans count
+        positions in each shard's samples sorted by label) positions ``[cum_c, cum_c+1)`` are class ``c``: exact.
+        """
         if self.histograms is None:
             return None
         by_shard: dict[int, list[tuple[int, int]]] = {}
@@ -272,16 +329,41 @@ class _Shape:
         for shard, runs in by_shard.items():
             if not 0 <= shard < len(self.sizes):
                 continue  # reported as outside the dataset
+            histogram = self.histograms[shard]
+            if class_sorted:
+                ends = np.cumsum(histogram)
+                for start, stop in _merged(runs):
+                    counts += np.clip(np.minimum(stop, ends) - np.maximum(start, ends - histogram), 0, None)
+                continue
             read = runs[0][1] - runs[0][0] if len(runs) == 1 else union_length(*zip(*runs, strict=True))
-            unread = int(self.sizes[shard]) - read
-            counts += np.maximum(self.histograms[shard] - unread, 0)
+            counts += np.maximum(histogram - (int(self.sizes[shard]) - read), 0)
         return tuple(int(v) for v in counts)
+
+
+def _merged(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``runs`` as sorted disjoint intervals."""
+    out: list[tuple[int, int]] = []
+    for start, stop in sorted(runs):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], stop))
+        elif stop > start:
+            out.append((start, stop))
+    return out
+
+
+def _class_sorted(plan: WorkerPlan) -> bool:
+    """Whether ``plan``'s spans count positions in class order (a planner that plans classes says so)."""
+    return bool(getattr(plan, "class_sorted", False))
 
 
 def _intervals(plan: WorkerPlan) -> list[tuple[int, int]]:
     return [
         (first, first + stop - start) for (_, start, stop), first in zip(plan.spans, plan.span_offsets, strict=True)
     ]
+
+
+def _plan_intervals(plans: list[list[WorkerPlan]]) -> list[tuple[int, int]]:
+    return [interval for rank_plans in plans for plan in rank_plans for interval in _intervals(plan)]
 
 
 def _run_rows(run: int, topology: JobTopology, plans: list[list[WorkerPlan]], shape: _Shape) -> list[RankBalance]:
@@ -303,7 +385,7 @@ def _run_rows(run: int, topology: JobTopology, plans: list[list[WorkerPlan]], sh
                     batches=-(-plan.num_samples // batch),
                     padded_repeats=repeats,
                     shards_opened=plan.shards_opened,
-                    class_counts=shape.sure_counts(plan.spans),
+                    class_counts=shape.sure_counts(plan.spans, _class_sorted(plan)),
                 )
             )
         ranks.append(
@@ -314,7 +396,9 @@ def _run_rows(run: int, topology: JobTopology, plans: list[list[WorkerPlan]], sh
                 samples=sum(w.samples for w in workers),
                 batches=sum(w.batches for w in workers),
                 padded_repeats=sum(w.padded_repeats for w in workers),
-                class_counts=shape.sure_counts(span for plan in rank_plans for span in plan.spans),
+                class_counts=shape.sure_counts(
+                    [span for plan in rank_plans for span in plan.spans], any(map(_class_sorted, rank_plans))
+                ),
                 workers=tuple(workers),
             )
         )

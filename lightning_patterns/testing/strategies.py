@@ -429,7 +429,8 @@ shuffle=False, seed=0, span_samples=None)
     _check_range("min_workers", min_workers, "max_workers", max_workers, 0)
     _check_range("min_batch_size", min_batch_size, "max_batch_size", max_batch_size, 1)
     nodes_cap = max_world_size if max_num_nodes is None else max_num_nodes
-    _check_range("1", 1, "max_num_nodes", nodes_cap, 1)
+    if isinstance(nodes_cap, bool) or not isinstance(nodes_cap, int) or nodes_cap < 1:
+        raise ValueError(f"Expected max_num_nodes >= 1 or None, got max_num_nodes={max_num_nodes!r}.")
     classes = min_per_class if isinstance(min_per_class, st.SearchStrategy) else st.just(min_per_class)
     return _topologies(
         st.integers(min_world_size, max_world_size),
@@ -462,8 +463,8 @@ def resume_points(
     """Points at which ``topology``'s epoch stops, each with another job (same loader settings) finishing it.
 
     Each worker of ``topology`` has yielded nothing, everything, or any fraction of its samples; the finishing
-    job draws a new world size, node count and worker count, and keeps the batch size, ``drop_last`` and
-    shuffle settings (a checkpoint resumed on another cluster).
+    job draws a new world size, node count and worker count, and keeps the batch size, ``drop_last``,
+    ``min_per_class`` and shuffle settings (a checkpoint resumed on another cluster).
 
     Args:
         topology: The job that stops.
@@ -496,6 +497,7 @@ def resume_points(
         min_batch_size=topology.batch_size,
         max_batch_size=topology.batch_size,
         drop_last=topology.drop_last,
+        min_per_class=topology.min_per_class,
         shuffle=topology.shuffle,
         seed=topology.seed,
     )

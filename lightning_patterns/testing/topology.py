@@ -19,11 +19,15 @@ runs the same number of ranks); pass world_size=num_nodes * devices, e.g. world_
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from lightning_patterns.data.sharding.assignment import PlanConfig
 
 __all__ = ["JobTopology", "ResumePoint"]
+
+# Whether the read plan itself assigns spans by class (it then takes the shards' label histograms).
+_PLAN_TAKES_CLASSES = {"class_counts", "min_per_class"} <= {field.name for field in fields(PlanConfig)}
 
 
 def _check_int(name: str, value: object, least: int, hint: str) -> None:
@@ -93,8 +97,20 @@ class JobTopology:
         """The node that runs ``rank`` (ranks are numbered node by node, as Lightning does)."""
         return rank // self.devices_per_node
 
-    def plan_config(self, shard_sizes: Sequence[int]) -> PlanConfig:
-        """The :class:`~lightning_patterns.data.sharding.assignment.PlanConfig` of this job for ``shard_sizes``."""
+    def plan_config(
+        self, shard_sizes: Sequence[int], class_counts: Sequence[Sequence[int]] | None = None
+    ) -> PlanConfig:
+        """The :class:`~lightning_patterns.data.sharding.assignment.PlanConfig` of this job, as a dataset builds it.
+
+        Args:
+            shard_sizes: Samples per shard.
+            class_counts: Each shard's label histogram. With ``min_per_class`` set, a planner that plans classes
+                (a ``PlanConfig`` with ``class_counts`` and ``min_per_class`` fields) gets both, as
+                ``StreamingDataset(min_per_class=...)`` passes them; other planners plan without them.
+        """
+        classes: dict[str, Any] = {}
+        if self.min_per_class is not None and class_counts is not None and _PLAN_TAKES_CLASSES:
+            classes = {"class_counts": class_counts, "min_per_class": self.min_per_class}
         return PlanConfig(
             shard_sizes,
             batch_size=self.batch_size,
@@ -102,6 +118,7 @@ class JobTopology:
             shuffle=self.shuffle,
             drop_last=self.drop_last,
             span_samples=self.span_samples,
+            **classes,
         )
 
     def describe(self) -> str:

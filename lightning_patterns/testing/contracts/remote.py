@@ -40,9 +40,9 @@ from lightning_patterns.testing.s3_server import MotoS3Server, moto_s3_server
 
 __all__ = ["RemoteSourceContract", "SITES", "Site", "SiteFactory", "SiteKind"]
 
-SIZE = 100_000
-CHUNK = 16_384  # several chunks per object for transports that read in chunks
-FAST = RetryPolicy(initial_backoff=0.001, max_backoff=0.01, timeout=5.0)
+_SIZE = 100_000
+_CHUNK = 16_384  # several chunks per object for transports that read in chunks
+_FAST = RetryPolicy(initial_backoff=0.001, max_backoff=0.01, timeout=5.0)
 
 
 @dataclass(frozen=True)
@@ -207,10 +207,10 @@ class RemoteSourceContract:
     @pytest.fixture
     def payload(self) -> bytes:
         """Random bytes, several chunks long."""
-        return os.urandom(SIZE)
+        return os.urandom(_SIZE)
 
-    def _reader(self, site: Site, retry: RetryPolicy = FAST) -> RemoteReader:
-        reader = RemoteReader(site.url, site.storage_options, retry=retry, chunk_size=CHUNK, seed=0)
+    def _reader(self, site: Site, retry: RetryPolicy = _FAST) -> RemoteReader:
+        reader = RemoteReader(site.url, site.storage_options, retry=retry, chunk_size=_CHUNK, seed=0)
         assert reader.transport.name == site.transport, "the site must be served by the transport under test"
         return reader
 
@@ -228,10 +228,10 @@ class RemoteSourceContract:
         """A fetch returns the whole object, by relative or absolute URL, counted in the reader's stats."""
         site.write("a.bin", payload)
         with self._reader(site) as reader:
-            assert reader.fetch("a.bin", size=SIZE if known_size else None, checksum=_sha256(payload)) == payload
+            assert reader.fetch("a.bin", size=_SIZE if known_size else None, checksum=_sha256(payload)) == payload
             assert reader.fetch(site.url_for("a.bin")) == payload  # absolute URLs work too
             stats = reader.stats.snapshot()
-        assert stats.bytes_read == 2 * SIZE
+        assert stats.bytes_read == 2 * _SIZE
         assert stats.retries == 0
         assert stats.requests >= 2
 
@@ -241,16 +241,16 @@ class RemoteSourceContract:
         with self._reader(site) as reader:
             assert reader.read_range("a.bin", 0, 10) == payload[:10]
             assert reader.read_range("a.bin", 12_345, 67_890) == payload[12_345:67_890]
-            assert reader.read_range("a.bin", SIZE - 7) == payload[-7:]
+            assert reader.read_range("a.bin", _SIZE - 7) == payload[-7:]
             assert reader.read_range("a.bin", 5, 5) == b""
-            assert reader.read_range("a.bin", SIZE - 100, SIZE + 100, short_ok=True) == payload[-100:]
+            assert reader.read_range("a.bin", _SIZE - 100, _SIZE + 100, short_ok=True) == payload[-100:]
             assert reader.stats.retries == 0
 
     def test_size_exists_and_is_file(self, site: Site, payload: bytes) -> None:
         """Sizes and existence checks of present and missing objects."""
         site.write("a.bin", payload)
         with self._reader(site) as reader:
-            assert reader.size("a.bin") == SIZE
+            assert reader.size("a.bin") == _SIZE
             assert reader.exists("a.bin")
             assert not reader.exists("nope.bin")
             assert reader.is_file("nope.bin") is False
@@ -263,7 +263,7 @@ class RemoteSourceContract:
             buf = bytearray(300)
             assert f.readinto(buf) == 300
             assert bytes(buf) == payload[10:310]
-            assert f.seek(-50, io.SEEK_END) == SIZE - 50
+            assert f.seek(-50, io.SEEK_END) == _SIZE - 50
             assert f.read() == payload[-50:]
 
     def test_reader_pickles_and_reads_after_unpickling(self, site: Site, payload: bytes) -> None:
@@ -272,7 +272,7 @@ class RemoteSourceContract:
         with self._reader(site) as reader:
             assert reader.fetch("a.bin") == payload
             with pickle.loads(pickle.dumps(reader)) as clone:
-                assert clone.fetch("a.bin", size=SIZE) == payload
+                assert clone.fetch("a.bin", size=_SIZE) == payload
                 assert clone.transport.name == site.transport
 
     # ---------------------------------------------------------------- faults
@@ -288,21 +288,21 @@ class RemoteSourceContract:
 
     def test_a_short_object_is_retried_and_resumes_at_the_byte_reached(self, site: Site, payload: bytes) -> None:
         """An object shorter than its declared size (still being written) is read on once it is complete."""
-        site.write("a.bin", payload[: SIZE // 2])
+        site.write("a.bin", payload[: _SIZE // 2])
         with self._reader(site) as reader, _on_first_retry(lambda: site.write("a.bin", payload)):
-            assert reader.fetch("a.bin", size=SIZE, checksum=_sha256(payload)) == payload
+            assert reader.fetch("a.bin", size=_SIZE, checksum=_sha256(payload)) == payload
             stats = reader.stats.snapshot()
         assert stats.retries == 1
-        assert stats.bytes_read == SIZE, "the retry must resume at the byte reached, not read the object again"
+        assert stats.bytes_read == _SIZE, "the retry must resume at the byte reached, not read the object again"
 
     def test_a_persistently_short_object_fails_after_max_attempts(self, site: Site, payload: bytes) -> None:
         """A remote that never completes the object fails after ``max_attempts``, naming the URL and the byte."""
-        site.write("a.bin", payload[: SIZE // 2])
+        site.write("a.bin", payload[: _SIZE // 2])
         policy = RetryPolicy(max_attempts=3, initial_backoff=0.001, max_backoff=0.01)
         with self._reader(site, policy) as reader, pytest.raises(OSError, match="failed 3 times in a row") as info:
-            reader.fetch("a.bin", size=SIZE)
+            reader.fetch("a.bin", size=_SIZE)
         message = str(info.value)
-        assert f"{site.url_for('a.bin')} at byte {SIZE // 2}" in message
+        assert f"{site.url_for('a.bin')} at byte {_SIZE // 2}" in message
         assert "EOFError" in message
         assert reader.stats.retries == 2
 
@@ -314,11 +314,11 @@ class RemoteSourceContract:
         wrong = _sha256(b"other bytes")
         with self._reader(site) as reader:
             with pytest.raises(ChecksumMismatchError) as info:
-                reader.fetch("a.bin", size=SIZE, checksum=wrong)
+                reader.fetch("a.bin", size=_SIZE, checksum=wrong)
             stats = reader.stats.snapshot()
         message = str(info.value)
         assert f"Checksum mismatch for {site.url_for('a.bin')}: expected {wrong} got {_sha256(payload)}" in message
         assert "on 2 fetches in a row" in message
         assert "write the shard again, or regenerate the manifest" in message
         assert stats.retries == 1
-        assert stats.bytes_read == 2 * SIZE
+        assert stats.bytes_read == 2 * _SIZE

@@ -290,3 +290,72 @@ def test_a_dataset_url_is_checked_by_reading_its_manifest_alone(tmp_path: Path) 
     assert report.num_samples == 300
     assert report.dataset == server.url_for("train")
     assert paths == ["/train/manifest.json"], f"check_balance read more than the manifest: {paths}"
+
+
+# ---------------------------------------------------------------- a planner that plans classes
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClassSortedPlan(WorkerPlan):
+    """A plan whose spans count positions in each shard's class order (its samples sorted by label)."""
+
+    class_sorted: bool = True
+
+
+def _class_sorted(config: PlanConfig, epoch: int, **kwargs: Any) -> list[list[WorkerPlan]]:
+    plans = plan_epoch(config, epoch, **kwargs)
+    return [[_ClassSortedPlan(**{f.name: getattr(p, f.name) for f in dataclasses.fields(p)}) for p in r] for r in plans]
+
+
+def test_class_sorted_spans_are_counted_exactly() -> None:
+    """Half a shard of 5 + 5 holds 0 of a class for sure in file order, but exactly 5 and 0 in class order."""
+    manifest = manifest_of([10, 10], [[5, 5], [5, 5]])
+    topology = JobTopology(world_size=4, min_per_class=1)
+    plain = check_balance(manifest, topology)
+    assert [rank.class_counts for rank in plain.ranks] == [(0, 0)] * 4
+    assert set(plain.missing_classes()) == {0, 1, 2, 3}
+    exact = check_balance(manifest, topology, planner=_class_sorted)
+    assert [rank.class_counts for rank in exact.ranks] == [(5, 0), (0, 5), (5, 0), (0, 5)]
+    assert exact.missing_classes() == {0: (1,), 1: (0,), 2: (1,), 3: (0,)}
+
+
+def test_a_resume_that_changes_the_sample_order_is_caught() -> None:
+    def mixed(config: PlanConfig, epoch: int, *, resume: Sequence[Span] | None = None, **kwargs: Any) -> Any:
+        return (
+            _class_sorted(config, epoch, **kwargs)
+            if resume is None
+            else plan_epoch(config, epoch, resume=resume, **kwargs)
+        )
+
+    resume = ResumePoint((0.5, 0.5), JobTopology(world_size=3))
+    report = check_balance(manifest_of([10, 10]), JobTopology(world_size=2), resume=resume, planner=mixed)
+    assert any("reads shards in another sample order" in violation for violation in report.violations)
+
+
+def test_a_plan_that_refuses_min_per_class_is_a_violation() -> None:
+    def refusing(config: PlanConfig, epoch: int, **kwargs: Any) -> list[list[WorkerPlan]]:
+        raise ValueError("ranks 0, 1 would get too few samples of classes 2, 3")
+
+    manifest = manifest_of(SIZES, [[10, 0, 0, 0], [0, 10, 0, 0], [0, 0, 10, 0], [0, 0, 0, 10]])
+    report = check_balance(manifest, JobTopology(world_size=2, min_per_class=1), planner=refusing)
+    assert report.violations == (
+        "the plan refuses min_per_class=1 for this job (as StreamingDataset would): ranks 0, 1 would get too few "
+        "samples of classes 2, 3",
+    )
+    assert report.ranks == ()
+    assert "Shard balance: NOT balanced" in report.message()
+    with pytest.raises(ValueError, match="too few samples"):  # without min_per_class it is the planner's own error
+        check_balance(manifest, JobTopology(world_size=2), planner=refusing)
+
+
+def test_the_plan_config_takes_the_histograms_when_the_planner_plans_classes() -> None:
+    config = JobTopology(world_size=2, batch_size=8, min_per_class=2).plan_config([3, 4], [[1, 2], [4, 0]])
+    assert config.shard_sizes == (3, 4)
+    assert config.batch_size == 8
+    planned = {f.name for f in dataclasses.fields(PlanConfig)}
+    if {"class_counts", "min_per_class"} <= planned:  # the planner assigns spans by class: it is told how
+        assert config.min_per_class == 2
+        assert [list(row) for row in config.class_counts] == [[1, 2], [4, 0]]
+    else:
+        assert config == PlanConfig([3, 4], batch_size=8)
+    assert JobTopology(batch_size=8).plan_config([3, 4], [[1, 2], [4, 0]]) == PlanConfig([3, 4], batch_size=8)
