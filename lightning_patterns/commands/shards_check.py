@@ -25,6 +25,13 @@ if TYPE_CHECKING:
 __all__ = ["check_parser", "run_check"]
 
 _PROG = f"{PROG} shards check"
+# The searched ranges: option, least value, default range, what it is.
+_RANGES = (
+    ("--world-size", 1, (1, 64), "ranks"),
+    ("--num-nodes", 1, (1, 1), "nodes; each world size is a multiple of its node count"),
+    ("--workers", 0, (0, 8), "DataLoader workers per rank"),
+    ("--batch-size", 1, (1, 512), "samples per batch"),
+)
 
 
 def _range_arg(minimum: int) -> Any:
@@ -58,9 +65,9 @@ def check_parser(option_arg: Any) -> argparse.ArgumentParser:
     parser = CommandParser(
         prog=_PROG,
         description=(
-            "Search world sizes, DataLoader workers and batch sizes for a job under which the dataset at URL is "
-            "unbalanced (unequal batches per rank, a sample lost or repeated beyond the documented padding, "
-            "workers more than one batch apart, a rank missing a class), reading only its manifest. Prints the "
+            "Search world sizes, DataLoader workers and batch sizes for a job under which the dataset at URL is\n"
+            "unbalanced (unequal batches per rank, a sample lost or repeated beyond the documented padding,\n"
+            "workers more than one batch apart, a rank missing a class), reading only its manifest. Prints the\n"
             'shrunk worst case, or "holds for N examples"; exit status 1 on a violation.'
         ),
         epilog=(
@@ -71,30 +78,11 @@ def check_parser(option_arg: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("url", metavar="URL", help="the dataset root (any fsspec URL or local path)")
-    parser.add_argument(
-        "--world-size", type=_range_arg(1), default=(1, 64), metavar="N|LOW-HIGH", help="ranks (default 1-64)"
-    )
-    parser.add_argument(
-        "--num-nodes",
-        type=_range_arg(1),
-        default=(1, 1),
-        metavar="N|LOW-HIGH",
-        help="nodes; each world size is a multiple of its node count (default 1)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=_range_arg(0),
-        default=(0, 8),
-        metavar="N|LOW-HIGH",
-        help="DataLoader workers per rank (default 0-8)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=_range_arg(1),
-        default=(1, 512),
-        metavar="N|LOW-HIGH",
-        help="samples per batch (default 1-512)",
-    )
+    for flag, least, default, what in _RANGES:
+        shown = f"{default[0]}" if default[0] == default[1] else f"{default[0]}-{default[1]}"
+        parser.add_argument(
+            flag, type=_range_arg(least), default=default, metavar="N|LOW-HIGH", help=f"{what} (default {shown})"
+        )
     parser.add_argument(
         "--drop-last", choices=("both", "on", "off"), default="both", help="drop_last settings to try (default both)"
     )
