@@ -9,10 +9,15 @@
    samples per rank, ``drop_last=False`` repeats exactly ``W·P − N ≤ W − 1`` samples and loses none;
    ``drop_last=True`` drops exactly ``N − W·P ≤ W − 1`` and repeats none.
 3. **Worker spread ≤ 1 batch** within every rank.
-4. **Class coverage** when ``min_per_class`` is set: every rank holds at least ``min_per_class`` samples of
-   every class of the dataset, counted from the manifest's per-shard label histograms (``label_counts``) as
-   the samples a rank holds *for sure* (all of a shard's class ``k`` when it reads the whole shard, at least
-   ``count_k − unread`` when it reads part of it).
+4. **Class coverage** when ``min_per_class`` is set: every DataLoader worker of every rank holds, of every
+   class, ``min_per_class`` samples for each of its batches (:func:`class_quota`: a last batch smaller than
+   ``min_per_class × classes`` is exempt, as the class balancer's tail), so every rank sees every class and
+   can fill class-balanced batches. What a worker holds is counted from the manifest's per-shard label
+   histograms (``label_counts``) as what it holds *for sure*: all of a shard's class ``k`` when it reads the
+   whole shard, at least ``count_k − unread`` when it reads part of it, exactly when its plan reads shards in
+   class order. A batch size smaller than ``min_per_class × classes`` is a violation too (StreamingDataset
+   refuses it). A planner that plans classes gets the histograms and ``min_per_class`` (as StreamingDataset
+   passes them); its refusal of a job is a violation.
 5. **Exactly once across a resume** (with ``resume=``): the samples the stopping job had yielded plus all that
    the job finishing the epoch on another topology yields hold every sample once, up to the padding and
    dropping both plans document (a padding repeat the first job had not reached may be yielded by the second,
@@ -48,7 +53,7 @@ from lightning_patterns.testing._intervals import DeliveredSet, union_length
 from lightning_patterns.testing.balance_report import BalanceReport, RankBalance, WorkerBalance
 from lightning_patterns.testing.topology import JobTopology, ResumePoint
 
-__all__ = ["BalanceReport", "JobTopology", "Planner", "ResumePoint", "assert_balanced", "check_balance"]
+__all__ = ["BalanceReport", "JobTopology", "Planner", "ResumePoint", "assert_balanced", "check_balance", "class_quota"]
 
 _IntArray = npt.NDArray[np.int64]
 
@@ -366,9 +371,29 @@ def _plan_intervals(plans: list[list[WorkerPlan]]) -> list[tuple[int, int]]:
     return [interval for rank_plans in plans for plan in rank_plans for interval in _intervals(plan)]
 
 
+def class_quota(num_samples: int, batch_size: int, min_per_class: int, num_classes: int) -> int:
+    """Samples of each class a worker yielding ``num_samples`` in batches of ``batch_size`` needs.
+
+    ``min_per_class`` per batch that can hold ``min_per_class`` of every class: all its batches but a last one
+    smaller than ``min_per_class × num_classes`` (the class balancer's documented tail).
+
+    Example:
+        >>> class_quota(70, 32, 2, 10), class_quota(84, 32, 2, 10), class_quota(0, 32, 2, 10)
+        (4, 6, 0)
+    """
+    batches = -(-num_samples // batch_size)
+    if not batches:
+        return 0
+    last = num_samples - (batches - 1) * batch_size
+    return min_per_class * (batches - 1 + (last >= min_per_class * num_classes))
+
+
 def _run_rows(run: int, topology: JobTopology, plans: list[list[WorkerPlan]], shape: _Shape) -> list[RankBalance]:
     seen = DeliveredSet()
     batch = topology.batch_size
+    # Quotas are what run 0 (a whole epoch) must hold; a resumed run holds what remained.
+    minimum = topology.min_per_class if run == 0 and shape.histograms is not None else None
+    classes = 0 if shape.histograms is None else shape.histograms.shape[1]
     ranks = []
     for rank, rank_plans in enumerate(plans):
         node = topology.node_of(rank) if rank < topology.world_size else -1
@@ -386,6 +411,7 @@ def _run_rows(run: int, topology: JobTopology, plans: list[list[WorkerPlan]], sh
                     padded_repeats=repeats,
                     shards_opened=plan.shards_opened,
                     class_counts=shape.sure_counts(plan.spans, _class_sorted(plan)),
+                    class_quota=0 if minimum is None else class_quota(plan.num_samples, batch, minimum, classes),
                 )
             )
         ranks.append(
@@ -487,7 +513,7 @@ def _rank_violations(ranks: Sequence[RankBalance], topology: JobTopology) -> lis
 
 
 def _ranks(count: int) -> str:
-    return "1 rank holds" if count == 1 else f"{count} ranks hold"
+    return "1 rank has" if count == 1 else f"{count} ranks have"
 
 
 def _some(values: Sequence[int]) -> str:
@@ -506,20 +532,27 @@ def _sample_violations(duplicates: int, losses: int, padding: int, dropped: int,
 
 
 def _class_violations(report: BalanceReport) -> list[str]:
-    missing = report.missing_classes()
-    if not missing:
+    topology, totals = report.topology, report.class_totals
+    minimum = topology.min_per_class
+    if minimum is None or totals is None:
         return []
-    minimum = report.topology.min_per_class or 0  # missing_classes is empty without min_per_class
-    worst = max(missing, key=lambda rank: len(missing[rank]))
-    totals = report.class_totals or ()
-    needed = minimum * report.topology.world_size
-    scarce = [k for k in sorted({k for ks in missing.values() for k in ks}) if totals[k] < needed]
-    hint = (
-        f"; classes {_some(scarce)} have fewer than world_size × min_per_class samples in the whole dataset"
-        if scarce
-        else ""
-    )
+    if topology.batch_size < minimum * len(totals):
+        return [
+            f"batch_size={topology.batch_size} cannot hold min_per_class={minimum} samples of each of {len(totals)} "
+            f"classes (StreamingDataset refuses it): raise batch_size to {minimum * len(totals)} or lower min_per_class"
+        ]
+    short = [w for w in report.workers if w.run == 0 and w.class_quota and w.short_classes()]
+    if not short:
+        return []
+    worst = max(short, key=lambda w: (len(w.short_classes()), -w.rank, -w.worker_id))
+    lacking = worst.short_classes()
+    held = ", ".join(f"{worst.class_counts[k] if worst.class_counts else 0} of class {k}" for k in lacking[:3])
+    needed = sum(w.class_quota for w in report.workers if w.run == 0)
+    scarce = [k for k in sorted({k for w in short for k in w.short_classes()}) if totals[k] < needed]
+    hint = f"; classes {_some(scarce)} have fewer samples in the whole dataset than the workers need" if scarce else ""
+    ranks = len({w.rank for w in short})
     return [
-        f"{_ranks(len(missing))} fewer than min_per_class={minimum} samples of some class: rank {worst} "
-        f"lacks classes {_some(list(missing[worst]))}{hint}"
+        f"{_ranks(ranks)} a worker short of some class for min_per_class={minimum}: rank {worst.rank} worker "
+        f"{worst.worker_id} needs {worst.class_quota} of each class ({minimum} in each of its batches that can hold "
+        f"every class) but surely holds only {held}{', …' if len(lacking) > 3 else ''}{hint}"
     ]

@@ -17,16 +17,13 @@ from lightning_patterns.testing.topology import JobTopology, ResumePoint
 __all__ = ["BalanceReport", "RankBalance", "WorkerBalance"]
 
 
-def _classes_cell(counts: tuple[int, ...] | None, present: Sequence[int]) -> str:
-    """``"7/10 (missing 2, 5, 9)"``: classes a row surely holds, of the classes the dataset has."""
-    if counts is None:
+def _classes_cell(num_classes: int | None, short: Sequence[int]) -> str:
+    """``"7/10 (missing 2, 5, 9)"``: the classes a row holds enough of, of the dataset's classes."""
+    if num_classes is None:
         return "-"
-    held = [k for k in present if counts[k] > 0]
-    missing = [k for k in present if counts[k] == 0]
-    cell = f"{len(held)}/{len(present)}"
-    if missing:
-        shown = ", ".join(map(str, missing[:6])) + (", …" if len(missing) > 6 else "")
-        cell += f" (missing {shown})"
+    cell = f"{num_classes - len(short)}/{num_classes}"
+    if short:
+        cell += f" (missing {', '.join(map(str, short[:6]))}{', …' if len(short) > 6 else ''})"
     return cell
 
 
@@ -52,6 +49,8 @@ class WorkerBalance:
         shards_opened: Distinct shards it reads.
         class_counts: Per class, the samples it holds *for sure* given the per-shard label histograms (a worker
             reading part of a shard may hold more); ``None`` when the manifest records no histograms.
+        class_quota: With ``min_per_class``, the samples of each class it needs: ``min_per_class`` per batch that
+            can hold every class (a last batch smaller than ``min_per_class × classes`` is exempt); else ``0``.
     """
 
     run: int
@@ -63,6 +62,13 @@ class WorkerBalance:
     padded_repeats: int
     shards_opened: int
     class_counts: tuple[int, ...] | None = None
+    class_quota: int = 0
+
+    def short_classes(self) -> tuple[int, ...]:
+        """The classes it surely holds fewer of than it needs (``class_quota``, or one when there is none)."""
+        if self.class_counts is None:
+            return ()
+        return tuple(k for k, count in enumerate(self.class_counts) if count < max(self.class_quota, 1))
 
 
 @dataclass(frozen=True)
@@ -157,32 +163,34 @@ class BalanceReport:
         return max((rank.worker_spread for rank in self.ranks), default=0)
 
     def missing_classes(self) -> dict[int, tuple[int, ...]]:
-        """Per rank of run 0 that holds fewer than ``min_per_class`` samples of some class, those classes."""
-        minimum = self.topology.min_per_class
-        if minimum is None or self.class_totals is None:
+        """With ``min_per_class``: per rank of run 0 with a worker short of its quota of some class, those classes."""
+        if self.topology.min_per_class is None or self.class_totals is None:
             return {}
-        present = self._present_classes()
         missing = {}
         for rank in self.ranks:
-            if rank.run == 0 and rank.class_counts is not None:
-                short = tuple(k for k in present if rank.class_counts[k] < minimum)
+            if rank.run == 0:
+                short = sorted({k for worker in rank.workers if worker.class_quota for k in worker.short_classes()})
                 if short:
-                    missing[rank.rank] = short
+                    missing[rank.rank] = tuple(short)
         return missing
 
-    def _present_classes(self) -> list[int]:
-        return [k for k, total in enumerate(self.class_totals or ()) if total > 0]
+    def _rank_short(self, rank: RankBalance) -> tuple[int, ...]:
+        """The classes of ``rank``'s classes cell: short of a quota with ``min_per_class``, else absent."""
+        if rank.class_counts is None:
+            return ()
+        if self.topology.min_per_class is not None:
+            return self.missing_classes().get(rank.rank, ()) if rank.run == 0 else ()
+        return tuple(k for k, count in enumerate(rank.class_counts) if count == 0)
 
     def worst_rank(self) -> RankBalance | None:
-        """The rank furthest from the others: most classes missing, then furthest from the median batch count."""
+        """The rank short of most classes, then furthest from the median batch count of its run."""
         if not self.ranks:
             return None
-        missing = self.missing_classes()
         runs = {run: median(r.batches for r in self.ranks if r.run == run) for run in {r.run for r in self.ranks}}
         return max(
             self.ranks,
             key=lambda r: (
-                len(missing.get(r.rank, ())) if r.run == 0 else 0,
+                len(self._rank_short(r)) if self.topology.min_per_class is not None else 0,
                 abs(r.batches - runs[r.run]),
                 r.worker_spread,
                 r.padded_repeats,
@@ -192,39 +200,39 @@ class BalanceReport:
         )
 
     def worst_worker(self) -> WorkerBalance | None:
-        """The worker furthest from its rank's others, then with the most padded repeats."""
-        best: tuple[tuple[float, ...], WorkerBalance] | None = None
-        for rank in self.ranks:
-            middle = median(w.batches for w in rank.workers) if rank.workers else 0
-            for worker in rank.workers:
-                key = (
-                    abs(worker.batches - middle),
-                    worker.padded_repeats,
-                    -worker.run,
-                    -worker.rank,
-                    -worker.worker_id,
-                )
-                if best is None or key > best[0]:
-                    best = (key, worker)
-        return None if best is None else best[1]
+        """The worker short of most classes, then furthest from its rank's others, then with the most repeats."""
+        if not self.workers:
+            return None
+        middle = {(r.run, r.rank): median(w.batches for w in r.workers) for r in self.ranks if r.workers}
+        return max(
+            self.workers,
+            key=lambda w: (
+                len(w.short_classes()) if w.class_quota else 0,
+                abs(w.batches - middle[w.run, w.rank]),
+                w.padded_repeats,
+                -w.run,
+                -w.rank,
+                -w.worker_id,
+            ),
+        )
 
     def table(self) -> str:
         """The worst rank and worker, and the range over all ranks, as a small table."""
-        present = self._present_classes()
+        classes = None if self.class_totals is None else len(self.class_totals)
         head = ["", "run", "rank", "node", "worker", "samples", "batches", "padded", "classes"]
         rows: list[list[str]] = []
         rank = self.worst_rank()
         if rank is not None:
             workers = f"0-{len(rank.workers) - 1}" if len(rank.workers) > 1 else "0"
             cells = [rank.run, rank.rank, rank.node, workers, rank.samples, rank.batches, rank.padded_repeats]
-            rows.append(["worst rank", *map(str, cells), _classes_cell(rank.class_counts, present)])
+            rows.append(["worst rank", *map(str, cells), _classes_cell(classes, self._rank_short(rank))])
         worker = self.worst_worker()
         if worker is not None:
             cells = [worker.run, worker.rank, worker.node, worker.worker_id, worker.samples, worker.batches]
             cells.append(worker.padded_repeats)
-            rows.append(["worst worker", *map(str, cells), _classes_cell(worker.class_counts, present)])
+            rows.append(["worst worker", *map(str, cells), _classes_cell(classes, worker.short_classes())])
         if self.ranks:
-            held = [sum(1 for k in present if r.class_counts[k] > 0) for r in self.ranks if r.class_counts is not None]
+            held = [classes - len(self._rank_short(r)) for r in self.ranks] if classes is not None else []
             columns = [
                 [r.run for r in self.ranks],
                 [r.rank for r in self.ranks],
@@ -234,8 +242,7 @@ class BalanceReport:
                 [r.batches for r in self.ranks],
                 [r.padded_repeats for r in self.ranks],
             ]
-            classes = f"{_range(held)}/{len(present)}" if held else "-"
-            rows.append(["all ranks", *map(_range, columns), classes])
+            rows.append(["all ranks", *map(_range, columns), f"{_range(held)}/{classes}" if held else "-"])
         if self.resume is None:  # one run: the run column says nothing
             rows = [row[:1] + row[2:] for row in [head, *rows]]
             head, rows = rows[0], rows[1:]

@@ -45,8 +45,9 @@ class JobTopology:
         num_workers: The DataLoader's ``num_workers`` per rank, ``>= 0`` (``0``: the main process reads).
         batch_size: Samples per batch, ``>= 1``; each DataLoader worker batches its own samples.
         drop_last: Drop up to ``world_size - 1`` samples per epoch instead of repeating as many.
-        min_per_class: When set, every rank must hold at least this many samples of every class of the dataset
-            (checked from the manifest's per-shard label histograms); ``None`` checks no classes.
+        min_per_class: When set, class-balanced batches: every DataLoader worker must hold this many samples of
+            every class for each of its batches (checked from the manifest's per-shard label histograms, see
+            :func:`~lightning_patterns.testing.balance.check_balance`); ``None`` checks no classes.
         shuffle: Shuffle the span order per epoch, as ``StreamingDataset(shuffle=True)``.
         seed: The shuffle seed, ``>= 0``.
         span_samples: Split shards into spans of at most this many samples before shuffling (``None``: whole

@@ -3,13 +3,14 @@ invariant `check_balance` checks, for any manifest, any job and any resume point
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lightning_patterns.data.sharding.assignment import plan_epoch, samples_per_rank
+from lightning_patterns.data.sharding.assignment import PlanConfig, WorkerPlan, plan_epoch, samples_per_rank
 from lightning_patterns.data.shards import FieldSpec, Manifest, Schema, read_shard, write_dataset
 from lightning_patterns.testing import JobTopology, ResumePoint, assert_balanced, check_balance
 from lightning_patterns.testing import strategies as lps
@@ -117,31 +118,57 @@ def test_class_coverage_holds_when_every_shard_is_read_whole_and_mixed(
         assert sum(rank.class_counts) <= rank.samples
 
 
-@given(
-    lps.manifests(lps.shard_sizes(max_shards=8, max_samples=300), num_classes=st.integers(1, 5)),
-    lps.topologies(max_world_size=8, min_per_class=st.integers(1, 3), shuffle=None),
-)
-def test_class_coverage_agrees_with_the_samples_each_rank_reads(manifest: Manifest, topology: JobTopology) -> None:
-    """Recounted from every sample index a rank reads: a class is surely held ``count - unread`` times per shard."""
-    report = check_balance(manifest, topology)
+def file_order(config: PlanConfig, epoch: int, **kwargs: Any) -> list[list[WorkerPlan]]:
+    """The plan in file order, without planning classes."""
+    plain = PlanConfig(
+        config.shard_sizes, batch_size=config.batch_size, seed=config.seed, shuffle=config.shuffle,
+        drop_last=config.drop_last, shuffle_window=config.shuffle_window, span_samples=config.span_samples,
+    )  # fmt: skip
+    return plan_epoch(plain, epoch, **kwargs)
+
+
+_CLASS_JOBS = lps.topologies(max_world_size=8, min_batch_size=15, min_per_class=st.integers(1, 3), shuffle=None)
+
+
+@given(lps.manifests(lps.shard_sizes(max_shards=8, max_samples=300), num_classes=st.integers(1, 5)), _CLASS_JOBS)
+def test_class_coverage_agrees_with_the_samples_each_worker_reads(manifest: Manifest, topology: JobTopology) -> None:
+    """Recounted from every sample a worker reads: of a shard's class ``c`` it surely holds ``count - unread``, and
+    it needs ``min_per_class`` for each of its batches of at least ``min_per_class × classes`` samples."""
+    report = check_balance(manifest, topology, planner=file_order)
     sizes = np.asarray([shard.num_samples for shard in manifest.shards])
     shard_of = np.repeat(np.arange(len(sizes)), sizes)
     histograms = np.asarray([shard.label_counts["label"] for shard in manifest.shards])
-    plans = plan_epoch(
-        topology.plan_config(sizes.tolist()), 0, world_size=topology.world_size, num_workers=topology.num_workers
-    )
-    present = np.flatnonzero(histograms.sum(axis=0))
-    missing = {}
+    plans = file_order(topology.plan_config(sizes.tolist()), 0, world_size=topology.world_size,
+                       num_workers=topology.num_workers)  # fmt: skip
+    m, b = topology.min_per_class or 0, topology.batch_size
+    missing: dict[int, set[int]] = {}
     for rank, rank_plans in enumerate(plans):
-        read = np.unique(np.concatenate([plan.indices() for plan in rank_plans] + [np.zeros(0, np.int64)]))
-        read_per_shard = np.bincount(shard_of[read], minlength=len(sizes))
-        sure = np.maximum(histograms - (sizes - read_per_shard)[:, None], 0).sum(axis=0)
-        assert tuple(sure.tolist()) == report.ranks[rank].class_counts
-        short = tuple(int(k) for k in present if sure[k] < topology.min_per_class)
-        if short:
-            missing[rank] = short
-    assert report.missing_classes() == missing
+        for plan, row in zip(rank_plans, report.ranks[rank].workers, strict=True):
+            read = plan.indices()
+            unread = sizes - np.bincount(shard_of[read], minlength=len(sizes))
+            sure = np.maximum(histograms - unread[:, None], 0).sum(axis=0)
+            assert tuple(sure.tolist()) == row.class_counts
+            batches = [min(b, plan.num_samples - start) for start in range(0, plan.num_samples, b)]
+            quota = m * sum(size >= m * histograms.shape[1] for size in batches)
+            assert row.class_quota == quota
+            short = {int(k) for k in np.flatnonzero(sure < max(quota, 1))} if quota else set()
+            if short:
+                missing.setdefault(rank, set()).update(short)
+    assert report.missing_classes() == {rank: tuple(sorted(ks)) for rank, ks in missing.items()}
     assert report.ok == (not missing)
+
+
+@given(lps.manifests(lps.shard_sizes(max_shards=8, max_samples=300), num_classes=st.integers(1, 5)), _CLASS_JOBS)
+def test_the_plan_keeps_every_other_invariant_with_min_per_class(manifest: Manifest, topology: JobTopology) -> None:
+    """Whatever the planner does with classes, only the class check may fail; a planner that plans classes and
+    accepts the job (rather than refusing it at construction) must cover every class."""
+    report = check_balance(manifest, topology)
+    class_related = ("a worker short of some class", "cannot hold min_per_class", "the plan refuses min_per_class")
+    assert all(any(text in violation for text in class_related) for violation in report.violations), report.message()
+    plans_classes = {"class_counts", "min_per_class"} <= {field.name for field in dataclasses.fields(PlanConfig)}
+    refused = any("refuses" in violation for violation in report.violations)
+    if plans_classes and not refused:
+        assert report.ok, report.message()
 
 
 _SCHEMA = Schema(

@@ -29,17 +29,17 @@ def balanced(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def label_sorted(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A manifest (no shard files) of 6 shards sorted by label over 3 classes, drawn by the public strategies."""
+def scarce(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A manifest (no shard files) drawn by the public strategies: 6 shards of 10, one class with a single sample."""
     manifest = find(
         lps.manifests(
-            lps.uniform_shard_sizes(min_shards=6, max_shards=6, min_samples=60),
+            lps.uniform_shard_sizes(min_shards=6, max_shards=6, min_samples=60, max_samples=60),
             num_classes=3,
-            label_layout="single_class",
+            label_layout="mixed",
         ),
-        lambda m: len({shard.label_counts["label"].index(max(shard.label_counts["label"])) for shard in m.shards}) == 3,
+        lambda m: sum(shard.label_counts["label"][2] for shard in m.shards) == 1,
     )
-    url = str(tmp_path_factory.mktemp("sorted") / "train")
+    url = str(tmp_path_factory.mktemp("scarce") / "train")
     publish_manifest(manifest, url)
     return url
 
@@ -96,23 +96,25 @@ def test_resume_and_nodes_are_searched_too(capsys: pytest.CaptureFixture[str], b
     assert out.splitlines()[-1] == "holds for 25 examples"
 
 
-def test_a_violation_prints_the_shrunk_worst_case(capsys: pytest.CaptureFixture[str], label_sorted: str) -> None:
-    code, out, _ = run(capsys, "check", label_sorted, "--world-size", "1-64", "--min-per-class", "1")
+def test_a_violation_prints_the_shrunk_worst_case(capsys: pytest.CaptureFixture[str], scarce: str) -> None:
+    """One sample of class 2 cannot be in every batch: the smallest job that shows it is one rank, batch size 3."""
+    code, out, _ = run(capsys, "check", scarce, "--world-size", "1-64", "--batch-size", "3-64", "--min-per-class", "1")
     assert code == 1
     assert "violated; the shrunk worst case:" in out
-    # The smallest failing job: 2 ranks, no workers, batch size 1.
     assert (
-        f"Shard balance: NOT balanced: dataset {label_sorted} (60 samples), epoch 0, world_size=2, num_workers=0, "
-        "batch_size=1, drop_last=False, min_per_class=1." in out
+        f"Shard balance: NOT balanced: dataset {scarce} (60 samples), epoch 0, world_size=1, num_workers=0, "
+        "batch_size=3, drop_last=False, min_per_class=1." in out
     )
-    assert "1 rank holds fewer than min_per_class=1 samples of some class: rank 0 lacks classes 1, 2" in out
-    assert re.search(r"worst rank +0 +0 +0 +30 +30 +0 +\d/3 \(missing", out)
-    assert (
-        f"reproduce: lightning-patterns shards inspect {label_sorted} --world-size 2 --num-workers 0 --batch-size 1"
-        in out
-    )
+    assert re.search(r"worst rank +0 +0 +0 +60 +20 +0", out)
+    assert f"reproduce: lightning-patterns shards inspect {scarce} --world-size 1 --num-workers 0 --batch-size 3" in out
     # Without --min-per-class the same dataset is balanced.
-    assert run(capsys, "check", label_sorted, "--world-size", "1-8", "--max-examples", "20")[0] == 0
+    assert run(capsys, "check", scarce, "--world-size", "1-8", "--max-examples", "20")[0] == 0
+
+
+def test_too_small_a_batch_for_every_class_is_the_worst_case(capsys: pytest.CaptureFixture[str], scarce: str) -> None:
+    code, out, _ = run(capsys, "check", scarce, "--min-per-class", "1")
+    assert code == 1
+    assert "batch_size=1 cannot hold min_per_class=1 samples of each of 3 classes" in out
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import pytest
 from lightning_patterns.data.sharding.assignment import PlanConfig, Span, WorkerPlan, plan_epoch
 from lightning_patterns.data.shards import Manifest, Schema, ShardInfo, write_dataset
 from lightning_patterns.testing import BalanceReport, JobTopology, ResumePoint, assert_balanced, check_balance
+from lightning_patterns.testing.balance import class_quota
 from lightning_patterns.testing.http_server import serve_directory
 
 SCHEMA = Schema.infer({"x": 1, "label": 1})
@@ -170,37 +171,77 @@ def test_the_assertion_shows_the_worst_rank_and_worker_as_a_table() -> None:
 # ---------------------------------------------------------------- classes
 
 
-def test_a_rank_missing_a_class_is_named_with_its_classes() -> None:
+def file_order(config: PlanConfig, epoch: int, **kwargs: Any) -> list[list[WorkerPlan]]:
+    """The plan in file order, without planning classes: what these tests check is the class check itself."""
+    plain = PlanConfig(
+        config.shard_sizes,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        shuffle=config.shuffle,
+        drop_last=config.drop_last,
+        shuffle_window=config.shuffle_window,
+        span_samples=config.span_samples,
+    )
+    return plan_epoch(plain, epoch, **kwargs)
+
+
+def test_a_rank_missing_classes_is_named_with_the_worker_and_what_it_holds() -> None:
     """Shards sorted by label (as `--hash-key label` makes them): each of 2 ranks sees half of the classes."""
     manifest = manifest_of(SIZES, [[10, 0, 0, 0], [0, 10, 0, 0], [0, 0, 10, 0], [0, 0, 0, 10]])
-    report = check_balance(manifest, JobTopology(world_size=2, min_per_class=1))
+    topology = JobTopology(world_size=2, batch_size=4, min_per_class=1)
+    report = check_balance(manifest, topology, planner=file_order)
     assert report.class_totals == (10, 10, 10, 10)
+    # Each rank's one worker yields 20 samples in 5 batches of 4: it needs 1 of each class in each.
+    assert [worker.class_quota for worker in report.workers] == [5, 5]
+    assert [rank.class_counts for rank in report.ranks] == [(10, 10, 0, 0), (0, 0, 10, 10)]
     assert report.missing_classes() == {0: (2, 3), 1: (0, 1)}
     assert report.violations == (
-        "2 ranks hold fewer than min_per_class=1 samples of some class: rank 0 lacks classes 2, 3",
+        "2 ranks have a worker short of some class for min_per_class=1: rank 0 worker 0 needs 5 of each class (1 in "
+        "each of its batches that can hold every class) but surely holds only 0 of class 2, 0 of class 3",
     )
     assert "2/4 (missing 2, 3)" in report.table()
     # Without min_per_class the classes are reported, not required.
-    assert check_balance(manifest, JobTopology(world_size=2)).ok
+    assert check_balance(manifest, JobTopology(world_size=2), planner=file_order).ok
+
+
+def test_a_tail_batch_too_small_for_every_class_needs_none() -> None:
+    """20 samples in batches of 8: 2 full batches need 2 of each class; the last batch of 4 < 2 × 4 is exempt."""
+    assert class_quota(20, 8, 2, 4) == 4
+    assert class_quota(24, 8, 2, 4) == 6  # a last batch of 8 = 2 × 4 can hold them all
+    assert class_quota(0, 8, 2, 4) == 0
+    manifest = manifest_of([20], [[5, 5, 5, 5]])
+    assert check_balance(manifest, JobTopology(batch_size=8, min_per_class=2), planner=file_order).ok
+    short = check_balance(manifest, JobTopology(batch_size=8, min_per_class=3), planner=file_order)
+    assert short.missing_classes() == {0: (0, 1, 2, 3)}  # needs 6 of each (3 × 2 batches), holds 5
+
+
+def test_a_batch_too_small_for_every_class_is_refused() -> None:
+    manifest = manifest_of([20], [[5, 5, 5, 5]])
+    report = check_balance(manifest, JobTopology(batch_size=7, min_per_class=2), planner=file_order)
+    assert report.violations == (
+        "batch_size=7 cannot hold min_per_class=2 samples of each of 4 classes (StreamingDataset refuses it): raise "
+        "batch_size to 8 or lower min_per_class",
+    )
 
 
 def test_classes_count_only_what_a_partial_shard_surely_holds() -> None:
     """Rank 0 reads 6 of shard 0's 10 samples: of its 5 + 5 it surely holds 1 of each class, not 5."""
     manifest = manifest_of([10, 10], [[5, 5], [5, 5]])
+    break_rank_0 = _planner(lambda plans, sizes: (_replace_plan(plans, 0, 0, [(0, 0, 6)], sizes),))
     report = check_balance(
-        manifest,
-        JobTopology(world_size=2, drop_last=True, min_per_class=2),
-        planner=_planner(lambda plans, sizes: (_replace_plan(plans, 0, 0, [(0, 0, 6)], sizes),)),
+        manifest, JobTopology(world_size=2, drop_last=True, batch_size=4, min_per_class=2), planner=break_rank_0
     )
     assert report.ranks[0].class_counts == (1, 1)
+    assert report.ranks[0].workers[0].class_quota == 2  # batches of 4 and 2: only the first can hold 2 + 2
     assert report.missing_classes() == {0: (0, 1)}
     assert report.ranks[1].class_counts == (5, 5)
 
 
-def test_a_class_too_scarce_for_every_rank_is_called_out() -> None:
+def test_a_class_too_scarce_for_every_worker_is_called_out() -> None:
     manifest = manifest_of([10, 10], [[9, 1], [10, 0]])
-    report = check_balance(manifest, JobTopology(world_size=2, min_per_class=1))
-    assert "classes 1 have fewer than world_size × min_per_class samples in the whole dataset" in report.violations[0]
+    report = check_balance(manifest, JobTopology(world_size=2, batch_size=2, min_per_class=1), planner=file_order)
+    assert report.missing_classes() == {0: (1,), 1: (1,)}
+    assert "classes 1 have fewer samples in the whole dataset than the workers need" in report.violations[0]
 
 
 def test_min_per_class_without_label_histograms_is_explained() -> None:
@@ -303,15 +344,15 @@ class _ClassSortedPlan(WorkerPlan):
 
 
 def _class_sorted(config: PlanConfig, epoch: int, **kwargs: Any) -> list[list[WorkerPlan]]:
-    plans = plan_epoch(config, epoch, **kwargs)
+    plans = file_order(config, epoch, **kwargs)
     return [[_ClassSortedPlan(**{f.name: getattr(p, f.name) for f in dataclasses.fields(p)}) for p in r] for r in plans]
 
 
 def test_class_sorted_spans_are_counted_exactly() -> None:
     """Half a shard of 5 + 5 holds 0 of a class for sure in file order, but exactly 5 and 0 in class order."""
     manifest = manifest_of([10, 10], [[5, 5], [5, 5]])
-    topology = JobTopology(world_size=4, min_per_class=1)
-    plain = check_balance(manifest, topology)
+    topology = JobTopology(world_size=4, batch_size=2, min_per_class=1)
+    plain = check_balance(manifest, topology, planner=file_order)
     assert [rank.class_counts for rank in plain.ranks] == [(0, 0)] * 4
     assert set(plain.missing_classes()) == {0, 1, 2, 3}
     exact = check_balance(manifest, topology, planner=_class_sorted)
