@@ -116,6 +116,9 @@ def check_balance(
     violations: list[str] = []
 
     class_counts = None if histograms is None else histograms.tolist()
+    too_small = _batch_violation(topology, histograms)
+    if too_small:  # StreamingDataset refuses such a job before planning anything
+        return _report(name, topology, epoch, total, histograms, resume, violations=(too_small,))
     try:
         plans = planner(
             topology.plan_config(sizes.tolist(), class_counts),
@@ -531,16 +534,23 @@ def _sample_violations(duplicates: int, losses: int, padding: int, dropped: int,
     return out
 
 
+def _batch_violation(topology: JobTopology, histograms: npt.NDArray[np.int64] | None) -> str:
+    """Why ``topology``'s batches cannot hold ``min_per_class`` of every class, or ``""``."""
+    minimum = topology.min_per_class
+    if minimum is None or histograms is None or topology.batch_size >= minimum * histograms.shape[1]:
+        return ""
+    classes = histograms.shape[1]
+    return (
+        f"batch_size={topology.batch_size} cannot hold min_per_class={minimum} samples of each of {classes} classes "
+        f"(StreamingDataset refuses it): raise batch_size to {minimum * classes} or lower min_per_class"
+    )
+
+
 def _class_violations(report: BalanceReport) -> list[str]:
     topology, totals = report.topology, report.class_totals
     minimum = topology.min_per_class
     if minimum is None or totals is None:
         return []
-    if topology.batch_size < minimum * len(totals):
-        return [
-            f"batch_size={topology.batch_size} cannot hold min_per_class={minimum} samples of each of {len(totals)} "
-            f"classes (StreamingDataset refuses it): raise batch_size to {minimum * len(totals)} or lower min_per_class"
-        ]
     short = [w for w in report.workers if w.run == 0 and w.class_quota and w.short_classes()]
     if not short:
         return []

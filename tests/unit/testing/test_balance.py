@@ -209,10 +209,10 @@ def test_a_tail_batch_too_small_for_every_class_needs_none() -> None:
     assert class_quota(20, 8, 2, 4) == 4
     assert class_quota(24, 8, 2, 4) == 6  # a last batch of 8 = 2 × 4 can hold them all
     assert class_quota(0, 8, 2, 4) == 0
-    manifest = manifest_of([20], [[5, 5, 5, 5]])
-    assert check_balance(manifest, JobTopology(batch_size=8, min_per_class=2), planner=file_order).ok
-    short = check_balance(manifest, JobTopology(batch_size=8, min_per_class=3), planner=file_order)
-    assert short.missing_classes() == {0: (0, 1, 2, 3)}  # needs 6 of each (3 × 2 batches), holds 5
+    topology = JobTopology(batch_size=8, min_per_class=2)
+    assert check_balance(manifest_of([20], [[5, 5, 5, 5]]), topology, planner=file_order).ok
+    short = check_balance(manifest_of([20], [[6, 6, 5, 3]]), topology, planner=file_order)
+    assert short.missing_classes() == {0: (3,)}  # needs 4 of each (2 × 2 batches), holds 3 of class 3
 
 
 def test_a_batch_too_small_for_every_class_is_refused() -> None:
@@ -345,7 +345,10 @@ class _ClassSortedPlan(WorkerPlan):
 
 def _class_sorted(config: PlanConfig, epoch: int, **kwargs: Any) -> list[list[WorkerPlan]]:
     plans = file_order(config, epoch, **kwargs)
-    return [[_ClassSortedPlan(**{f.name: getattr(p, f.name) for f in dataclasses.fields(p)}) for p in r] for r in plans]
+    fields = [f.name for f in dataclasses.fields(WorkerPlan) if f.name != "class_sorted"]
+    return [
+        [_ClassSortedPlan(**{name: getattr(p, name) for name in fields}, class_sorted=True) for p in r] for r in plans
+    ]
 
 
 def test_class_sorted_spans_are_counted_exactly() -> None:
@@ -378,7 +381,7 @@ def test_a_plan_that_refuses_min_per_class_is_a_violation() -> None:
         raise ValueError("ranks 0, 1 would get too few samples of classes 2, 3")
 
     manifest = manifest_of(SIZES, [[10, 0, 0, 0], [0, 10, 0, 0], [0, 0, 10, 0], [0, 0, 0, 10]])
-    report = check_balance(manifest, JobTopology(world_size=2, min_per_class=1), planner=refusing)
+    report = check_balance(manifest, JobTopology(world_size=2, batch_size=4, min_per_class=1), planner=refusing)
     assert report.violations == (
         "the plan refuses min_per_class=1 for this job (as StreamingDataset would): ranks 0, 1 would get too few "
         "samples of classes 2, 3",
@@ -386,7 +389,7 @@ def test_a_plan_that_refuses_min_per_class_is_a_violation() -> None:
     assert report.ranks == ()
     assert "Shard balance: NOT balanced" in report.message()
     with pytest.raises(ValueError, match="too few samples"):  # without min_per_class it is the planner's own error
-        check_balance(manifest, JobTopology(world_size=2), planner=refusing)
+        check_balance(manifest, JobTopology(world_size=2, batch_size=4), planner=refusing)
 
 
 def test_the_plan_config_takes_the_histograms_when_the_planner_plans_classes() -> None:
