@@ -23,8 +23,8 @@ bench:
 	bash benchmarks/run_all.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check lightning_patterns tests $(wildcard benchmarks)
-	$(BIN)/ruff format --check lightning_patterns tests $(wildcard benchmarks)
+	$(BIN)/ruff check lightning_patterns tests examples $(wildcard benchmarks)
+	$(BIN)/ruff format --check lightning_patterns tests examples $(wildcard benchmarks)
 	$(BIN)/mypy
 
 test: lint

@@ -12,8 +12,10 @@
 :func:`~lightning_patterns.data.sharding.assignment.plan_epoch` for a world size and worker count, and can
 plot both. ``shards gc`` lists (and with ``--apply`` removes) the shard files of a dataset folder that no
 manifest lists: leftovers of a killed writer, and generations an overwrite retired, once past their grace
-period (:func:`~lightning_patterns.data.shards.collect_garbage`). The data layers are imported when a
-subcommand runs, so ``--help`` stays fast.
+period (:func:`~lightning_patterns.data.shards.collect_garbage`). ``shards check``
+(:mod:`~lightning_patterns.commands.shards_check`) searches ranges of world sizes, workers and batch sizes for a
+job under which the dataset is unbalanced. The data layers are imported when a subcommand runs, so ``--help``
+stays fast.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_patterns._units import human_bytes, parse_size
 from lightning_patterns.commands.base import PROG, Command, CommandParser, echo
 from lightning_patterns.commands.errors import report_error
+from lightning_patterns.commands.shards_check import check_parser, run_check
 from lightning_patterns.exceptions import DestinationNotEmptyError
 
 if TYPE_CHECKING:
@@ -208,10 +211,11 @@ def _inspect_parser() -> argparse.ArgumentParser:
 
 
 def _main_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog=_PROG, description="Write, inspect and garbage-collect sharded datasets.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{write,inspect,gc}")
+    parser = CommandParser(prog=_PROG, description="Write, inspect, check and garbage-collect sharded datasets.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{write,inspect,check,gc}")
     commands.add_parser("write", help="write samples (a dataset, IDX files, synthetic:N) as shards")
     commands.add_parser("inspect", help="print shard sizes and the per-rank, per-worker plan")
+    commands.add_parser("check", help="search world sizes, workers and batch sizes for a job that unbalances URL")
     commands.add_parser("gc", help="list (or with --apply remove) shard files no manifest lists")
     return parser
 
@@ -577,7 +581,7 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def run_shards_command(argv: Sequence[str]) -> int:
-    """Run ``lightning-patterns shards write|inspect|gc ...`` and return the exit status.
+    """Run ``lightning-patterns shards write|inspect|check|gc ...`` and return the exit status.
 
     ``0`` on success, ``2`` for a usage error (argparse's message, or a bad combination of options, on
     stderr), ``1`` when the work itself fails (missing source or dataset, schema mismatch, an existing
@@ -590,7 +594,15 @@ def run_shards_command(argv: Sequence[str]) -> int:
         The exit status.
     """
     argv = list(argv)
-    commands = {"write": (_write_parser, _write), "inspect": (_inspect_parser, _inspect), "gc": (_gc_parser, _gc)}
+    commands = {
+        "write": (_write_parser, _write),
+        "inspect": (_inspect_parser, _inspect),
+        "check": (
+            lambda: check_parser(_option_arg),
+            lambda args: run_check(args, _storage_options(args.storage_option)),
+        ),
+        "gc": (_gc_parser, _gc),
+    }
     try:
         if not argv or argv[0] not in commands:
             _main_parser().parse_args(argv)  # prints help or argparse's error and exits
@@ -620,10 +632,10 @@ def run_shards_command(argv: Sequence[str]) -> int:
 
 
 class ShardsCommand(Command):
-    """``lightning-patterns shards write|inspect|gc``."""
+    """``lightning-patterns shards write|inspect|check|gc``."""
 
     name = "shards"
-    help = "write datasets as shards (from a dataset, IDX files or synthetic:N), inspect their plan, collect garbage"
+    help = "write datasets as shards (from a dataset, IDX files or synthetic:N), inspect and check their plan, gc"
 
     def run(self, argv: list[str]) -> int:
         """Run :func:`run_shards_command`."""

@@ -42,7 +42,7 @@ def test_unknown_command_suggests_the_closest(capsys: pytest.CaptureFixture[str]
     ("argv", "shown"),
     [
         (["recipes", "--help"], "List the recipes"),
-        (["shards", "--help"], "{write,inspect,gc}"),
+        (["shards", "--help"], "{write,inspect,check,gc}"),
         (["shards", "write", "--help"], "--shard-bytes"),
         (["shards", "inspect", "--help"], "--world-size"),
         (["cache", "--help"], "{info,clear}"),

@@ -239,7 +239,7 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("argv", "code", "message"),
     [
-        ([], 2, "the following arguments are required: {write,inspect,gc}"),
+        ([], 2, "the following arguments are required: {write,inspect,check,gc}"),
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
         (["write"], 2, "the following arguments are required: DEST"),
         (["write", "{dest}"], 2, "the following arguments are required: SRC (a dataset URL or synthetic:N)"),

@@ -6,28 +6,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cache_helpers import CountingSource
 
 from lightning_patterns.data.caching import (
-    CACHES,
     CacheConfig,
     DiskEpochCache,
-    EpochCache,
     MemoryEpochCache,
     make_cache,
 )
 from lightning_patterns.data.caching import __all__ as public_names
+from lightning_patterns.testing.contracts import CountingSource
 
 
 def test_public_names_are_sorted() -> None:
     assert public_names == sorted(public_names)
-
-
-@pytest.mark.parametrize("name", ["memory", "disk"])
-def test_every_registered_cache_declares_its_name(name: str) -> None:
-    cls = CACHES.get(name)
-    assert issubclass(cls, EpochCache)
-    assert cls.name == name
 
 
 def test_names_build_their_caches(tmp_path: Path) -> None:

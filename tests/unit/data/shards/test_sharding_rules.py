@@ -1,4 +1,5 @@
-"""Unit tests of the "size" and "hash" sharding rules, their registry, and the stable hash."""
+"""What the "size" and "hash" rules do beyond the sharding-rule contract (test_sharding_rule_contract.py): their
+parameters, the stable hash, equal keys in one bucket, sequential size shards, and the registry's errors."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from lightning_patterns.data.sharding import (
     DEFAULT_SHARD_BYTES,
     SHARDERS,
     HashSharder,
-    Sharder,
     SizeSharder,
     bucket_of,
     stable_hash,
@@ -41,10 +41,6 @@ def test_registry_holds_both_rules_and_lists_names_on_failure() -> None:
     assert {"size", "hash"} <= set(SHARDERS.names())
     with pytest.raises(KeyError, match=r"Unknown sharder 'nope'\. Expected one of: .*hash.*size"):
         SHARDERS.get("nope")
-    for name in ("size", "hash"):
-        cls = SHARDERS.get(name)
-        assert issubclass(cls, Sharder)
-        assert cls.name == name
 
 
 @pytest.mark.parametrize(("key", "expected"), list(STABLE.items()))
@@ -129,21 +125,13 @@ def test_to_json_and_back() -> None:
     assert repr(hashed) == "HashSharder(num_shards=8, key='id', hash='blake2b-64')"
 
 
-SAMPLE_BYTES = 28 * 28 + 8
-
-
-def test_size_rule_shards_are_within_one_sample_of_the_target(
+def test_size_rule_writes_samples_in_order_into_unbucketed_shards(
     memory_url: str, mnist_like: Callable[..., list[dict[str, Any]]]
 ) -> None:
+    """Shard sizes within the target are the contract's; the order and the manifest entry are this rule's."""
     target = 20_000
     manifest = write_dataset(mnist_like(300), memory_url, shard_bytes=target, progress=False)
-    sizes = [s.num_bytes for s in manifest.shards]
-    assert len(sizes) > 5
-    assert sum(s.num_samples for s in manifest.shards) == 300
-    assert all(size <= target for size in sizes)
-    # Closed only when the next sample would not fit: file growth per sample is its bytes plus at most one
-    # alignment pad per column (2 columns x 64 bytes).
-    assert all(size > target - SAMPLE_BYTES - 2 * 64 for size in sizes[:-1])
+    assert len(manifest.shards) > 5
     assert manifest.sharding == {"rule": "size", "shard_bytes": target}
     assert all(s.bucket is None for s in manifest.shards)
     # sequential: the shards hold the samples in order
@@ -174,7 +162,6 @@ def test_hash_rule_without_key_hashes_the_sample_index_and_splits_big_buckets(me
     assert set(buckets) == {0, 1, 2}
     assert len(buckets) > 3  # a bucket over shard_bytes spans several files
     for shard in manifest.shards:
-        assert shard.num_bytes <= 1024
         for i in read_shard(memory_url, shard).read_range(0, shard.num_samples)["i"].tolist():
             assert bucket_of(i, 3) == shard.bucket
 
