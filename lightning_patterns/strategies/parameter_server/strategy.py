@@ -38,6 +38,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_patterns import _lightning
+from lightning_patterns.strategies.parameter_server.buckets import DEFAULT_BUCKET_BYTES
 from lightning_patterns.strategies.parameter_server.client import WorkerClient
 from lightning_patterns.strategies.parameter_server.collectives import WorkerCollectives
 from lightning_patterns.strategies.parameter_server.grad_scaler import (
@@ -55,6 +56,7 @@ from lightning_patterns.strategies.parameter_server.launcher import (
 )
 from lightning_patterns.strategies.parameter_server.placement import PLACEMENTS
 from lightning_patterns.strategies.parameter_server.server import is_sync, join_timeout
+from lightning_patterns.strategies.parameter_server.shm import HostCard
 from lightning_patterns.strategies.parameter_server.telemetry import ParameterServerTelemetry
 
 if TYPE_CHECKING:
@@ -70,8 +72,18 @@ __getattr__ = _lightning.class_getter(__name__, __all__)
 log = logging.getLogger(__name__)
 
 _START_METHODS = ("popen", "spawn", "fork", "forkserver")
+_TRANSPORTS = ("auto", "shm", "tcp")
 #: Precision plugins whose `optimizer_step` `update_on="server"` reproduces (it steps on the servers itself).
 _SERVER_PRECISIONS = ("Precision", "MixedPrecision", "HalfPrecision", "DoublePrecision")
+
+
+def _grad_ready(client: WorkerClient, index: int, param: Tensor) -> None:
+    client.grad_ready(index)
+
+
+def _inverse_scale(scale: float) -> float:
+    """``1 / scale`` rounded as ``GradScaler.unscale_`` rounds it (a float32 reciprocal)."""
+    return float(torch.tensor(scale, dtype=torch.float64).reciprocal().float())
 
 
 def _raise_on_local_sigterm(trainer: pl.Trainer, exception: type[BaseException]) -> None:
@@ -102,6 +114,14 @@ class _ParameterServerStrategy(WorkerCollectives):
             It must exceed the longest gap between two optimizer steps of the slowest worker.
         chunk_bytes: the most bytes in one partition chunk (``None``: chunks end only at tensor and server
             boundaries).
+        transport: how gradients and parameters travel between a worker and a server. ``"auto"`` (default):
+            through shared memory for each pair on one host (written once, read in place: no socket, no
+            serialisation), over TCP (gloo) between hosts; ``"shm"``: shared memory, refused at setup unless every
+            worker and server runs on one host; ``"tcp"``: TCP for every pair. Headers, and failures, always
+            travel on gloo, so a lost process is noticed at once whatever the transport.
+        bucket_bytes: the most bytes of gradient a worker pushes at once. Buckets are pushed as backward produces
+            them (the last layers first), so that communication overlaps the rest of backward, and answered in
+            the order the next forward needs them.
         broadcast_buffers: broadcast rank 0's buffers (BatchNorm running statistics) to the other workers before
             each synchronizing forward, as ``DDPStrategy(broadcast_buffers=True)`` does.
         process_group_backend: backend of the workers' group: ``"gloo"`` (default on CPU) or ``"nccl"`` (default
@@ -126,6 +146,8 @@ class _ParameterServerStrategy(WorkerCollectives):
         max_staleness: int | None = 0,
         timeout: float = 60.0,
         chunk_bytes: int | None = None,
+        transport: Literal["auto", "shm", "tcp"] = "auto",
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         broadcast_buffers: bool = True,
         process_group_backend: str | None = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -164,6 +186,13 @@ class _ParameterServerStrategy(WorkerCollectives):
             raise ValueError(f"`timeout` must be a positive number of seconds, got timeout={timeout!r}.")
         if chunk_bytes is not None and chunk_bytes < 1:
             raise ValueError(f"`chunk_bytes` must be None or >= 1, got chunk_bytes={chunk_bytes!r}.")
+        if transport not in _TRANSPORTS:
+            raise ValueError(
+                f"`transport` must be one of {_TRANSPORTS}, got transport={transport!r}. 'auto' uses shared memory "
+                "between the processes of one host and TCP between hosts."
+            )
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+            raise ValueError(f"`bucket_bytes` must be an integer >= 1, got bucket_bytes={bucket_bytes!r}.")
         if start_method not in _START_METHODS:
             raise ValueError(f"`start_method` must be one of {_START_METHODS}, got start_method={start_method!r}.")
         self.num_servers = num_servers
@@ -172,6 +201,8 @@ class _ParameterServerStrategy(WorkerCollectives):
         self.max_staleness = max_staleness
         self.timeout = float(timeout)
         self.chunk_bytes = chunk_bytes
+        self.transport = transport
+        self.bucket_bytes = bucket_bytes
         self.broadcast_buffers = broadcast_buffers
         self._process_group_backend = process_group_backend
         self._start_method = start_method
@@ -183,6 +214,7 @@ class _ParameterServerStrategy(WorkerCollectives):
         self._sync_buffers_next = True  # DDP's `require_forward_param_sync`
         self._mean_loss: float | None = None  # "worker": the workers' mean loss of the last round
         self._clip_request: tuple[float, bool] | None = None  # "server", sync: this step's (value, by norm)
+        self._hooks: list[Any] = []  # gradient hooks that push buckets as backward produces them
 
     # -- topology ----------------------------------------------------------------------------------------------------
     @property
@@ -221,8 +253,15 @@ class _ParameterServerStrategy(WorkerCollectives):
         return self._process_group_backend
 
     @property
+    def transports(self) -> list[str] | None:
+        """How this worker talks to each server in the current or last fit: ``"shm"`` or ``"tcp"`` (``None`` before)."""
+        return list(self._telemetry.transports) if self._telemetry is not None else None
+
+    @property
     def telemetry(self) -> ParameterServerTelemetry | None:
         """This worker's communication counters of the current or last fit (``None`` before the first)."""
+        if self._client is not None and not self._client.finished:
+            self._client.settle()  # the last round counts once its replies are in
         return self._telemetry
 
     @property
@@ -354,6 +393,21 @@ class _ParameterServerStrategy(WorkerCollectives):
             )
         if self._session is None:
             raise RuntimeError("ParameterServerStrategy: fitting needs servers, but none joined the process group.")
+        if self.transport == "shm":
+            self._check_one_host(self._session.link.cards)
+
+    def _check_one_host(self, cards: Mapping[int, HostCard]) -> None:
+        """``transport="shm"``: every worker and server must share this worker's host (decided alike everywhere)."""
+        here = cards.get(0)
+        for rank, card in sorted(cards.items()):
+            if here is None or not here.same_host(card):
+                role = f"worker rank {rank}" if rank < self.world_size else f"server rank {rank}"
+                raise ValueError(
+                    f"`ParameterServerStrategy(transport='shm')` needs every worker and server on one host, but "
+                    f"{role} runs on {card.hostname!r} (boot {card.boot_id[:8]}, {card.pid_namespace}) and worker "
+                    f"rank 0 on {here.hostname if here else '?'!r}. Use transport='auto' (shared memory within a "
+                    "host, TCP between hosts) or transport='tcp'."
+                )
 
     def _connect(self) -> None:
         assert self._session is not None
@@ -367,16 +421,32 @@ class _ParameterServerStrategy(WorkerCollectives):
             max_staleness=self.max_staleness,
             chunk_bytes=self.chunk_bytes,
             timeout=self.timeout,
+            transport=self.transport,
+            bucket_bytes=self.bucket_bytes,
         )
         self._telemetry = self._client.telemetry
         self._client.start()
         # Like DDP when it wraps the module: every worker starts from rank 0's parameters and buffers.
         self._broadcast_module_state()
+        self._client.attach()
+        self._register_gradient_hooks(self._client)
         self._sync_buffers_next = True
         if self.update_on == "server" and self._sync:
             # Clipping must apply to the average over the workers, which only the servers see: record what the
             # module's `configure_gradient_clipping` asks the precision plugin for, and send it with the push.
             self.precision_plugin.clip_gradients = self._record_clipping  # type: ignore[method-assign]
+
+    def _register_gradient_hooks(self, client: WorkerClient) -> None:
+        """Push each bucket as soon as backward has accumulated all its gradients, like DDP's reducer."""
+        for index, param in enumerate(client.params):
+            if param.requires_grad:
+                hook = partial(_grad_ready, client, index)
+                self._hooks.append(param.register_post_accumulate_grad_hook(hook))  # type: ignore[no-untyped-call]
+
+    def _remove_gradient_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def _unwrap(self, optimizer: Any) -> Optimizer:
         wrapper = self._lp_tree.module("core.optimizer").LightningOptimizer
@@ -430,17 +500,30 @@ class _ParameterServerStrategy(WorkerCollectives):
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
-        """Lightning's ``Strategy.backward``, averaging gradients over the workers where DDP's reducer would."""
-        if self._client is None or self.update_on != "worker":
+        """Lightning's ``Strategy.backward``, pushing gradient buckets while backward produces them.
+
+        ``"worker"``: the round ends here with the workers' average in ``.grad``, where DDP's reducer would have
+        it. ``"server"``: the round is committed in ``optimizer_step`` (async: pushed there too, after this
+        worker's own clipping).
+        """
+        client = self._client
+        if client is None:
             return super().backward(closure_loss, optimizer, *args, **kwargs)
         module = self.lightning_module
         assert module is not None
         self.pre_backward(closure_loss)
-        loss = float(closure_loss.detach())
+        synchronizing = not self._accumulating
+        loss = 0.0
+        if synchronizing:
+            if self.update_on == "worker":
+                loss = float(closure_loss.detach())
+            client.begin_round(loss, collect=self.update_on == "worker" or self._sync)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
-        if not self._accumulating:
-            self._mean_loss = self._client.sum_gradients(loss)
+        if synchronizing:
+            client.end_backward()
+            if self.update_on == "worker":
+                self._mean_loss = client.sum_gradients(loss)
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
         self.post_backward(closure_loss)
         return closure_loss
@@ -481,12 +564,14 @@ class _ParameterServerStrategy(WorkerCollectives):
         assert self._client is not None
         scaler = self._grad_scaler()
         params = self._client.params
+        unscaled = [False]
 
         def forward_backward() -> Any:
             result = closure()
             if scaler is not None and result is not None:
                 # As MixedPrecision does before `on_before_optimizer_step`: hooks and clipping see unscaled gradients.
                 unscale_gradients(params, scaler.get_scale())
+                unscaled[0] = True
             return result
 
         self._clip_request = None
@@ -494,12 +579,23 @@ class _ParameterServerStrategy(WorkerCollectives):
         # records what to clip (see `_connect`) and otherwise clips this worker's gradient.
         result = _lightning.wrap_closure(self._lp_tree, self.precision_plugin, model, optimizer, forward_backward)
         clip_value, clip_norm = self._clip_request or (0.0, True)
-        skipped = self._client.step_on_servers(
-            clip_value,
-            clip_norm,
-            check_finite=scaler is not None and self._sync,
-            skip=scaler is not None and not self._sync and not gradients_finite(params),
-        )
+        client = self._client
+        if self._sync:
+            # Backward pushed the gradients still scaled: the servers unscale the average, as GradScaler does after
+            # DDP's all-reduce; this worker's own unscale (for the hooks above) is no reason to push them again.
+            inverse = _inverse_scale(scaler.get_scale()) if scaler is not None else 1.0
+            client.commit(clip_value, clip_norm, scaler is not None, False, inverse, bumps=int(unscaled[0]))
+            if scaler is None:
+                # Go on: the parameters arrive bucket by bucket while the next step starts, and every read of one
+                # waits for its own bucket (see `overlap.PendingParameters`).
+                client.defer()
+            else:
+                client.settle()  # the scaler's update needs the servers' inf check now
+            skipped = client.skipped
+        else:
+            # This worker's gradients, unscaled and clipped here, are pushed now.
+            skip = scaler is not None and not gradients_finite(params)
+            skipped = client.step_on_servers(0.0, True, check_finite=False, skip=skip)
         if scaler is not None:
             update_grad_scaler(scaler, found_inf=skipped)
         if not skipped:
@@ -603,6 +699,9 @@ class _ParameterServerStrategy(WorkerCollectives):
             # Neither `on_train_end` nor `on_exception` ran: the servers must not wait for this worker.
             self.on_exception(RuntimeError("the fit stopped before it finished"))
         vars(self.precision_plugin).pop("clip_gradients", None)  # the recorder of `_connect`
+        self._remove_gradient_hooks()
+        if self._client is not None:
+            self._client.close()
         module = self.lightning_module
         layer_sync = _lightning.layer_sync(self._lp_tree, self)
         fitted = module is not None and module._trainer is not None and module.trainer.state.fn == "fit"

@@ -75,6 +75,8 @@ def test_spawn_start_method_uses_the_multiprocessing_launcher(lightning_package:
         ({"timeout": -5.0}, "timeout"),
         ({"chunk_bytes": 0}, "chunk_bytes"),
         ({"start_method": "thread"}, "start_method"),
+        ({"transport": "rdma"}, r"`transport` must be one of \('auto', 'shm', 'tcp'\), got transport='rdma'"),
+        ({"bucket_bytes": 0}, "bucket_bytes"),
     ],
 )
 def test_invalid_arguments(kwargs: dict[str, Any], match: str) -> None:
@@ -108,15 +110,20 @@ def test_servers_spread_round_robin_over_nodes() -> None:
 
 def test_telemetry_records_steps_and_names_metrics() -> None:
     telemetry = ParameterServerTelemetry(num_servers=2, partition_bytes=[300, 100])
-    telemetry.record_step([10, 20], [30, 40], comm_seconds=0.5, compute_seconds=1.5, staleness=2)
-    telemetry.record_step([10, 20], [30, 40], comm_seconds=0.5, compute_seconds=1.5, staleness=0)
+    record = {"exposed_seconds": 0.5, "overlapped_seconds": 1.5, "step_seconds": 2.0}
+    telemetry.record_step([10, 20], [30, 40], staleness=2, **record)
+    telemetry.record_step([10, 20], [30, 40], staleness=0, **record)
     assert (telemetry.steps, telemetry.bytes_pushed, telemetry.bytes_pulled) == (2, 30, 70)
     assert telemetry.total_bytes_pushed == 60
     assert telemetry.max_staleness_seen == 2
     assert telemetry.mean_staleness == 1.0
     assert telemetry.load_imbalance == pytest.approx(0.5)  # max 300 over mean 200
+    assert (telemetry.comm_seconds, telemetry.compute_seconds) == (2.0, 1.5)
     metrics = telemetry.metrics()
-    assert metrics["ps/comm_fraction"] == pytest.approx(0.25)
+    assert metrics["ps/comm_fraction"] == pytest.approx(0.25)  # exposed 0.5 of a 2 s step
+    assert metrics["ps/comm_exposed_seconds"] == 0.5
+    assert metrics["ps/comm_overlapped_seconds"] == 1.5
+    assert metrics["ps/comm_overlapped_fraction"] == pytest.approx(0.75)
     assert metrics["ps/server1/bytes_pulled"] == 40.0
     assert ParameterServerTelemetry(num_servers=1).load_imbalance == 0.0
 
