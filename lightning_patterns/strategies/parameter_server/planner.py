@@ -68,12 +68,14 @@ class PlanRow:
         servers: ``S`` (``0`` for DDP).
         update_on: ``"worker"``, ``"server"``, or ``""`` for DDP.
         prediction: the predicted step.
+        workload: the workload it was predicted for (with this configuration's buckets).
     """
 
     label: str
     servers: int
     update_on: str
     prediction: Prediction
+    workload: Workload
 
 
 @dataclass(frozen=True)
@@ -137,12 +139,12 @@ def plan(
         buckets: the buckets pushed per step with S servers (``None``: ``workload.buckets``, at least S).
         placements: the update placements to consider.
     """
-    rows = [PlanRow("DDP", 0, "", predict_allreduce(workload, cluster))]
+    rows = [PlanRow("DDP", 0, "", predict_allreduce(workload, cluster), workload)]
     for servers in range(1, max_servers + 1):
         sized = replace(workload, buckets=buckets(servers) if buckets else max(workload.buckets, servers))
         for update_on in placements:
             prediction = predict_parameter_server(sized, cluster, servers, update_on)
-            rows.append(PlanRow(f"PS S={servers} update_on={update_on}", servers, update_on, prediction))
+            rows.append(PlanRow(f"PS S={servers} update_on={update_on}", servers, update_on, prediction, sized))
     return Plan(rows, workload, cluster)
 
 
@@ -278,14 +280,13 @@ def measure_links(nbytes: int, threads: int = 1, tcp: bool = True) -> dict[str, 
 
 
 class _StepClock:
-    """Times each training step, its backward and its optimizer step (mixed into a Lightning ``Callback``)."""
+    """Times each training step and its backward (mixed into a Lightning ``Callback``)."""
 
     def __init__(self, warmup: int) -> None:
         super().__init__()
         self.warmup = warmup
         self.steps: list[float] = []
         self.backward: list[float] = []
-        self.optimizer: list[float] = []
         self._marks: dict[str, float] = {}
 
     def _sync(self, module: Any) -> None:
@@ -308,14 +309,20 @@ class _StepClock:
         if trainer.global_step >= self.warmup:
             self.backward.append(time.perf_counter() - self._marks["backward"])
 
-    def on_before_optimizer_step(self, trainer: Any, module: Any, *args: Any) -> None:
-        self._sync(module)
-        self._marks["optimizer"] = time.perf_counter()
 
-    def on_before_zero_grad(self, trainer: Any, module: Any, *args: Any) -> None:
-        self._sync(module)
-        if trainer.global_step > self.warmup:
-            self.optimizer.append(time.perf_counter() - self._marks["optimizer"])
+def _time_step(optimizer: torch.optim.Optimizer, runs: int = 3) -> float:
+    """Seconds of one ``optimizer.step()`` on gradients of the parameters' size (on their device)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    devices = {p.device for p in params if p.device.type == "cuda"}
+    for param in params:
+        param.grad = torch.full_like(param, 1e-3)
+
+    def step() -> None:
+        optimizer.step()
+        for device in devices:
+            torch.cuda.synchronize(device)
+
+    return _best_of(runs, step)
 
 
 def profile_module(
@@ -341,15 +348,15 @@ def profile_module(
     clock = type("StepClock", (_StepClock, callback_class), {})(warmup)
     trainer = trainer_factory(max_steps=warmup + steps + 1, callbacks=[clock])
     fit(trainer, module)
-    if not clock.steps or not clock.optimizer:
+    if not clock.steps or not clock.backward:
         raise RuntimeError(
             f"Profiling ran {trainer.global_step} steps, fewer than the {warmup + steps + 1} needed: give the "
             "module more training data (a longer epoch) to profile it."
         )
     step = sorted(clock.steps)[len(clock.steps) // 2]
-    optimizer_seconds = sorted(clock.optimizer)[len(clock.optimizer) // 2]
     backward = sorted(clock.backward)[len(clock.backward) // 2]
     optimizer = trainer.optimizers[0]
+    optimizer_seconds = _time_step(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     numels = [p.numel() for p in params]
     itemsizes = [p.element_size() for p in params]

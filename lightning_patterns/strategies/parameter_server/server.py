@@ -409,7 +409,11 @@ class ParameterServer:
                 "workers ran different numbers of optimizer steps."
             )
         replace = bool(message.flags & PushFlags.REPLACE)
-        if (index in fit.pushes[worker]) != replace or (replace and isinstance(fit.placement, GradientSum)):
+        if replace and isinstance(fit.placement, GradientSum):
+            raise ProtocolError(
+                f"Rank {worker} replaced bucket {index}, but update_on='worker' sums each bucket as it arrives."
+            )
+        if (index in fit.pushes[worker]) != replace:
             what = "replaced a bucket it had not pushed" if replace else "pushed a bucket twice"
             raise ProtocolError(f"Rank {worker} {what} in one round (bucket {index}).")
         staging = fit.staging[worker]

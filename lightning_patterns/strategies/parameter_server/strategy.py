@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import signal
 from collections.abc import Callable, Generator, Mapping
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import torch
+import torch.distributed as dist
 from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.optim import Optimizer
@@ -41,6 +43,7 @@ from lightning_patterns import _lightning
 from lightning_patterns.strategies.parameter_server.buckets import DEFAULT_BUCKET_BYTES
 from lightning_patterns.strategies.parameter_server.client import WorkerClient
 from lightning_patterns.strategies.parameter_server.collectives import WorkerCollectives
+from lightning_patterns.strategies.parameter_server.cost_model import Cluster
 from lightning_patterns.strategies.parameter_server.grad_scaler import (
     gradients_finite,
     unscale_gradients,
@@ -55,6 +58,7 @@ from lightning_patterns.strategies.parameter_server.launcher import (
     reuse_session,
 )
 from lightning_patterns.strategies.parameter_server.placement import PLACEMENTS
+from lightning_patterns.strategies.parameter_server.planner import Plan, choose_servers, format_plan
 from lightning_patterns.strategies.parameter_server.server import is_sync, join_timeout
 from lightning_patterns.strategies.parameter_server.shm import HostCard
 from lightning_patterns.strategies.parameter_server.telemetry import ParameterServerTelemetry
@@ -73,6 +77,7 @@ log = logging.getLogger(__name__)
 
 _START_METHODS = ("popen", "spawn", "fork", "forkserver")
 _TRANSPORTS = ("auto", "shm", "tcp")
+_AUTO_DECISIONS = 0  # `num_servers="auto"` decisions this process took part in
 #: Precision plugins whose `optimizer_step` `update_on="server"` reproduces (it steps on the servers itself).
 _SERVER_PRECISIONS = ("Precision", "MixedPrecision", "HalfPrecision", "DoublePrecision")
 
@@ -98,7 +103,12 @@ class _ParameterServerStrategy(WorkerCollectives):
     ``lightning_patterns.strategies.ParameterServerStrategy`` is the one of the package in use.
 
     Args:
-        num_servers: number of server processes. Server ``s`` runs on node ``s % num_nodes``.
+        num_servers: number of server processes. Server ``s`` runs on node ``s % num_nodes``. ``"auto"``: at the
+            first fit, worker rank 0 times this machine's copies, sums and a server update over the model's bytes
+            and takes the number of servers the cost model predicts fastest
+            (:func:`~lightning_patterns.strategies.parameter_server.planner.choose_servers`; the table is logged and
+            kept in :attr:`plan`). ``lightning-patterns ps plan`` measures more (the real training step) and
+            compares with DDP.
         update_on: where the optimizer runs. ``"worker"`` (default): servers only average the workers' gradients
             and every worker runs the module's own optimizer, schedulers, gradient clipping and GradScaler on the
             average, exactly as under DDP, for any optimizer. ``"server"``: servers hold the parameters and the
@@ -140,7 +150,7 @@ class _ParameterServerStrategy(WorkerCollectives):
 
     def __init__(
         self,
-        num_servers: int = 1,
+        num_servers: int | Literal["auto"] = 1,
         update_on: Literal["worker", "server"] = "worker",
         mode: Literal["sync", "async"] = "sync",
         max_staleness: int | None = 0,
@@ -164,8 +174,10 @@ class _ParameterServerStrategy(WorkerCollectives):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        if isinstance(num_servers, bool) or not isinstance(num_servers, int) or num_servers < 1:
-            raise ValueError(f"`num_servers` must be an integer >= 1, got num_servers={num_servers!r}.")
+        if num_servers != "auto" and (
+            isinstance(num_servers, bool) or not isinstance(num_servers, int) or num_servers < 1
+        ):
+            raise ValueError(f"`num_servers` must be an integer >= 1 or 'auto', got num_servers={num_servers!r}.")
         if update_on not in PLACEMENTS:
             raise ValueError(f"`update_on` must be one of {PLACEMENTS.names()}, got update_on={update_on!r}.")
         if mode not in ("sync", "async"):
@@ -195,7 +207,11 @@ class _ParameterServerStrategy(WorkerCollectives):
             raise ValueError(f"`bucket_bytes` must be an integer >= 1, got bucket_bytes={bucket_bytes!r}.")
         if start_method not in _START_METHODS:
             raise ValueError(f"`start_method` must be one of {_START_METHODS}, got start_method={start_method!r}.")
-        self.num_servers = num_servers
+        #: Servers of the job (``0`` until ``num_servers="auto"`` is decided, at the first fit).
+        self.num_servers: int = num_servers if isinstance(num_servers, int) else 0
+        self.auto_servers = num_servers == "auto"
+        #: ``num_servers="auto"``: the cost model's predictions it decided on (worker rank 0 only).
+        self.plan: Plan | None = None
         self.update_on = update_on
         self.mode = mode
         self.max_staleness = max_staleness
@@ -314,18 +330,25 @@ class _ParameterServerStrategy(WorkerCollectives):
         if self.lightning_module is not None and self.lightning_module.trainer.state.fn != "fit":
             join_workers()
         else:
+            joined = False
+            if self.num_servers == 0:  # "auto": decided once the workers can agree on it
+                join_workers()
+                joined = True
+                self.num_servers = self._choose_servers(join_seconds)
             environment = self.cluster_environment
             key = SessionKey(
                 environment.main_address, environment.main_port, self.world_size, self.num_servers, self.num_nodes
             )
             self._session = reuse_session(key, self.timeout)
             if self._session is not None:
-                join_workers()
+                if not joined:
+                    join_workers()
             else:
                 # The servers start while the workers gather; one that exits meanwhile is reported at once.
                 pending = PendingSession(key, self.node_rank, self.local_rank, join_seconds)
                 try:
-                    pending.watching(join_workers)
+                    if not joined:
+                        pending.watching(join_workers)
                     self._session = pending.join(self.global_rank, self.timeout)
                 except ServerStartError:
                     # The job cannot start: stop the workers this process launched, which would wait for it.
@@ -340,6 +363,34 @@ class _ParameterServerStrategy(WorkerCollectives):
             self.num_servers if self._session is not None else 0,
             self.update_on,
         )
+
+    def _choose_servers(self, timeout: float) -> int:
+        """``num_servers="auto"``: rank 0 asks the cost model; every worker reads its answer from the store."""
+        global _AUTO_DECISIONS
+        store = dist.distributed_c10d._get_default_store()
+        # Every worker decides its fits in the same order: the count names this decision alike everywhere.
+        key = f"lightning_patterns/parameter_server/auto_servers/{_AUTO_DECISIONS}"
+        _AUTO_DECISIONS += 1
+        if self.global_rank == 0:
+            module = self.lightning_module
+            assert module is not None
+            model_bytes = float(sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad))
+            cores = os.cpu_count() or 1
+            per_node = self.num_processes
+            cluster = Cluster(
+                workers=self.world_size,
+                nodes=self.num_nodes,
+                cores=cores,
+                workers_on_cpu=self.root_device.type == "cpu",
+                shared_memory=self.transport != "tcp",
+            )
+            max_servers = max(2, min(8, cores // max(per_node, 1))) * self.num_nodes
+            threads = max(1, cores // (per_node + 1))
+            chosen, self.plan = choose_servers(model_bytes, cluster, max_servers, self.update_on, threads)
+            log.info("num_servers='auto' chose %d servers:\n%s", chosen, format_plan(self.plan))
+            store.set(key, str(chosen))
+        store.wait([key], datetime.timedelta(seconds=timeout))
+        return int(store.get(key))
 
     # -- model and optimizer -----------------------------------------------------------------------------------------
     @override

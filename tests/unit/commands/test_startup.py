@@ -78,6 +78,7 @@ def test_light_commands_import_neither_torch_nor_lightning_and_plugins_register(
         ["cache", "--help"],
         ["shards", "--help"],
         ["shards", "inspect", str(dataset), "--world-size", "2"],
+        ["ps", "--help"],
         ["hello", "world"],
     ]
     env = {
