@@ -18,9 +18,10 @@ A round, per placement:
 
 - ``"worker"``: a bucket is summed as soon as every worker pushed it (while the workers still run backward), and
   its average is sent to every worker at once.
-- ``"server"``, sync: once every worker committed, the buckets are summed and updated one after another in offset
-  order, which is the order the next forward needs them, and each is sent as soon as it is updated (norm clipping
-  and the inf check need the whole gradient first).
+- ``"server"``, sync: a bucket is summed as soon as every worker pushed it; once every worker committed, the
+  buckets are updated one after another in offset order, which is the order the next forward needs them, and each
+  is sent as soon as it is updated (norm clipping and the inf check need the whole gradient first; a bucket pushed
+  again after its sum, because a hook changed it, is summed again).
 - ``"server"``, async: a worker's commit applies its own pushes at once; it gets the parameters back when it is
   within ``max_staleness`` of the slowest worker.
 """
@@ -112,7 +113,8 @@ class _Fit:
         self.replies: dict[int, torch.Tensor] = {}
         self.pushes: list[dict[int, Push]] = [{} for _ in range(num_workers)]  # this round's, by bucket
         self.masks: list[dict[int, torch.Tensor]] = [{} for _ in range(num_workers)]  # by bucket, where not all there
-        self.complete: dict[int, int] = {}  # "worker" placement: bucket -> workers that pushed it this round
+        self.complete: dict[int, int] = {}  # sync: bucket -> workers that pushed it this round
+        self.summed: set[int] = set()  # "server", sync: buckets of this round already summed
         self.commits: dict[int, Commit] = {}  # "server", sync: this round's
         initial = placement.initial_hyperparameters if isinstance(placement, ServerOptimizer) else None
         self.hyperparameters: list[torch.Tensor | None] = [initial] * num_workers  # each worker's latest
@@ -428,14 +430,23 @@ class ParameterServer:
         else:
             fit.masks[worker][index] = mask.clone()
         fit.active[worker] = True
+        if replace:
+            fit.summed.discard(index)  # summed with the gradient it replaces: sum again at the commit
+            return
+        if not spec.sync:
+            return  # async: applied at the worker's commit
+        count = fit.complete.get(index, 0) + 1
+        fit.complete[index] = count
         if isinstance(fit.placement, GradientSum):
-            count = fit.complete.get(index, 0) + 1
-            fit.complete[index] = count
             if len(fit.pushes[worker]) == len(spec.buckets):
                 fit.waiting.add(worker)
                 fit.clock[worker] += 1
             if count == self.num_workers:
                 self._answer_bucket(fit, index)
+        elif count == self.num_workers:
+            # Sum while the workers still run backward; the commit then only updates (a later REPLACE sums again).
+            self._sum_bucket(fit, index, list(range(self.num_workers)))
+            fit.summed.add(index)
 
     def _sum_bucket(self, fit: _Fit, index: int, workers: list[int]) -> None:
         """Sum the workers' pushes of bucket ``index`` into the placement's gradient (the average, once divided)."""
@@ -567,20 +578,24 @@ class ParameterServer:
         buckets = range(len(fit.spec.buckets))
         if placement.needs_whole_gradient(inputs):
             for index in buckets:
-                self._sum_bucket(fit, index, workers)
+                if index not in fit.summed:
+                    self._sum_bucket(fit, index, workers)
             skipped = placement.update(placement.grad, inputs)
             for worker in workers:
                 self._send_params(fit, worker, staleness=0, skipped=skipped)
         else:
             placement.begin_round(inputs)
             for index in buckets:
-                self._sum_bucket(fit, index, workers)
+                if index not in fit.summed:
+                    self._sum_bucket(fit, index, workers)
                 placement.step_chunks(fit.chunk_ranges[index], inputs)
                 for worker in workers:
                     self._send_params(fit, worker, staleness=0, buckets=range(index, index + 1))
             placement.end_round()
         fit.rounds += 1
         fit.commits.clear()
+        fit.complete.clear()
+        fit.summed.clear()
         for worker in workers:
             fit.pushes[worker].clear()
             fit.masks[worker].clear()
