@@ -8,6 +8,7 @@ failure job is its own launch, several at a time.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -200,6 +201,20 @@ def test_the_servers_of_one_launch_serve_all_its_fits(suite: Path) -> None:
     """The equivalence suite's 90-odd fits start servers twice: once for 1 server, once for 2 (both transports)."""
     timings = json.loads((suite / "timings.json").read_text())
     assert timings["sessions_opened"] == 2
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_auto_servers_follow_the_cost_model_and_train_exactly(suite: Path) -> None:
+    record = json.loads((suite / "auto.json").read_text())
+    # S_max on one node: max(2, cores // workers), at most 8.
+    assert 1 <= record["num_servers"] <= max(2, min(8, (os.cpu_count() or 1) // WORKERS))
+    assert f"Recommended: PS S={record['num_servers']} update_on=server" in record["plan"]
+    expected_model, _ = single_process_reference("sgd", JOB)
+    for rank in range(WORKERS):
+        actual = _load(suite / f"auto_rank{rank}.pt")
+        assert actual["transports"] == ["shm"] * record["num_servers"]
+        _assert_equal(actual["state_dict"], expected_model, f"rank {rank} state_dict")
 
 
 @pytest.mark.distributed

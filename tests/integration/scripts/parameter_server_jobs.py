@@ -394,8 +394,21 @@ def run_async(out: Path, servers: int, staleness: int | None) -> None:
     trainer.fit(classes.TinyRegressor("sgd", JOB))
 
 
+def run_auto(out: Path) -> None:
+    """``num_servers="auto"``: the cost model picks S at the first fit; rank 0 records it and the plan."""
+    strategy = classes.ParameterServerStrategy(num_servers="auto", update_on="server", timeout=30.0)
+    _trainer(strategy, max_steps=JOB.steps, callbacks=[Snapshot(out / "auto")]).fit(classes.TinyRegressor("sgd", JOB))
+    if pl.utilities.rank_zero_only.rank == 0:
+        from lightning_patterns.strategies.parameter_server.planner import format_plan
+
+        assert strategy.plan is not None
+        record = {"num_servers": strategy.num_servers, "plan": format_plan(strategy.plan)}
+        (out / "auto.json").write_text(json.dumps(record))
+
+
 def run_suite(out: Path) -> None:
     run_equivalence_suite(out)
+    run_auto(out)
     run_dropin(out, servers=1)
     run_dropin(out, servers=2, resume=out / "dropin_s1_e1_ckpt" / "last.ckpt", max_epochs=2)
     run_async(out / "async_none", 2, None)
