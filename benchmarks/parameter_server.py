@@ -42,11 +42,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_patterns.strategies import ParameterServerStrategy
-from lightning_patterns.strategies.parameter_server.cost_model import Cluster, predict_parameter_server
+from lightning_patterns.strategies.parameter_server.cost_model import predict_parameter_server
 from lightning_patterns.strategies.parameter_server.planner import (
     Plan,
     count_buckets,
     format_plan,
+    local_cluster,
     measure_links,
     plan,
     profile_module,
@@ -175,18 +176,7 @@ def predict(size: str, args: argparse.Namespace) -> Plan:
         server_threads=max(1, (os.cpu_count() or 1) // (args.workers + 1)),
     )
     links = measure_links(int(workload.model_bytes), threads=1)
-    cluster = Cluster(
-        workers=args.workers,
-        nodes=1,
-        cores=os.cpu_count(),
-        workers_on_cpu=True,
-        copy_bandwidth=links["copy_bandwidth"],
-        sum_bandwidth=links["sum_bandwidth"],
-        tcp_bandwidth=links["tcp_bandwidth"],
-        tcp_latency=links["tcp_latency"],
-        net_bandwidth=links["tcp_bandwidth"],
-        net_latency=links["tcp_latency"],
-    )
+    cluster = local_cluster(args.workers, links, workers_on_cpu=True)
     return plan(workload, cluster, max(args.servers), lambda servers: count_buckets(numels, itemsizes, servers))
 
 

@@ -396,9 +396,9 @@ def check_recipe(accelerator: str, workdir: Path) -> list[dict[str, Any]]:
 
 def _throughput_plan(accelerator: str, widths: list[int], steps: int) -> Any:
     """The planner's predictions for one worker on this device (the model profiled here, the links measured)."""
-    from lightning_patterns.strategies.parameter_server.cost_model import Cluster
     from lightning_patterns.strategies.parameter_server.planner import (
         count_buckets,
+        local_cluster,
         measure_links,
         plan,
         profile_module,
@@ -417,17 +417,7 @@ def _throughput_plan(accelerator: str, widths: list[int], steps: int) -> Any:
         server_threads=max(1, cores // 2),
     )
     links = measure_links(int(workload.model_bytes), threads=max(1, cores // 2))
-    cluster = Cluster(
-        workers=1,
-        cores=cores,
-        workers_on_cpu=accelerator == "cpu",
-        copy_bandwidth=links["copy_bandwidth"],
-        sum_bandwidth=links["sum_bandwidth"],
-        tcp_bandwidth=links["tcp_bandwidth"],
-        tcp_latency=links["tcp_latency"],
-        net_bandwidth=links["tcp_bandwidth"],
-        net_latency=links["tcp_latency"],
-    )
+    cluster = local_cluster(1, links, workers_on_cpu=accelerator == "cpu", cores=cores)
     return plan(workload, cluster, 2, lambda servers: count_buckets(numels, itemsizes, servers))
 
 

@@ -14,6 +14,7 @@ DDP's ring all-reduce, then recommends one (the formulas: :mod:`lightning_patter
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 from typing import Any
@@ -129,8 +130,13 @@ class PsCommand(Command):
     def _plan(self, args: argparse.Namespace, rest: list[str]) -> Any:
         import torch
 
-        from lightning_patterns.strategies.parameter_server.cost_model import Cluster, Workload
-        from lightning_patterns.strategies.parameter_server.planner import count_buckets, measure_links, plan
+        from lightning_patterns.strategies.parameter_server.cost_model import Workload
+        from lightning_patterns.strategies.parameter_server.planner import (
+            count_buckets,
+            local_cluster,
+            measure_links,
+            plan,
+        )
 
         workers, nodes, accelerator = 1, 1, "cpu"
         numels: list[int] = []
@@ -173,16 +179,11 @@ class PsCommand(Command):
         what_if = args.workers is not None or args.nodes is not None or args.bandwidth is not None
         links = measure_links(int(workload.model_bytes), threads=1, tcp=True)
         on_cpu = (args.accelerator or accelerator) == "cpu"
-        cluster = Cluster(
-            workers=workers,
+        cluster = dataclasses.replace(
+            local_cluster(workers, links, workers_on_cpu=on_cpu, cores=cores),
             nodes=nodes,
             server_nodes=args.server_nodes,
             cores=cores if on_cpu or not what_if else args.cores,
-            workers_on_cpu=on_cpu,
-            copy_bandwidth=links["copy_bandwidth"],
-            sum_bandwidth=links["sum_bandwidth"],
-            tcp_bandwidth=links["tcp_bandwidth"],
-            tcp_latency=links["tcp_latency"],
             net_bandwidth=args.bandwidth or links["tcp_bandwidth"],
             net_latency=args.latency if what_if else links["tcp_latency"],
             shared_memory=args.transport != "tcp",

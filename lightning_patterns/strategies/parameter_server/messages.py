@@ -314,15 +314,21 @@ class End(Message):
 
 
 @dataclass(frozen=True)
-class Fail(Message):
-    """This worker failed; the JSON (``{"error": ...}``) says how. The servers stop the job."""
+class _Described(Message):
+    """A message whose content is one JSON payload of ``json_bytes`` bytes."""
 
-    kind: ClassVar[Kind] = Kind.FAIL
     json_bytes: int = 0
 
     def payloads(self) -> list[PayloadSpec]:
         """The JSON."""
         return _json_payload(self.json_bytes)
+
+
+@dataclass(frozen=True)
+class Fail(_Described):
+    """This worker failed; the JSON (``{"error": ...}``) says how. The servers stop the job."""
+
+    kind: ClassVar[Kind] = Kind.FAIL
 
 
 @dataclass(frozen=True)
@@ -433,15 +439,10 @@ class Sum(Message):
 
 
 @dataclass(frozen=True)
-class Regions(Message):
+class Regions(_Described):
     """The shared memory of the fit, for one worker of the server's host: JSON naming each region."""
 
     kind: ClassVar[Kind] = Kind.REGIONS
-    json_bytes: int = 0
-
-    def payloads(self) -> list[PayloadSpec]:
-        """The JSON."""
-        return _json_payload(self.json_bytes)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ __all__ = [
     "choose_servers",
     "count_buckets",
     "format_plan",
+    "local_cluster",
     "measure_links",
     "measure_optimizer",
     "plan",
@@ -379,6 +380,22 @@ def profile_module(
         backward_fraction=min(max(backward / compute, 0.0), 1.0),
     )
     return workload, numels, itemsizes
+
+
+def local_cluster(workers: int, links: dict[str, float], workers_on_cpu: bool, cores: int | None = None) -> Cluster:
+    """One node of ``workers`` workers (and the servers) with this machine's measured ``links`` and cores."""
+    return Cluster(
+        workers=workers,
+        nodes=1,
+        cores=cores or os.cpu_count(),
+        workers_on_cpu=workers_on_cpu,
+        copy_bandwidth=links["copy_bandwidth"],
+        sum_bandwidth=links["sum_bandwidth"],
+        tcp_bandwidth=links["tcp_bandwidth"],
+        tcp_latency=links["tcp_latency"],
+        net_bandwidth=links["tcp_bandwidth"],
+        net_latency=links["tcp_latency"],
+    )
 
 
 def choose_servers(

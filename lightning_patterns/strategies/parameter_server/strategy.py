@@ -741,6 +741,7 @@ class _ParameterServerStrategy(WorkerCollectives):
             return  # no server heard of this fit: the failure (a refusal at setup) is every worker's own
         if not self._client.finished:
             self._client.fail(exception, timeout=min(self.timeout, 5.0))
+        self._client.close()  # no read of a parameter waits for a server any more
         drop_session()
         self._session = None
 
