@@ -45,7 +45,8 @@ works ``C + O_w + 2 · M_local / B_copy`` (plus TCP time: loopback copies are CP
     T_ar = 2(n−1)/n · M / B  +  2(n−1) · k · L  +  (n−1)/n · M / B_sum
     step = C + O + T_ar − min(beta · C, (1 − 1/k) · T_ar)
 
-with ``B``, ``L`` the network's between nodes and TCP's within one; on one node of CPU workers gloo's threads
+with ``B``, ``L`` the network's between nodes and TCP's within one (on one node, where it was measured, gloo's
+own all-reduce gives ``B`` with the summing and latency folded in); on one node of CPU workers gloo's threads
 work on the same cores, so the step is at least ``n · (C + O + T_ar) / cores``.
 
 The planner compares these for S = 1 … S_max and both placements; the parameter server wins when its link
@@ -108,6 +109,8 @@ class Cluster:
         net_bandwidth: ``B_net``, a node's network link (bytes/s).
         net_latency: ``L_net`` (s).
         shared_memory: whether processes of one node use shared memory (``transport="auto"``/``"shm"``).
+        ring_bandwidth: ``B`` of the all-reduce formula when measured (gloo's own all-reduce on this node: its
+            summing and its CPU cost included); ``None``: the link's bandwidth, and the summing apart.
     """
 
     workers: int
@@ -122,6 +125,7 @@ class Cluster:
     net_bandwidth: float = 1.25e9
     net_latency: float = 5e-5
     shared_memory: bool = True
+    ring_bandwidth: float | None = None
 
 
 @dataclass(frozen=True)
@@ -242,9 +246,12 @@ def predict_allreduce(workload: Workload, cluster: Cluster) -> Prediction:
         else (cluster.tcp_bandwidth, cluster.tcp_latency)
     )
     buckets = max(workload.buckets, 1)
-    ring = 2.0 * (n - 1) / n * m / bandwidth
-    reduce = (n - 1) / n * m / cluster.sum_bandwidth
-    comm = ring + reduce + 2.0 * (n - 1) * buckets * latency
+    if cluster.ring_bandwidth and cluster.nodes == 1:
+        comm = 2.0 * (n - 1) / n * m / cluster.ring_bandwidth  # measured: summing and latency included
+    else:
+        ring = 2.0 * (n - 1) / n * m / bandwidth
+        reduce = (n - 1) / n * m / cluster.sum_bandwidth
+        comm = ring + reduce + 2.0 * (n - 1) * buckets * latency
     overlap = min(workload.backward_fraction * workload.compute_seconds, (1.0 - 1.0 / buckets) * comm)
     chain = compute + comm - overlap
     cpu = 0.0

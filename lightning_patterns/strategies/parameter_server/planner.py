@@ -224,10 +224,16 @@ def _link_partner(port: int, nbytes: int, rounds: int) -> None:
     for _ in range(3):
         group.recv([big], 0, 2).wait()
     group.send([small], 0, 3).wait()
+    for _ in range(3):
+        cast(Any, group).allreduce([big]).wait()
 
 
-def _tcp_between_processes(nbytes: int, rounds: int = 50) -> tuple[float, float]:
-    """Bandwidth (bytes/s) and one-way latency (s) of gloo over TCP between this process and a fresh one."""
+def _tcp_between_processes(nbytes: int, rounds: int = 50) -> tuple[float, float, float]:
+    """Gloo over TCP between this process and a fresh one: bandwidth, latency, and an all-reduce's bandwidth.
+
+    Returns bytes/s of one send, seconds one way of a small message, and the ring bandwidth of an all-reduce of
+    ``nbytes`` (its ``2(n−1)/n · nbytes`` over its time, with n = 2).
+    """
     from torch._C._distributed_c10d import TCPStore
     from torch.distributed.distributed_c10d import ProcessGroupGloo
 
@@ -252,7 +258,12 @@ def _tcp_between_processes(nbytes: int, rounds: int = 50) -> tuple[float, float]
             group.send([big], 1, 2).wait()
             times.append(time.perf_counter() - start)
         group.recv([small], 1, 3).wait()  # the partner received everything
-        return nbytes / min(times), latency
+        reduced = []
+        for _ in range(3):
+            start = time.perf_counter()
+            cast(Any, group).allreduce([big]).wait()
+            reduced.append(time.perf_counter() - start)
+        return nbytes / min(times), latency, nbytes / min(reduced)
     finally:
         partner.wait(30)
 
@@ -261,8 +272,9 @@ def measure_links(nbytes: int, threads: int = 1, tcp: bool = True) -> dict[str, 
     """This machine's copy and sum bandwidth (with ``threads`` threads) and TCP between two of its processes.
 
     Returns:
-        ``copy_bandwidth`` and ``sum_bandwidth`` (bytes moved or summed per second), ``tcp_bandwidth`` (bytes/s)
-        and ``tcp_latency`` (seconds one way).
+        ``copy_bandwidth`` and ``sum_bandwidth`` (bytes moved or summed per second), ``tcp_bandwidth`` (bytes/s),
+        ``tcp_latency`` (seconds one way) and ``ring_bandwidth`` (gloo's all-reduce between two processes, as the
+        ring formula's bandwidth: its summing and its CPU cost on this node included).
     """
     numel = max(min(nbytes, _PROBE_BYTES) // 4, 1024)
     previous = torch.get_num_threads()
@@ -275,8 +287,8 @@ def measure_links(nbytes: int, threads: int = 1, tcp: bool = True) -> dict[str, 
         torch.set_num_threads(previous)
     result = {"copy_bandwidth": 4 * numel / copy, "sum_bandwidth": 2 * 4 * numel / add}
     if tcp:
-        bandwidth, latency = _tcp_between_processes(4 * numel)
-        result.update(tcp_bandwidth=bandwidth, tcp_latency=latency)
+        bandwidth, latency, ring = _tcp_between_processes(4 * numel)
+        result.update(tcp_bandwidth=bandwidth, tcp_latency=latency, ring_bandwidth=ring)
     return result
 
 
@@ -395,6 +407,7 @@ def local_cluster(workers: int, links: dict[str, float], workers_on_cpu: bool, c
         tcp_latency=links["tcp_latency"],
         net_bandwidth=links["tcp_bandwidth"],
         net_latency=links["tcp_latency"],
+        ring_bandwidth=links.get("ring_bandwidth"),
     )
 
 

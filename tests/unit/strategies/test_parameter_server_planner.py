@@ -63,7 +63,7 @@ def test_too_few_steps_to_profile_say_what_to_do(lightning_package: Any) -> None
 
 def test_links_are_measured_between_two_real_processes() -> None:
     links = measure_links(1 << 20)
-    assert set(links) == {"copy_bandwidth", "sum_bandwidth", "tcp_bandwidth", "tcp_latency"}
+    assert set(links) == {"copy_bandwidth", "sum_bandwidth", "tcp_bandwidth", "tcp_latency", "ring_bandwidth"}
     assert all(value > 0 for value in links.values())
     assert links["tcp_latency"] < 1.0
 
