@@ -87,20 +87,30 @@ class BenchMLP(pl.LightningModule):
 
 
 class StepTimer(pl.Callback):
+    """Wall time of the steps after ``warmup``, and this process's CPU time over them (what load cannot inflate)."""
+
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
         self.times: list[float] = []
+        self.cpu: list[float] = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.global_step >= self.warmup:
             if torch.cuda.is_available():  # the GPU check reuses this timer: wait for the step's kernels
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
     def steps_per_second(self) -> float | None:
         if len(self.times) < 2:
             return None
         return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+    def cpu_per_step(self) -> float | None:
+        """This process's CPU seconds per step (all its threads: gloo's included)."""
+        if len(self.cpu) < 2:
+            return None
+        return (self.cpu[-1] - self.cpu[0]) / (len(self.cpu) - 1)
 
 
 def num_parameters(size: str) -> int:
@@ -214,6 +224,7 @@ def run(size: str, strategy: Any, steps: int, batch_size: int, workers: int) -> 
     return {
         "steps_per_s": speed,
         "step_s": 1.0 / speed if speed else None,
+        "worker_cpu_s_per_step": timer.cpu_per_step(),
         "bytes_per_step": per_step,
         "bytes_measured": telemetry is not None,
         "comm_fraction": comm,

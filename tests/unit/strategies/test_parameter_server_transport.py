@@ -192,3 +192,18 @@ def test_a_message_through_shared_memory_sends_only_its_header() -> None:
     landing = torch.zeros(8)
     _, payloads, _ = worker.recv(1, into={"values": landing})
     assert payloads["values"].data_ptr() == landing.data_ptr()
+
+
+@pytest.mark.gpu
+def test_a_region_is_page_locked_for_asynchronous_copies_to_a_gpu() -> None:
+    region = Region.create("test-pinned", 4 << 20)
+    host = region.tensor(torch.float32, 1 << 20)
+    assert not host.is_pinned()
+    assert region.pin()
+    assert host.is_pinned(), "CUDA copies from and to the region run asynchronously"
+    device = torch.arange(1 << 20, dtype=torch.float32, device="cuda")
+    host.copy_(device, non_blocking=True)
+    torch.cuda.synchronize()
+    assert float(host[-1]) == float((1 << 20) - 1)
+    region.release()
+    assert not host.is_pinned()
