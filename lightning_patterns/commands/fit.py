@@ -79,15 +79,17 @@ class _LightningPatternsCLI(_LightningCLI):
 
     _lp_tree: ClassVar[_lightning.Tree]
 
-    def __init__(self, args: Sequence[str]) -> None:
+    def __init__(self, args: Sequence[str], run: bool = True, prog: str = PROG) -> None:
+        self._prog = prog  # what parse errors name: `lightning-patterns fit`, or the command that builds us
         super().__init__(
             model_class=self._lp_tree.pl.LightningModule,
             datamodule_class=self._lp_tree.pl.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": PROG},
+            parser_kwargs={"prog": prog},
             args=list(args),
+            run=run,
         )
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
@@ -103,7 +105,7 @@ class _LightningPatternsCLI(_LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse ``args`` only (never ``sys.argv``); a parse error becomes one sentence naming the key."""
-        subcommand = args[0] if args else ""
+        subcommand = args[0] if args and self._prog == PROG else ""
         try:
             self.config = parser.parse_args(args)
         except UnknownRecipeError as error:
@@ -111,7 +113,7 @@ class _LightningPatternsCLI(_LightningCLI):
         except argparse.ArgumentError as error:
             from lightning_patterns.commands._parse_errors import explain_parse_error
 
-            message = explain_parse_error(str(error), option_strings(parser), f"{PROG} {subcommand}".strip())
+            message = explain_parse_error(str(error), option_strings(parser), f"{self._prog} {subcommand}".strip())
             raise UsageError(message) from None
         self._use_recipe_checkpoint()
 

@@ -8,6 +8,7 @@ failure job is its own launch, several at a time.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -42,7 +43,14 @@ EXACT = {
     "lbfgs": ("worker",),
     "async_staleness_0": ("server",),
 }
-RUNS = [(case, placement, servers) for case, places in EXACT.items() for placement in places for servers in (1, 2)]
+TRANSPORTS = ("shm", "tcp")
+RUNS = [
+    (case, placement, servers, transport)
+    for case, places in EXACT.items()
+    for placement in places
+    for servers in (1, 2)
+    for transport in TRANSPORTS
+]
 ELEMENTWISE_REFUSAL = "runs the optimizer on chunks of parameters"
 
 
@@ -100,13 +108,20 @@ def _assert_equal(actual: Any, expected: Any, where: str) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize(("case", "update_on", "servers"), RUNS, ids=[f"{c}-{p}-s{s}" for c, p, s in RUNS])
-def test_equals_ddp(suite: Path, case: str, update_on: str, servers: int) -> None:
-    """Parameters and buffers of both workers, rank 0's optimizer state (and GradScaler) equal DDP's on the same job."""
-    label = f"{case}_{update_on}_s{servers}"
+@pytest.mark.parametrize(
+    ("case", "update_on", "servers", "transport"), RUNS, ids=[f"{c}-{p}-s{s}-{t}" for c, p, s, t in RUNS]
+)
+def test_equals_ddp(suite: Path, case: str, update_on: str, servers: int, transport: str) -> None:
+    """Parameters and buffers of both workers, rank 0's optimizer state (and GradScaler) equal DDP's on the same job.
+
+    Over each transport: the workers and servers of the launch share one host, so ``"shm"`` moves every gradient and
+    parameter through shared memory and ``"tcp"`` through gloo.
+    """
+    label = f"{case}_{update_on}_s{servers}_{transport}"
     for rank in range(WORKERS):
         actual = _load(suite / f"{label}_rank{rank}.pt")
         expected = _load(suite / f"{case}_ddp_rank{rank}.pt")
+        assert actual["transports"] == [transport] * servers
         assert actual["global_step"] == expected["global_step"] > 0
         _assert_equal(actual["state_dict"], expected["state_dict"], f"rank {rank} state_dict")
         _assert_equal(actual["scaler"], expected["scaler"], f"rank {rank} scaler")
@@ -163,27 +178,43 @@ def _initial_frozen_weight() -> torch.Tensor:
 def test_refusals_at_setup_name_the_fix(suite: Path) -> None:
     refusals = json.loads((suite / "refusals.json").read_text())
     for servers in (1, 2):
-        for case in ("adafactor", "lbfgs"):
-            assert ELEMENTWISE_REFUSAL in refusals[f"{case}_server_s{servers}"]
-            assert "update_on='worker'" in refusals[f"{case}_server_s{servers}"]
-        assert "torch.optim.Adafactor is not one of them" in refusals[f"adafactor_server_s{servers}"]
-        assert "torch.optim.lbfgs.LBFGS is not one of them" in refusals[f"lbfgs_server_s{servers}"]
-        for update_on in ("worker", "server"):
-            message = refusals[f"batchnorm_sync_{update_on}_s{servers}"]
-            assert "SyncBatchNorm, which runs on GPUs only" in message
-            assert "drop `sync_batchnorm=True`" in message
-        own = refusals[f"own_precision_server_s{servers}"]
-        assert "_OwnPrecision steps in its own way" in own
-        assert "update_on='worker'" in own
-    assert len(refusals) == 2 * (2 + 2 + 1)
+        for transport in TRANSPORTS:
+            run = f"s{servers}_{transport}"
+            for case in ("adafactor", "lbfgs"):
+                assert ELEMENTWISE_REFUSAL in refusals[f"{case}_server_{run}"]
+                assert "update_on='worker'" in refusals[f"{case}_server_{run}"]
+            assert "torch.optim.Adafactor is not one of them" in refusals[f"adafactor_server_{run}"]
+            assert "torch.optim.lbfgs.LBFGS is not one of them" in refusals[f"lbfgs_server_{run}"]
+            for update_on in ("worker", "server"):
+                message = refusals[f"batchnorm_sync_{update_on}_{run}"]
+                assert "SyncBatchNorm, which runs on GPUs only" in message
+                assert "drop `sync_batchnorm=True`" in message
+            own = refusals[f"own_precision_server_{run}"]
+            assert "_OwnPrecision steps in its own way" in own
+            assert "update_on='worker'" in own
+    assert len(refusals) == 2 * 2 * (2 + 2 + 1)
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_the_servers_of_one_launch_serve_all_its_fits(suite: Path) -> None:
-    """The equivalence suite's 40-odd fits start servers twice: once for 1 server, once for 2."""
+    """The equivalence suite's 90-odd fits start servers twice: once for 1 server, once for 2 (both transports)."""
     timings = json.loads((suite / "timings.json").read_text())
     assert timings["sessions_opened"] == 2
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_auto_servers_follow_the_cost_model_and_train_exactly(suite: Path) -> None:
+    record = json.loads((suite / "auto.json").read_text())
+    # S_max on one node: max(2, cores // workers), at most 8.
+    assert 1 <= record["num_servers"] <= max(2, min(8, (os.cpu_count() or 1) // WORKERS))
+    assert f"Recommended: PS S={record['num_servers']} update_on=server" in record["plan"]
+    expected_model, _ = single_process_reference("sgd", JOB)
+    for rank in range(WORKERS):
+        actual = _load(suite / f"auto_rank{rank}.pt")
+        assert actual["transports"] == ["shm"] * record["num_servers"]
+        _assert_equal(actual["state_dict"], expected_model, f"rank {rank} state_dict")
 
 
 @pytest.mark.distributed
@@ -345,6 +376,8 @@ def test_a_failed_process_stops_every_other_one(
     failed_at = float(output.split(marker)[1].split()[0])
     # Within the strategy's timeout (in practice the failure is seen at once), plus teardown on a loaded machine.
     assert ended - failed_at < TIMEOUT + SLACK, output[-6000:]
+    if job.startswith("kill"):
+        _assert_no_shared_memory_survives(output)
     if job == "kill_server":  # both workers saw the server's connection close
         for rank in range(WORKERS):
             assert f"[rank{rank}]: lightning_patterns.exceptions.PeerLostError: Lost rank 2" in output, output[-6000:]
@@ -357,6 +390,23 @@ def test_a_failed_process_stops_every_other_one(
         assert "RuntimeError: boom at step 3 on rank 1" in error, output[-6000:]
     for server in _server_ranks(args):
         assert f"[server rank {server}] ERROR exiting with code 1" in output, output[-6000:]
+
+
+def _assert_no_shared_memory_survives(output: str) -> None:
+    """The killed job moved its tensors through shared memory, and once its processes exited none of it is left."""
+    shared = output.split("SHARED ")[1].splitlines()[0].split()
+    # A push and a reply region per server (S = 1): the transport really was shared memory.
+    assert len(shared) >= 2, output[-6000:]
+    assert all(name.startswith("lp-ps-") for name in shared)
+    still_mapped = []
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # a process that exited meanwhile
+            continue
+        still_mapped += [f"{maps.parent.name}: {name}" for name in shared if f"memfd:{name}" in text]
+    assert not still_mapped, still_mapped
+    assert not [entry.name for entry in Path("/dev/shm").iterdir() if "lp-ps" in entry.name]
 
 
 @pytest.mark.distributed

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from lightning_patterns.exceptions import PeerLostError
-from lightning_patterns.strategies.parameter_server.link import Link, connect_group
+from lightning_patterns.strategies.parameter_server.link import Link, connect_group, open_link
 from lightning_patterns.strategies.parameter_server.messages import Exit
 from lightning_patterns.strategies.parameter_server.serve import ServerConfig
+from lightning_patterns.strategies.parameter_server.shm import HostCard
 
 __all__ = [
     "PendingSession",
@@ -219,10 +220,13 @@ class PendingSession:
         global _SESSION
         key = self.key
         world_size = key.num_workers + key.num_servers
-        transport = self.watching(
-            lambda: connect_group(key.main_address, key.main_port, rank, world_size, self.prefix, self.join_seconds)
+        group, cards = self.watching(
+            lambda: connect_group(
+                key.main_address, key.main_port, rank, world_size, self.prefix, self.join_seconds, HostCard.here()
+            )
         )
-        _SESSION = ServerSession(key, Link(transport, rank, timeout), self.processes, self.ranks)
+        link = open_link(group, rank, timeout, cards, key.num_workers)
+        _SESSION = ServerSession(key, link, self.processes, self.ranks)
         return _SESSION
 
 

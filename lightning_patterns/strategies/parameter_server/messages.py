@@ -25,6 +25,8 @@ import torch
 __all__ = [
     "Abort",
     "Ack",
+    "Attach",
+    "Commit",
     "DTYPES",
     "End",
     "Exit",
@@ -41,6 +43,7 @@ __all__ = [
     "Pull",
     "Push",
     "PushFlags",
+    "Regions",
     "SetState",
     "State",
     "Sum",
@@ -90,31 +93,45 @@ class Kind(enum.IntEnum):
     GET_STATE = 7
     SET_STATE = 8
     EXIT = 9
+    ATTACH = 10
+    COMMIT = 11
     # server -> worker
     ACK = 20
     PARAMS = 21
     SUM = 22
     STATE = 23
     ABORT = 24
+    REGIONS = 25
 
 
 class PushFlags(enum.IntFlag):
     """Flags of a :class:`Push` and of its reply."""
 
     NONE = 0
-    #: ``Push``: the servers must check the averaged gradient for inf/NaN and skip the step everywhere if any.
+    #: ``Commit``: the servers must check the averaged gradient for inf/NaN and skip the step everywhere if any.
     CHECK_FINITE = 1
-    #: ``Push`` (async): do not apply this gradient (the worker found inf/NaN). ``Params``: the step was skipped.
+    #: ``Commit`` (async): do not apply this gradient (the worker found inf/NaN). ``Params``: the step was skipped.
     SKIP = 2
+    #: ``Push``: this bucket replaces the one pushed earlier in this round (its gradient changed after the push).
+    REPLACE = 4
 
 
 @dataclass(frozen=True)
 class PayloadSpec:
-    """One payload that follows a header: a name, a number of elements and a dtype."""
+    """One payload that follows a header: a name, a number of elements, a dtype, and where it goes.
+
+    Attributes:
+        name: the payload's name.
+        numel: its number of elements.
+        dtype: its dtype.
+        offset: the element it starts at in the receiver's flat buffer of that name (a pair that shares memory
+            reads it there, in place).
+    """
 
     name: str
     numel: int
     dtype: torch.dtype
+    offset: int = 0
 
 
 def dtype_code(dtype: torch.dtype) -> int:
@@ -176,8 +193,10 @@ class Message:
             kwargs[field.name] = int(value)
         message = cls(**kwargs)
         for spec in message.payloads():
-            if spec.numel < 0:
-                raise ProtocolError(f"Rank {sender} sent {cls.kind.name} announcing {spec.numel} elements.")
+            if spec.numel < 0 or spec.offset < 0:
+                raise ProtocolError(
+                    f"Rank {sender} sent {cls.kind.name} announcing {spec.numel} elements at offset {spec.offset}."
+                )
         return message
 
 
@@ -212,44 +231,72 @@ class Pull(Message):
 
 @dataclass(frozen=True)
 class Push(Message):
-    """One step of one worker: its gradient of the server's chunks (already divided by the number of workers).
+    """One bucket of one worker's gradient of the server's chunks, for one round.
+
+    A bucket is a contiguous range of the server's chunks (:mod:`~.buckets`); a worker pushes each bucket of each
+    round once, in any order, as soon as backward has produced it (again, flagged ``REPLACE``, if it changed).
 
     Attributes:
-        step: pushes this worker made before this one, in this fit.
+        step: rounds this worker started before this one, in this fit.
         version: the server version the gradient was computed on (the ``version`` of the last parameters pulled).
-        numel: elements of the gradient payload.
+        bucket: the bucket's index among the server's buckets.
+        offset: the bucket's first element in the server's flat buffer.
+        numel: elements of the gradient payload (the bucket's).
         dtype: wire code of the gradient's dtype.
         mask_numel: elements of the presence mask that precedes the gradient (``0``: every chunk has a gradient);
-            one ``uint8`` per chunk of the server, ``0`` where the parameter had no gradient.
-        hyper_numel: elements of the hyperparameter vector that precedes the gradient (``0``: unchanged since this
-            worker's last push).
-        flags: :class:`PushFlags`.
+            one ``uint8`` per chunk of the bucket, ``0`` where the parameter had no gradient.
+        flags: :class:`PushFlags` (``REPLACE``).
         loss: the worker's loss, averaged by the servers (``"worker"`` placement).
-        clip_value: gradient clipping the servers apply to the averaged gradient (``0``: none).
-        clip_norm: ``1`` to clip by the norm over all servers' chunks, ``0`` to clip each value.
+        scaled: ``1`` when the gradient is already divided by the number of workers, ``0`` when the server must.
     """
 
     kind: ClassVar[Kind] = Kind.PUSH
     step: int = 0
     version: int = 0
+    bucket: int = 0
+    offset: int = 0
     numel: int = 0
     dtype: int = 0
     mask_numel: int = 0
-    hyper_numel: int = 0
     flags: int = 0
     loss: float = 0.0
-    clip_value: float = 0.0
-    clip_norm: int = 0
+    scaled: int = 1
 
     def payloads(self) -> list[PayloadSpec]:
-        """The mask, the hyperparameters (each only when announced), then the gradient."""
+        """The mask (when announced), then the gradient."""
         specs = []
         if self.mask_numel:
             specs.append(PayloadSpec("mask", self.mask_numel, torch.uint8))
-        if self.hyper_numel:
-            specs.append(PayloadSpec("hyper", self.hyper_numel, torch.float64))
-        specs.append(PayloadSpec("grad", self.numel, _dtype(self.dtype, "PUSH")))
+        specs.append(PayloadSpec("grad", self.numel, _dtype(self.dtype, "PUSH"), self.offset))
         return specs
+
+
+@dataclass(frozen=True)
+class Commit(Message):
+    """``"server"`` placement: this worker's pushes of the round are final; here is how to apply them.
+
+    Attributes:
+        step: the round.
+        flags: :class:`PushFlags` (``CHECK_FINITE``, ``SKIP``).
+        hyper_numel: elements of the hyperparameter vector that follows (``0``: unchanged since this worker's
+            last commit).
+        clip_value: gradient clipping the servers apply to the averaged gradient (``0``: none).
+        clip_norm: ``1`` to clip by the norm over all servers' chunks, ``0`` to clip each value.
+        unscale: multiply the averaged gradient by this before anything else (a GradScaler's inverse scale; ``1``:
+            none).
+    """
+
+    kind: ClassVar[Kind] = Kind.COMMIT
+    step: int = 0
+    flags: int = 0
+    hyper_numel: int = 0
+    clip_value: float = 0.0
+    clip_norm: int = 0
+    unscale: float = 1.0
+
+    def payloads(self) -> list[PayloadSpec]:
+        """The hyperparameters, when announced."""
+        return [PayloadSpec("hyper", self.hyper_numel, torch.float64)] if self.hyper_numel else []
 
 
 @dataclass(frozen=True)
@@ -267,15 +314,21 @@ class End(Message):
 
 
 @dataclass(frozen=True)
-class Fail(Message):
-    """This worker failed; the JSON (``{"error": ...}``) says how. The servers stop the job."""
+class _Described(Message):
+    """A message whose content is one JSON payload of ``json_bytes`` bytes."""
 
-    kind: ClassVar[Kind] = Kind.FAIL
     json_bytes: int = 0
 
     def payloads(self) -> list[PayloadSpec]:
         """The JSON."""
         return _json_payload(self.json_bytes)
+
+
+@dataclass(frozen=True)
+class Fail(_Described):
+    """This worker failed; the JSON (``{"error": ...}``) says how. The servers stop the job."""
+
+    kind: ClassVar[Kind] = Kind.FAIL
 
 
 @dataclass(frozen=True)
@@ -306,6 +359,13 @@ class SetState(_PackedState):
 
 
 @dataclass(frozen=True)
+class Attach(Message):
+    """This worker shares memory with the server (same host): send me the fit's regions."""
+
+    kind: ClassVar[Kind] = Kind.ATTACH
+
+
+@dataclass(frozen=True)
 class Exit(Message):
     """Between fits: the server process may exit (another fit needs other servers, or the job is over)."""
 
@@ -322,11 +382,13 @@ class Ack(Message):
 
 @dataclass(frozen=True)
 class Params(Message):
-    """The parameters of the server's chunks (``"server"`` placement).
+    """One bucket of the parameters of the server's chunks (``"server"`` placement).
 
     Attributes:
         version: updates the server has applied.
         staleness: updates between the pull the answered push was computed on and its application.
+        bucket: the bucket's index among the server's buckets.
+        offset: its first element in the server's flat buffer.
         numel: elements of the payload.
         dtype: wire code of its dtype.
         flags: :attr:`PushFlags.SKIP` when the step was skipped (inf/NaN in the averaged gradient).
@@ -335,29 +397,36 @@ class Params(Message):
     kind: ClassVar[Kind] = Kind.PARAMS
     version: int = 0
     staleness: int = 0
+    bucket: int = 0
+    offset: int = 0
     numel: int = 0
     dtype: int = 0
     flags: int = 0
 
     def payloads(self) -> list[PayloadSpec]:
         """The parameter values."""
-        return [PayloadSpec("values", self.numel, _dtype(self.dtype, "PARAMS"))]
+        return [PayloadSpec("values", self.numel, _dtype(self.dtype, "PARAMS"), self.offset)]
 
 
 @dataclass(frozen=True)
 class Sum(Message):
-    """The workers' averaged gradient of the server's chunks (``"worker"`` placement).
+    """One bucket of the workers' averaged gradient of the server's chunks (``"worker"`` placement).
 
     Attributes:
         round: rounds completed, this one included.
+        bucket: the bucket's index among the server's buckets.
+        offset: its first element in the server's flat buffer.
         numel: elements of the gradient payload.
         dtype: wire code of its dtype.
-        mask_numel: elements of the presence mask before it (``0``: every chunk had a gradient on some worker).
+        mask_numel: elements of the presence mask before it (``0``: every chunk of the bucket had a gradient on
+            some worker).
         loss: the workers' mean loss.
     """
 
     kind: ClassVar[Kind] = Kind.SUM
     round: int = 0
+    bucket: int = 0
+    offset: int = 0
     numel: int = 0
     dtype: int = 0
     mask_numel: int = 0
@@ -366,7 +435,14 @@ class Sum(Message):
     def payloads(self) -> list[PayloadSpec]:
         """The presence mask (when announced), then the averaged gradient."""
         mask = [PayloadSpec("mask", self.mask_numel, torch.uint8)] if self.mask_numel else []
-        return [*mask, PayloadSpec("grad", self.numel, _dtype(self.dtype, "SUM"))]
+        return [*mask, PayloadSpec("grad", self.numel, _dtype(self.dtype, "SUM"), self.offset)]
+
+
+@dataclass(frozen=True)
+class Regions(_Described):
+    """The shared memory of the fit, for one worker of the server's host: JSON naming each region."""
+
+    kind: ClassVar[Kind] = Kind.REGIONS
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lightning_patterns.strategies.parameter_server.link import Link, connect_group
+from lightning_patterns.strategies.parameter_server.link import connect_group, open_link
 from lightning_patterns.strategies.parameter_server.server import ParameterServer
+from lightning_patterns.strategies.parameter_server.shm import HostCard, Region, shared_memory_available
 
 __all__ = ["ServerConfig", "main"]
 
@@ -72,6 +73,14 @@ def _exit_if_orphaned(parent: int, joined: threading.Event) -> None:
             os._exit(1)
 
 
+def _share_cores(card: HostCard, cards: dict[int, HostCard]) -> None:
+    """Use this host's cores shared out over its workers and servers (summing and updating are parallel loops)."""
+    local = sum(1 for other in cards.values() if other.same_host(card)) or 1
+    threads = max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(threads)
+    log.debug("%d processes of the job on this host: %d threads", local, threads)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run one server process; exits with ``0`` after ``EXIT`` or the end of the job, ``1`` after a failure."""
     config = ServerConfig.from_json((argv if argv is not None else sys.argv)[1])
@@ -85,19 +94,23 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     code = 1
     try:
-        transport = connect_group(
+        # Workers of this host try to map this region: where they can, they share memory with this server.
+        probe = Region.create(f"probe-r{config.rank}", 1) if shared_memory_available() else None
+        card = HostCard.here(probe)
+        group, cards = connect_group(
             config.main_address,
             config.main_port,
             config.rank,
             config.num_workers + config.num_servers,
             config.prefix,
             config.join_timeout,
+            card,
         )
         joined.set()
         log.debug("joined in %.2fs", time.monotonic() - started)
-        server = ParameterServer(
-            Link(transport, config.rank, config.join_timeout), config.num_workers, config.num_servers
-        )
+        _share_cores(card, cards)
+        link = open_link(group, config.rank, config.join_timeout, cards, config.num_workers)
+        server = ParameterServer(link, config.num_workers, config.num_servers)
         try:
             server.serve()
             code = 0

@@ -5,11 +5,25 @@ worker fails it at once) and hands complete messages to the main loop through a 
 in arrival order, which is what asynchronous training needs, and bounds every wait for a worker it expects to
 hear from by the fit's ``timeout``.
 
-A fit starts with ``INIT`` from worker 0 (answered by ``ACK``) and ends when every worker has sent ``END``.
-Between fits the server holds nothing and waits for the next ``INIT`` or for ``EXIT``. A worker that fails
-sends ``FAIL``; a worker that dies is seen by its receiver thread; either way, during a fit, the server tells
-every other worker why (``ABORT``) and exits non-zero. A worker that disconnects between fits ended the job.
-Set ``LP_PS_DEBUG=1`` to log every message a server handles.
+A fit starts with ``INIT`` from worker 0 (answered by ``ACK``); each worker of the server's host then sends
+``ATTACH`` and gets the fit's shared regions (``REGIONS``): one it writes its pushes to, and the one the server
+answers from, where the server keeps the averaged gradient or the parameters themselves, so answering copies
+nothing. The fit ends when every worker has sent ``END``; its regions are released. Between fits the server holds
+nothing and waits for the next ``INIT`` or for ``EXIT``. A worker that fails sends ``FAIL``; a worker that dies is
+seen by its receiver thread; either way, during a fit, the server tells every other worker why (``ABORT``) and
+exits non-zero. A worker that disconnects between fits ended the job. Set ``LP_PS_DEBUG=1`` to log every message a
+server handles.
+
+A round, per placement:
+
+- ``"worker"``: a bucket is summed as soon as every worker pushed it (while the workers still run backward), and
+  its average is sent to every worker at once.
+- ``"server"``, sync: a bucket is summed as soon as every worker pushed it; once every worker committed, the
+  buckets are updated one after another in offset order, which is the order the next forward needs them, and each
+  is sent as soon as it is updated (norm clipping and the inf check need the whole gradient first; a bucket pushed
+  again after its sum, because a hook changed it, is summed again).
+- ``"server"``, async: a worker's commit applies its own pushes at once; it gets the parameters back when it is
+  within ``max_staleness`` of the slowest worker.
 """
 
 from __future__ import annotations
@@ -18,15 +32,18 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from lightning_patterns.exceptions import PeerFailedError, PeerLostError
-from lightning_patterns.strategies.parameter_server.link import Link
+from lightning_patterns.strategies.parameter_server.link import Link, Pending
 from lightning_patterns.strategies.parameter_server.messages import (
     Abort,
     Ack,
+    Attach,
+    Commit,
     End,
     Exit,
     Fail,
@@ -39,6 +56,7 @@ from lightning_patterns.strategies.parameter_server.messages import (
     Pull,
     Push,
     PushFlags,
+    Regions,
     SetState,
     State,
     Sum,
@@ -49,10 +67,12 @@ from lightning_patterns.strategies.parameter_server.messages import (
 from lightning_patterns.strategies.parameter_server.placement import (
     PLACEMENTS,
     FitSpec,
+    GradientSum,
     Placement,
     RoundInputs,
     ServerOptimizer,
 )
+from lightning_patterns.strategies.parameter_server.shm import Region, shared_memory_available
 
 __all__ = ["JOIN_TIMEOUT_S", "ParameterServer", "is_sync", "join_timeout"]
 
@@ -76,31 +96,65 @@ def is_sync(mode: str, max_staleness: int | None) -> bool:
 
 
 class _Fit:
-    """What a server keeps for the fit it serves: the placement's state and the round bookkeeping."""
+    """What a server keeps for the fit it serves: the placement's state, the regions and the round bookkeeping."""
 
-    def __init__(self, spec: FitSpec, placement: Placement, num_workers: int) -> None:
+    def __init__(self, spec: FitSpec, placement: Placement, num_workers: int, regions: list[Region]) -> None:
         self.spec = spec
         self.placement = placement
         self.num_workers = num_workers
-        self.present = torch.zeros(len(spec.chunk_numels), dtype=torch.int32)
-        self.pushed: dict[int, Push] = {}  # sync: this round's pushes
-        self.loss = 0.0  # sync: this round's summed losses
+        self.regions = regions
+        self.chunk_ranges: list[range] = _chunk_ranges(spec)
+        self.bucket_offsets = [0]
+        for numel in spec.buckets:
+            self.bucket_offsets.append(self.bucket_offsets[-1] + numel)
+        #: Where each worker's pushes land: its shared region, or a host buffer of the server.
+        self.staging: list[torch.Tensor | None] = [None] * num_workers
+        #: Each worker's region for the parameters of async replies (its own: the server updates between replies).
+        self.replies: dict[int, torch.Tensor] = {}
+        self.pushes: list[dict[int, Push]] = [{} for _ in range(num_workers)]  # this round's, by bucket
+        self.masks: list[dict[int, torch.Tensor]] = [{} for _ in range(num_workers)]  # by bucket, where not all there
+        self.complete: dict[int, int] = {}  # sync: bucket -> workers that pushed it this round
+        self.summed: set[int] = set()  # "server", sync: buckets of this round already summed
+        self.commits: dict[int, Commit] = {}  # "server", sync: this round's
         initial = placement.initial_hyperparameters if isinstance(placement, ServerOptimizer) else None
         self.hyperparameters: list[torch.Tensor | None] = [initial] * num_workers  # each worker's latest
-        self.clock = [0] * num_workers  # pushes per worker
-        self.pending: dict[int, int] = {}  # async: worker -> staleness of the push awaiting its parameters
+        self.clock = [0] * num_workers  # rounds per worker
+        self.waiting: set[int] = set()  # workers waiting for this server's reply to their round
+        self.pending: dict[int, int] = {}  # async: worker -> staleness of the commit awaiting its parameters
         self.active = [False] * num_workers
         self.last_seen = [time.monotonic()] * num_workers
         self.done: set[int] = set()
         self.rounds = 0
+        self.sends: list[Pending] = []
 
     def expected(self) -> list[int]:
         """Workers that owe the server a message: training, not finished, and not waiting for its reply."""
-        return [
-            w
-            for w in range(self.num_workers)
-            if self.active[w] and w not in self.done and w not in self.pushed and w not in self.pending
-        ]
+        return [w for w in range(self.num_workers) if self.active[w] and w not in self.done and w not in self.waiting]
+
+    def in_round(self) -> bool:
+        """Whether a synchronous round has started and is not complete."""
+        return bool(self.waiting) or any(self.pushes)
+
+    def release(self) -> None:
+        """Give the fit's shared memory back (it is freed once no worker maps it either)."""
+        for region in self.regions:
+            region.release()
+        self.regions = []
+
+
+def _chunk_ranges(spec: FitSpec) -> list[range]:
+    """The chunks of each bucket (a bucket's elements are whole chunks); :class:`ProtocolError` if they are not."""
+    ranges = []
+    chunk = 0
+    for index, numel in enumerate(spec.buckets):
+        first, total = chunk, 0
+        while total < numel and chunk < len(spec.chunk_numels):
+            total += spec.chunk_numels[chunk]
+            chunk += 1
+        if total != numel:
+            raise ProtocolError(f"INIT's bucket {index} of {numel} elements does not end at a chunk boundary.")
+        ranges.append(range(first, chunk))
+    return ranges
 
 
 class ParameterServer:
@@ -119,6 +173,7 @@ class ParameterServer:
         self.peers = [num_workers + s for s in range(num_servers) if num_workers + s != link.rank]
         self.inbox: queue.Queue[tuple[int, Message | None, Any]] = queue.Queue()
         self.fit: _Fit | None = None
+        self.fits = 0
         # Messages of workers that ended the current fit, which belong to what follows it: handled once it ends.
         self.deferred: list[tuple[int, Message, dict[str, torch.Tensor]]] = []
         self.culprit: int | None = None  # the rank that failed or was lost, once known
@@ -149,12 +204,25 @@ class ParameterServer:
     def _receive(self, worker: int) -> None:
         try:
             while True:
-                message, payloads, _ = self.link.recv(worker, timeout=IDLE_BOUND_S)
+                message, payloads, _ = self.link.recv(
+                    worker, timeout=IDLE_BOUND_S, into=lambda message: self._landing(worker, message)
+                )
                 self.inbox.put((worker, message, payloads))
                 if isinstance(message, Exit):
                     return
         except (PeerLostError, ProtocolError) as error:
             self.inbox.put((worker, None, error))
+
+    def _landing(self, worker: int, message: Message) -> Mapping[str, torch.Tensor]:
+        """Where a push of ``worker`` is received over TCP: its staging buffer (allocated on its first push)."""
+        fit = self.fit
+        if fit is None or not isinstance(message, Push):
+            return {}
+        staging = fit.staging[worker]
+        if staging is None:
+            staging = torch.zeros(fit.spec.numel, dtype=fit.spec.dtype)
+            fit.staging[worker] = staging
+        return {"grad": staging}
 
     def _next(self) -> tuple[int, Message | None, Any]:
         while True:
@@ -212,21 +280,26 @@ class ParameterServer:
         fit = self.fit
         if fit is None:
             raise ProtocolError(f"Rank {worker} sent {message.kind.name} while no fit was running.")
+        placement = fit.placement
         if isinstance(message, Push):
             self._push(fit, worker, message, payloads)
-        elif isinstance(message, Pull) and isinstance(fit.placement, ServerOptimizer):
+        elif isinstance(message, Commit) and isinstance(placement, ServerOptimizer):
+            self._commit(fit, worker, message, payloads)
+        elif isinstance(message, Attach):
+            self._attach(fit, worker)
+        elif isinstance(message, Pull) and isinstance(placement, ServerOptimizer):
             self._send_params(fit, worker, staleness=0)
         elif isinstance(message, Pause):
             fit.active[worker] = False
         elif isinstance(message, End):
             self._end(fit, worker)
-        elif isinstance(message, GetState) and isinstance(fit.placement, ServerOptimizer):
-            described, data = fit.placement.state()
+        elif isinstance(message, GetState) and isinstance(placement, ServerOptimizer):
+            described, data = placement.state()
             reply = encode_json(described)
             self.link.send(State(reply.numel(), data.numel()), worker, {"json": reply, "data": data})
-        elif isinstance(message, SetState) and isinstance(fit.placement, ServerOptimizer):
+        elif isinstance(message, SetState) and isinstance(placement, ServerOptimizer):
             described = decode_json(payloads["json"], f"SET_STATE from rank {worker}") if "json" in payloads else []
-            fit.placement.load_state(described, payloads.get("data", torch.empty(0, dtype=torch.uint8)), worker)
+            placement.load_state(described, payloads.get("data", torch.empty(0, dtype=torch.uint8)), worker)
             self.link.send(Ack(), worker)
         else:
             raise ProtocolError(
@@ -240,24 +313,65 @@ class ParameterServer:
         if self.fit is not None:
             raise ProtocolError(f"Rank {worker} sent INIT during a fit.")
         spec = FitSpec.from_payload(payloads.get("json", torch.empty(0, dtype=torch.uint8)), worker)
-        placement = PLACEMENTS.get(spec.placement)(spec, payloads.get("values"))
-        self.fit = _Fit(spec, placement, self.num_workers)
+        regions: list[Region] = []
+        allocate = None
+        if spec.sync and self._shares_memory_with_workers(spec):
+            # The server answers from this region: workers of this host read the replies there, in place.
+            itemsize = torch.empty(0, dtype=spec.dtype).element_size()
+            region = Region.create(f"r{self.rank}-fit{self.fits}-reply", spec.numel * itemsize)
+            regions.append(region)
+
+            def allocate(numel: int, dtype: torch.dtype) -> torch.Tensor:
+                return region.tensor(dtype, numel)
+
+        placement = PLACEMENTS.get(spec.placement)(spec, payloads.get("values"), allocate)
+        self.fit = _Fit(spec, placement, self.num_workers, regions)
+        self.fits += 1
         log.info(
-            "serving a fit: %d chunks (%d elements), update_on=%r%s, %s",
+            "serving a fit: %d chunks (%d elements) in %d buckets, update_on=%r%s, %s, transport=%s",
             len(spec.chunk_numels),
             spec.numel,
+            len(spec.buckets),
             spec.placement,
             f" with {spec.optimizer}" if spec.optimizer else "",
             "sync" if spec.sync else f"async(max_staleness={spec.max_staleness})",
+            spec.transport,
         )
         self.link.send(Ack(), worker, timeout=spec.timeout)
+
+    def _shares_memory_with_workers(self, spec: FitSpec) -> bool:
+        if spec.transport == "tcp" or not shared_memory_available():
+            return False
+        return any(self.link.shared_memory(w) is not None for w in range(self.num_workers))
+
+    def _attach(self, fit: _Fit, worker: int) -> None:
+        """Give ``worker`` (of this host) its push region and the reply region; use them from now on."""
+        transport = self.link.shared_memory(worker)
+        if transport is None or fit.spec.transport == "tcp" or (fit.spec.sync and not fit.regions):
+            raise ProtocolError(f"Rank {worker} sent ATTACH, but it does not share memory with server {self.rank}.")
+        spec = fit.spec
+        nbytes = spec.numel * torch.empty(0, dtype=spec.dtype).element_size()
+        push = Region.create(f"r{self.rank}-fit{self.fits - 1}-push{worker}", nbytes)
+        fit.regions.append(push)
+        staging = fit.staging[worker] = push.tensor(spec.dtype, spec.numel)
+        if spec.sync:
+            reply_region = fit.regions[0]
+            reply = fit.placement.reply
+        else:  # async: each worker reads a copy of the parameters made when its reply is due
+            reply_region = Region.create(f"r{self.rank}-fit{self.fits - 1}-reply{worker}", nbytes)
+            fit.regions.append(reply_region)
+            reply = fit.replies[worker] = reply_region.tensor(spec.dtype, spec.numel)
+        transport.attach(outgoing={"grad": reply, "values": reply}, incoming={"grad": staging})
+        described = encode_json({"push": push.describe(), "pull": reply_region.describe()})
+        self.link.send(Regions(described.numel()), worker, {"json": described}, timeout=spec.timeout)
 
     def _end(self, fit: _Fit, worker: int) -> None:
         fit.done.add(worker)
         fit.active[worker] = False
-        if fit.spec.sync and fit.pushed:
+        if fit.spec.sync and fit.in_round():
+            waiting = sorted(fit.waiting | {w for w in range(self.num_workers) if fit.pushes[w]})
             raise RuntimeError(
-                f"Worker rank {worker} ended its fit while ranks {sorted(fit.pushed)} wait in a synchronous step: the "
+                f"Worker rank {worker} ended its fit while ranks {waiting} wait in a synchronous step: the "
                 "workers ran different numbers of optimizer steps (a different `max_steps`, or a stopping rule that "
                 "is not decided on every rank alike)."
             )
@@ -265,105 +379,249 @@ class ParameterServer:
         if len(fit.done) < self.num_workers:
             return
         log.info("fit ended after %d updates", fit.rounds)
+        self._drain(fit)
+        for w in range(self.num_workers):
+            transport = self.link.shared_memory(w)
+            if transport is not None:
+                transport.detach()
+        fit.release()
         self.fit = None
         deferred, self.deferred = self.deferred, []
         for sender, message, payloads in deferred:
             self._handle(sender, message, payloads)
 
-    # -- updates -----------------------------------------------------------------------------------------------------
+    # -- pushes ------------------------------------------------------------------------------------------------------
     def _push(self, fit: _Fit, worker: int, message: Push, payloads: dict[str, torch.Tensor]) -> None:
-        grad, mask = payloads["grad"], payloads.get("mask")
         spec = fit.spec
-        if grad.numel() != spec.numel or grad.dtype != spec.dtype:
+        index = message.bucket
+        if not 0 <= index < len(spec.buckets) or message.offset != fit.bucket_offsets[index]:
+            raise ProtocolError(f"Rank {worker} pushed bucket {index} at offset {message.offset}, which is not one.")
+        grad, mask = payloads["grad"], payloads.get("mask")
+        if grad.numel() != spec.buckets[index] or grad.dtype != spec.dtype:
             raise ProtocolError(
-                f"Rank {worker} pushed {grad.numel()} {grad.dtype}; expected {spec.numel} {spec.dtype}."
+                f"Rank {worker} pushed {grad.numel()} {grad.dtype} for bucket {index}; expected "
+                f"{spec.buckets[index]} {spec.dtype}."
             )
-        if mask is not None and mask.numel() != len(spec.chunk_numels):
-            raise ProtocolError(
-                f"Rank {worker} pushed a mask of {mask.numel()} chunks; expected {len(spec.chunk_numels)}."
-            )
-        if "hyper" in payloads:
-            layout = fit.placement.layout if isinstance(fit.placement, ServerOptimizer) else None
-            if layout is None or payloads["hyper"].numel() != layout.numel:
-                raise ProtocolError(f"Rank {worker} pushed hyperparameters this fit does not lay out.")
-            fit.hyperparameters[worker] = payloads["hyper"]
-        fit.active[worker] = True
-        fit.clock[worker] += 1
-        if spec.sync:
-            self._add_to_round(fit, worker, message, grad, mask)
-            return
-        assert isinstance(fit.placement, ServerOptimizer)
-        staleness = fit.placement.version - message.version
-        if not message.flags & PushFlags.SKIP:
-            present = mask != 0 if mask is not None else torch.ones(len(spec.chunk_numels), dtype=torch.bool)
-            fit.placement.update(grad, RoundInputs(present, hyperparameters=fit.hyperparameters[worker]))
-            fit.rounds += 1
-        fit.pending[worker] = staleness
-        self._release(fit)
-
-    def _add_to_round(self, fit: _Fit, worker: int, message: Push, grad: torch.Tensor, mask: Any) -> None:
-        if worker in fit.pushed:
-            raise ProtocolError(f"Rank {worker} pushed twice in one synchronous round.")
-        if fit.done:
+        chunks = fit.chunk_ranges[index]
+        if mask is not None and mask.numel() != len(chunks):
+            raise ProtocolError(f"Rank {worker} pushed a mask of {mask.numel()} chunks; expected {len(chunks)}.")
+        if fit.done and spec.sync:
             raise RuntimeError(
                 f"Worker rank {worker} pushed step {message.step} after ranks {sorted(fit.done)} ended their fit: the "
                 "workers ran different numbers of optimizer steps."
             )
-        # Workers divide their gradients by the number of workers before pushing: the sum is the average.
-        if not fit.pushed:
-            fit.placement.grad.copy_(grad)
-            fit.present.zero_()
-            fit.loss = 0.0
+        replace = bool(message.flags & PushFlags.REPLACE)
+        if replace and isinstance(fit.placement, GradientSum):
+            raise ProtocolError(
+                f"Rank {worker} replaced bucket {index}, but update_on='worker' sums each bucket as it arrives."
+            )
+        if (index in fit.pushes[worker]) != replace:
+            what = "replaced a bucket it had not pushed" if replace else "pushed a bucket twice"
+            raise ProtocolError(f"Rank {worker} {what} in one round (bucket {index}).")
+        staging = fit.staging[worker]
+        if staging is None:
+            staging = fit.staging[worker] = torch.zeros(spec.numel, dtype=spec.dtype)
+        target = staging[message.offset : message.offset + grad.numel()]
+        if target.data_ptr() != grad.data_ptr():  # received before this fit's buffers existed
+            target.copy_(grad)
+        fit.pushes[worker][index] = message
+        if mask is None:
+            fit.masks[worker].pop(index, None)
         else:
-            fit.placement.grad.add_(grad)
-        fit.present += 1 if mask is None else mask.to(torch.int32)
-        fit.loss += message.loss
-        fit.pushed[worker] = message
-        if len(fit.pushed) == self.num_workers:
-            self._finish_round(fit)
+            fit.masks[worker][index] = mask.clone()
+        fit.active[worker] = True
+        if replace:
+            fit.summed.discard(index)  # summed with the gradient it replaces: sum again at the commit
+            return
+        if not spec.sync:
+            return  # async: applied at the worker's commit
+        count = fit.complete.get(index, 0) + 1
+        fit.complete[index] = count
+        if isinstance(fit.placement, GradientSum):
+            if len(fit.pushes[worker]) == len(spec.buckets):
+                fit.waiting.add(worker)
+                fit.clock[worker] += 1
+            if count == self.num_workers:
+                self._answer_bucket(fit, index)
+        elif count == self.num_workers:
+            # Sum while the workers still run backward; the commit then only updates (a later REPLACE sums again).
+            self._sum_bucket(fit, index, list(range(self.num_workers)))
+            fit.summed.add(index)
 
-    def _finish_round(self, fit: _Fit) -> None:
-        ranks = sorted(fit.pushed)
-        first = fit.pushed[ranks[0]]
+    def _sum_bucket(self, fit: _Fit, index: int, workers: list[int]) -> None:
+        """Sum the workers' pushes of bucket ``index`` into the placement's gradient (the average, once divided)."""
+        lo, hi = fit.bucket_offsets[index], fit.bucket_offsets[index + 1]
+        out = fit.placement.grad[lo:hi]
+        views = [fit.staging[w][lo:hi] for w in workers]  # type: ignore[index]
+        scaled = [bool(fit.pushes[w][index].scaled) for w in workers]
+        if all(scaled):
+            if len(views) == 1:
+                out.copy_(views[0])
+            else:
+                torch.add(views[0], views[1], out=out)
+                for view in views[2:]:
+                    out.add_(view)
+            return
+        out.zero_()
+        for view, is_scaled in zip(views, scaled, strict=True):
+            out.add_(view, alpha=1.0 if is_scaled else 1.0 / self.num_workers)
+
+    def _present(self, fit: _Fit, workers: list[int], buckets: range) -> torch.Tensor:
+        """Per chunk of the server: whether any of ``workers`` had a gradient for it (in ``buckets``)."""
+        present = torch.zeros(len(fit.spec.chunk_numels), dtype=torch.bool)
+        for index in buckets:
+            chunks = fit.chunk_ranges[index]
+            for worker in workers:
+                mask = fit.masks[worker].get(index)
+                if mask is None:
+                    present[chunks.start : chunks.stop] = True
+                    break
+                present[chunks.start : chunks.stop] |= mask != 0
+        return present
+
+    def _answer_bucket(self, fit: _Fit, index: int) -> None:
+        """``"worker"``: every worker pushed bucket ``index``: send them all its average at once."""
+        workers = list(range(self.num_workers))
+        self._drain(fit)
+        self._sum_bucket(fit, index, workers)
+        chunks = fit.chunk_ranges[index]
+        present = self._present(fit, workers, range(index, index + 1))[chunks.start : chunks.stop]
+        loss = sum(fit.pushes[w][index].loss for w in workers) / self.num_workers
+        lo, hi = fit.bucket_offsets[index], fit.bucket_offsets[index + 1]
+        payloads = {"grad": fit.placement.grad[lo:hi]}
+        mask_numel = 0
+        if not bool(present.all()):
+            payloads["mask"] = present.to(torch.uint8)
+            mask_numel = present.numel()
+        header = Sum(fit.rounds + 1, index, lo, hi - lo, dtype_code(fit.spec.dtype), mask_numel, loss)
+        for worker in workers:
+            self._post(fit, worker, header, payloads)
+        del fit.complete[index]
+        if not fit.complete and all(len(p) == len(fit.spec.buckets) for p in fit.pushes):
+            fit.rounds += 1
+            for worker in workers:
+                fit.pushes[worker].clear()
+                fit.masks[worker].clear()
+            fit.waiting.clear()
+
+    # -- commits (``"server"``) --------------------------------------------------------------------------------------
+    def _commit(self, fit: _Fit, worker: int, message: Commit, payloads: dict[str, torch.Tensor]) -> None:
+        placement = fit.placement
+        assert isinstance(placement, ServerOptimizer)
+        if "hyper" in payloads:
+            if payloads["hyper"].numel() != placement.layout.numel:
+                raise ProtocolError(f"Rank {worker} committed hyperparameters this fit does not lay out.")
+            fit.hyperparameters[worker] = payloads["hyper"].clone()
+        missing = sorted(set(range(len(fit.spec.buckets))) - set(fit.pushes[worker]))
+        if missing:
+            raise ProtocolError(f"Rank {worker} committed step {message.step} without pushing buckets {missing}.")
+        fit.active[worker] = True
+        fit.clock[worker] += 1
+        if not fit.spec.sync:
+            self._apply_async(fit, worker, message)
+            return
+        if fit.done:
+            raise RuntimeError(
+                f"Worker rank {worker} committed step {message.step} after ranks {sorted(fit.done)} ended their fit: "
+                "the workers ran different numbers of optimizer steps."
+            )
+        fit.commits[worker] = message
+        fit.waiting.add(worker)
+        if len(fit.commits) == self.num_workers:
+            self._apply_round(fit)
+
+    def _round_inputs(self, fit: _Fit) -> RoundInputs:
+        placement = fit.placement
+        assert isinstance(placement, ServerOptimizer)
+        ranks = sorted(fit.commits)
+        first = fit.commits[ranks[0]]
         for rank in ranks[1:]:
-            push = fit.pushed[rank]
-            if (push.clip_value, push.clip_norm, push.flags) != (first.clip_value, first.clip_norm, first.flags):
+            other = fit.commits[rank]
+            if (other.clip_value, other.clip_norm, other.flags, other.unscale) != (
+                first.clip_value,
+                first.clip_norm,
+                first.flags,
+                first.unscale,
+            ):
                 raise RuntimeError(
                     f"Workers ranks {ranks[0]} and {rank} asked for different gradient clipping or inf checks in one "
-                    f"step ({first.clip_value}, norm={bool(first.clip_norm)} against {push.clip_value}, "
-                    f"norm={bool(push.clip_norm)}): every worker must clip the same way."
+                    f"step ({first.clip_value}, norm={bool(first.clip_norm)} against {other.clip_value}, "
+                    f"norm={bool(other.clip_norm)}): every worker must clip the same way."
                 )
-        hyperparameters = None
-        if isinstance(fit.placement, ServerOptimizer):
-            hyperparameters = fit.hyperparameters[ranks[0]]
-            for rank in ranks[1:]:
-                other = fit.hyperparameters[rank]
-                assert hyperparameters is not None
-                assert other is not None
-                difference = fit.placement.layout.difference(hyperparameters, other)
-                if difference is not None:
-                    raise RuntimeError(
-                        f"The servers run one optimizer for all workers, but the hyperparameters of workers ranks "
-                        f"{ranks[0]} and {rank} differ: {difference}. Every worker must change them alike: a scheduler "
-                        "that monitors a metric must see the same value on each (log it with `sync_dist=True`)."
-                    )
-        inputs = RoundInputs(
-            present=fit.present > 0,
+        hyperparameters = fit.hyperparameters[ranks[0]]
+        for rank in ranks[1:]:
+            assert hyperparameters is not None
+            difference = placement.layout.difference(hyperparameters, fit.hyperparameters[rank])  # type: ignore[arg-type]
+            if difference is not None:
+                raise RuntimeError(
+                    f"The servers run one optimizer for all workers, but the hyperparameters of workers ranks "
+                    f"{ranks[0]} and {rank} differ: {difference}. Every worker must change them alike: a scheduler "
+                    "that monitors a metric must see the same value on each (log it with `sync_dist=True`)."
+                )
+        return RoundInputs(
+            present=self._present(fit, ranks, range(len(fit.spec.buckets))),
             hyperparameters=hyperparameters,
             clip_value=first.clip_value,
             clip_norm=bool(first.clip_norm),
             check_finite=bool(first.flags & PushFlags.CHECK_FINITE),
-            mean_loss=fit.loss / self.num_workers,
             exchange=self._sum_over_servers,
+            unscale=first.unscale,
         )
-        skipped = fit.placement.update(fit.placement.grad, inputs)
-        fit.rounds += 1
-        for worker in ranks:
-            if isinstance(fit.placement, ServerOptimizer):
+
+    def _apply_round(self, fit: _Fit) -> None:
+        """``"server"``, sync: every worker committed: update bucket by bucket, answering each as it is done."""
+        placement = fit.placement
+        assert isinstance(placement, ServerOptimizer)
+        inputs = self._round_inputs(fit)
+        workers = list(range(self.num_workers))
+        self._drain(fit)
+        buckets = range(len(fit.spec.buckets))
+        if placement.needs_whole_gradient(inputs):
+            for index in buckets:
+                if index not in fit.summed:
+                    self._sum_bucket(fit, index, workers)
+            skipped = placement.update(placement.grad, inputs)
+            for worker in workers:
                 self._send_params(fit, worker, staleness=0, skipped=skipped)
-            else:
-                self._send_sum(fit, worker, inputs)
-        fit.pushed.clear()
+        else:
+            placement.begin_round(inputs)
+            for index in buckets:
+                if index not in fit.summed:
+                    self._sum_bucket(fit, index, workers)
+                placement.step_chunks(fit.chunk_ranges[index], inputs)
+                for worker in workers:
+                    self._send_params(fit, worker, staleness=0, buckets=range(index, index + 1))
+            placement.end_round()
+        fit.rounds += 1
+        fit.commits.clear()
+        fit.complete.clear()
+        fit.summed.clear()
+        for worker in workers:
+            fit.pushes[worker].clear()
+            fit.masks[worker].clear()
+        fit.waiting.clear()
+
+    def _apply_async(self, fit: _Fit, worker: int, message: Commit) -> None:
+        """Async: apply ``worker``'s pushes now (unless it flagged them); answer when the staleness bound allows."""
+        placement = fit.placement
+        assert isinstance(placement, ServerOptimizer)
+        staleness = placement.version - min(push.version for push in fit.pushes[worker].values())
+        if not message.flags & PushFlags.SKIP:
+            self._drain(fit)
+            for index in range(len(fit.spec.buckets)):
+                self._sum_bucket(fit, index, [worker])
+            inputs = RoundInputs(
+                present=self._present(fit, [worker], range(len(fit.spec.buckets))),
+                hyperparameters=fit.hyperparameters[worker],
+                unscale=message.unscale,
+            )
+            placement.update(placement.grad, inputs)
+            fit.rounds += 1
+        fit.pushes[worker].clear()
+        fit.masks[worker].clear()
+        fit.pending[worker] = staleness
+        fit.waiting.add(worker)
+        self._release(fit)
 
     def _sum_over_servers(self, values: list[float]) -> list[float]:
         local = torch.tensor(values, dtype=torch.float64)
@@ -374,7 +632,7 @@ class ParameterServer:
         return [float(v) for v in total]
 
     def _release(self, fit: _Fit) -> None:
-        """Async: answer the pushes whose workers are within ``max_staleness`` steps of the slowest live worker."""
+        """Async: answer the commits whose workers are within ``max_staleness`` steps of the slowest live worker."""
         if not fit.pending:
             return
         live = [fit.clock[w] for w in range(self.num_workers) if w not in fit.done]
@@ -383,26 +641,31 @@ class ParameterServer:
         for worker in sorted(fit.pending):
             if bound is None or fit.clock[worker] - slowest <= bound:
                 self._send_params(fit, worker, fit.pending.pop(worker))
+                fit.waiting.discard(worker)
 
-    def _send_params(self, fit: _Fit, worker: int, staleness: int, skipped: bool = False) -> None:
+    # -- replies -----------------------------------------------------------------------------------------------------
+    def _send_params(
+        self, fit: _Fit, worker: int, staleness: int, skipped: bool = False, buckets: range | None = None
+    ) -> None:
         placement = fit.placement
         assert isinstance(placement, ServerOptimizer)
+        flags = PushFlags.SKIP if skipped else PushFlags.NONE
+        code = dtype_code(placement.flat.dtype)
+        for index in buckets if buckets is not None else range(len(fit.spec.buckets)):
+            lo, hi = fit.bucket_offsets[index], fit.bucket_offsets[index + 1]
+            header = Params(placement.version, staleness, index, lo, hi - lo, code, flags)
+            self._post(fit, worker, header, {"values": placement.flat[lo:hi]})
+
+    def _post(self, fit: _Fit, worker: int, header: Message, payloads: dict[str, torch.Tensor]) -> None:
         # The worker was waiting for us; its silence until now was not its fault.
         fit.last_seen[worker] = time.monotonic()
-        flags = PushFlags.SKIP if skipped else PushFlags.NONE
-        header = Params(placement.version, staleness, placement.flat.numel(), dtype_code(placement.flat.dtype), flags)
-        self.link.send(header, worker, {"values": placement.flat}, timeout=fit.spec.timeout)
+        fit.sends.append(self.link.post(header, worker, payloads))
 
-    def _send_sum(self, fit: _Fit, worker: int, inputs: RoundInputs) -> None:
-        fit.last_seen[worker] = time.monotonic()
-        grad = fit.placement.grad
-        payloads = {"grad": grad}
-        mask_numel = 0
-        if not bool(inputs.present.all()):
-            payloads["mask"] = inputs.present.to(torch.uint8)
-            mask_numel = inputs.present.numel()
-        header = Sum(fit.rounds, grad.numel(), dtype_code(grad.dtype), mask_numel, inputs.mean_loss)
-        self.link.send(header, worker, payloads, timeout=fit.spec.timeout)
+    def _drain(self, fit: _Fit) -> None:
+        """Wait for the replies still being sent: their buffers are about to change."""
+        sends, fit.sends = fit.sends, []
+        for pending in sends:
+            pending.wait(fit.spec.timeout)
 
     # -- failure -----------------------------------------------------------------------------------------------------
     def abort(self, error: BaseException) -> None:

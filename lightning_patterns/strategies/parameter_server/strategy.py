@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import signal
 from collections.abc import Callable, Generator, Mapping
 from contextlib import contextmanager
@@ -32,14 +33,17 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import torch
+import torch.distributed as dist
 from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_patterns import _lightning
+from lightning_patterns.strategies.parameter_server.buckets import DEFAULT_BUCKET_BYTES
 from lightning_patterns.strategies.parameter_server.client import WorkerClient
 from lightning_patterns.strategies.parameter_server.collectives import WorkerCollectives
+from lightning_patterns.strategies.parameter_server.cost_model import Cluster
 from lightning_patterns.strategies.parameter_server.grad_scaler import (
     gradients_finite,
     unscale_gradients,
@@ -54,7 +58,9 @@ from lightning_patterns.strategies.parameter_server.launcher import (
     reuse_session,
 )
 from lightning_patterns.strategies.parameter_server.placement import PLACEMENTS
+from lightning_patterns.strategies.parameter_server.planner import Plan, choose_servers, format_plan
 from lightning_patterns.strategies.parameter_server.server import is_sync, join_timeout
+from lightning_patterns.strategies.parameter_server.shm import HostCard
 from lightning_patterns.strategies.parameter_server.telemetry import ParameterServerTelemetry
 
 if TYPE_CHECKING:
@@ -70,8 +76,19 @@ __getattr__ = _lightning.class_getter(__name__, __all__)
 log = logging.getLogger(__name__)
 
 _START_METHODS = ("popen", "spawn", "fork", "forkserver")
+_TRANSPORTS = ("auto", "shm", "tcp")
+_AUTO_DECISIONS = 0  # `num_servers="auto"` decisions this process took part in
 #: Precision plugins whose `optimizer_step` `update_on="server"` reproduces (it steps on the servers itself).
 _SERVER_PRECISIONS = ("Precision", "MixedPrecision", "HalfPrecision", "DoublePrecision")
+
+
+def _grad_ready(client: WorkerClient, index: int, param: Tensor) -> None:
+    client.grad_ready(index)
+
+
+def _inverse_scale(scale: float) -> float:
+    """``1 / scale`` rounded as ``GradScaler.unscale_`` rounds it (a float32 reciprocal)."""
+    return float(torch.tensor(scale, dtype=torch.float64).reciprocal().float())
 
 
 def _raise_on_local_sigterm(trainer: pl.Trainer, exception: type[BaseException]) -> None:
@@ -86,7 +103,12 @@ class _ParameterServerStrategy(WorkerCollectives):
     ``lightning_patterns.strategies.ParameterServerStrategy`` is the one of the package in use.
 
     Args:
-        num_servers: number of server processes. Server ``s`` runs on node ``s % num_nodes``.
+        num_servers: number of server processes. Server ``s`` runs on node ``s % num_nodes``. ``"auto"``: at the
+            first fit, worker rank 0 times this machine's copies, sums and a server update over the model's bytes
+            and takes the number of servers the cost model predicts fastest
+            (:func:`~lightning_patterns.strategies.parameter_server.planner.choose_servers`; the table is logged and
+            kept in :attr:`plan`). ``lightning-patterns ps plan`` measures more (the real training step) and
+            compares with DDP.
         update_on: where the optimizer runs. ``"worker"`` (default): servers only average the workers' gradients
             and every worker runs the module's own optimizer, schedulers, gradient clipping and GradScaler on the
             average, exactly as under DDP, for any optimizer. ``"server"``: servers hold the parameters and the
@@ -102,6 +124,14 @@ class _ParameterServerStrategy(WorkerCollectives):
             It must exceed the longest gap between two optimizer steps of the slowest worker.
         chunk_bytes: the most bytes in one partition chunk (``None``: chunks end only at tensor and server
             boundaries).
+        transport: how gradients and parameters travel between a worker and a server. ``"auto"`` (default):
+            through shared memory for each pair on one host (written once, read in place: no socket, no
+            serialisation), over TCP (gloo) between hosts; ``"shm"``: shared memory, refused at setup unless every
+            worker and server runs on one host; ``"tcp"``: TCP for every pair. Headers, and failures, always
+            travel on gloo, so a lost process is noticed at once whatever the transport.
+        bucket_bytes: the most bytes of gradient a worker pushes at once. Buckets are pushed as backward produces
+            them (the last layers first), so that communication overlaps the rest of backward, and answered in
+            the order the next forward needs them.
         broadcast_buffers: broadcast rank 0's buffers (BatchNorm running statistics) to the other workers before
             each synchronizing forward, as ``DDPStrategy(broadcast_buffers=True)`` does.
         process_group_backend: backend of the workers' group: ``"gloo"`` (default on CPU) or ``"nccl"`` (default
@@ -120,12 +150,14 @@ class _ParameterServerStrategy(WorkerCollectives):
 
     def __init__(
         self,
-        num_servers: int = 1,
+        num_servers: int | Literal["auto"] = 1,
         update_on: Literal["worker", "server"] = "worker",
         mode: Literal["sync", "async"] = "sync",
         max_staleness: int | None = 0,
         timeout: float = 60.0,
         chunk_bytes: int | None = None,
+        transport: Literal["auto", "shm", "tcp"] = "auto",
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         broadcast_buffers: bool = True,
         process_group_backend: str | None = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -142,8 +174,10 @@ class _ParameterServerStrategy(WorkerCollectives):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        if isinstance(num_servers, bool) or not isinstance(num_servers, int) or num_servers < 1:
-            raise ValueError(f"`num_servers` must be an integer >= 1, got num_servers={num_servers!r}.")
+        if num_servers != "auto" and (
+            isinstance(num_servers, bool) or not isinstance(num_servers, int) or num_servers < 1
+        ):
+            raise ValueError(f"`num_servers` must be an integer >= 1 or 'auto', got num_servers={num_servers!r}.")
         if update_on not in PLACEMENTS:
             raise ValueError(f"`update_on` must be one of {PLACEMENTS.names()}, got update_on={update_on!r}.")
         if mode not in ("sync", "async"):
@@ -164,14 +198,27 @@ class _ParameterServerStrategy(WorkerCollectives):
             raise ValueError(f"`timeout` must be a positive number of seconds, got timeout={timeout!r}.")
         if chunk_bytes is not None and chunk_bytes < 1:
             raise ValueError(f"`chunk_bytes` must be None or >= 1, got chunk_bytes={chunk_bytes!r}.")
+        if transport not in _TRANSPORTS:
+            raise ValueError(
+                f"`transport` must be one of {_TRANSPORTS}, got transport={transport!r}. 'auto' uses shared memory "
+                "between the processes of one host and TCP between hosts."
+            )
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+            raise ValueError(f"`bucket_bytes` must be an integer >= 1, got bucket_bytes={bucket_bytes!r}.")
         if start_method not in _START_METHODS:
             raise ValueError(f"`start_method` must be one of {_START_METHODS}, got start_method={start_method!r}.")
-        self.num_servers = num_servers
+        #: Servers of the job (``0`` until ``num_servers="auto"`` is decided, at the first fit).
+        self.num_servers: int = num_servers if isinstance(num_servers, int) else 0
+        self.auto_servers = num_servers == "auto"
+        #: ``num_servers="auto"``: the cost model's predictions it decided on (worker rank 0 only).
+        self.plan: Plan | None = None
         self.update_on = update_on
         self.mode = mode
         self.max_staleness = max_staleness
         self.timeout = float(timeout)
         self.chunk_bytes = chunk_bytes
+        self.transport = transport
+        self.bucket_bytes = bucket_bytes
         self.broadcast_buffers = broadcast_buffers
         self._process_group_backend = process_group_backend
         self._start_method = start_method
@@ -183,6 +230,7 @@ class _ParameterServerStrategy(WorkerCollectives):
         self._sync_buffers_next = True  # DDP's `require_forward_param_sync`
         self._mean_loss: float | None = None  # "worker": the workers' mean loss of the last round
         self._clip_request: tuple[float, bool] | None = None  # "server", sync: this step's (value, by norm)
+        self._hooks: list[Any] = []  # gradient hooks that push buckets as backward produces them
 
     # -- topology ----------------------------------------------------------------------------------------------------
     @property
@@ -221,8 +269,15 @@ class _ParameterServerStrategy(WorkerCollectives):
         return self._process_group_backend
 
     @property
+    def transports(self) -> list[str] | None:
+        """How this worker talks to each server in the current or last fit: ``"shm"`` or ``"tcp"`` (``None`` before)."""
+        return list(self._telemetry.transports) if self._telemetry is not None else None
+
+    @property
     def telemetry(self) -> ParameterServerTelemetry | None:
         """This worker's communication counters of the current or last fit (``None`` before the first)."""
+        if self._client is not None and not self._client.finished:
+            self._client.settle()  # the last round counts once its replies are in
         return self._telemetry
 
     @property
@@ -275,18 +330,25 @@ class _ParameterServerStrategy(WorkerCollectives):
         if self.lightning_module is not None and self.lightning_module.trainer.state.fn != "fit":
             join_workers()
         else:
+            joined = False
+            if self.num_servers == 0:  # "auto": decided once the workers can agree on it
+                join_workers()
+                joined = True
+                self.num_servers = self._choose_servers(join_seconds)
             environment = self.cluster_environment
             key = SessionKey(
                 environment.main_address, environment.main_port, self.world_size, self.num_servers, self.num_nodes
             )
             self._session = reuse_session(key, self.timeout)
             if self._session is not None:
-                join_workers()
+                if not joined:
+                    join_workers()
             else:
                 # The servers start while the workers gather; one that exits meanwhile is reported at once.
                 pending = PendingSession(key, self.node_rank, self.local_rank, join_seconds)
                 try:
-                    pending.watching(join_workers)
+                    if not joined:
+                        pending.watching(join_workers)
                     self._session = pending.join(self.global_rank, self.timeout)
                 except ServerStartError:
                     # The job cannot start: stop the workers this process launched, which would wait for it.
@@ -301,6 +363,34 @@ class _ParameterServerStrategy(WorkerCollectives):
             self.num_servers if self._session is not None else 0,
             self.update_on,
         )
+
+    def _choose_servers(self, timeout: float) -> int:
+        """``num_servers="auto"``: rank 0 asks the cost model; every worker reads its answer from the store."""
+        global _AUTO_DECISIONS
+        store = dist.distributed_c10d._get_default_store()
+        # Every worker decides its fits in the same order: the count names this decision alike everywhere.
+        key = f"lightning_patterns/parameter_server/auto_servers/{_AUTO_DECISIONS}"
+        _AUTO_DECISIONS += 1
+        if self.global_rank == 0:
+            module = self.lightning_module
+            assert module is not None
+            model_bytes = float(sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad))
+            cores = os.cpu_count() or 1
+            per_node = self.num_processes
+            cluster = Cluster(
+                workers=self.world_size,
+                nodes=self.num_nodes,
+                cores=cores,
+                workers_on_cpu=self.root_device.type == "cpu",
+                shared_memory=self.transport != "tcp",
+            )
+            max_servers = max(2, min(8, cores // max(per_node, 1))) * self.num_nodes
+            threads = max(1, cores // (per_node + 1))
+            chosen, self.plan = choose_servers(model_bytes, cluster, max_servers, self.update_on, threads)
+            log.info("num_servers='auto' chose %d servers:\n%s", chosen, format_plan(self.plan))
+            store.set(key, str(chosen))
+        store.wait([key], datetime.timedelta(seconds=timeout))
+        return int(store.get(key))
 
     # -- model and optimizer -----------------------------------------------------------------------------------------
     @override
@@ -354,6 +444,21 @@ class _ParameterServerStrategy(WorkerCollectives):
             )
         if self._session is None:
             raise RuntimeError("ParameterServerStrategy: fitting needs servers, but none joined the process group.")
+        if self.transport == "shm":
+            self._check_one_host(self._session.link.cards)
+
+    def _check_one_host(self, cards: Mapping[int, HostCard]) -> None:
+        """``transport="shm"``: every worker and server must share this worker's host (decided alike everywhere)."""
+        here = cards.get(0)
+        for rank, card in sorted(cards.items()):
+            if here is None or not here.same_host(card):
+                role = f"worker rank {rank}" if rank < self.world_size else f"server rank {rank}"
+                raise ValueError(
+                    f"`ParameterServerStrategy(transport='shm')` needs every worker and server on one host, but "
+                    f"{role} runs on {card.hostname!r} (boot {card.boot_id[:8]}, {card.pid_namespace}) and worker "
+                    f"rank 0 on {here.hostname if here else '?'!r}. Use transport='auto' (shared memory within a "
+                    "host, TCP between hosts) or transport='tcp'."
+                )
 
     def _connect(self) -> None:
         assert self._session is not None
@@ -367,16 +472,32 @@ class _ParameterServerStrategy(WorkerCollectives):
             max_staleness=self.max_staleness,
             chunk_bytes=self.chunk_bytes,
             timeout=self.timeout,
+            transport=self.transport,
+            bucket_bytes=self.bucket_bytes,
         )
         self._telemetry = self._client.telemetry
         self._client.start()
         # Like DDP when it wraps the module: every worker starts from rank 0's parameters and buffers.
         self._broadcast_module_state()
+        self._client.attach()
+        self._register_gradient_hooks(self._client)
         self._sync_buffers_next = True
         if self.update_on == "server" and self._sync:
             # Clipping must apply to the average over the workers, which only the servers see: record what the
             # module's `configure_gradient_clipping` asks the precision plugin for, and send it with the push.
             self.precision_plugin.clip_gradients = self._record_clipping  # type: ignore[method-assign]
+
+    def _register_gradient_hooks(self, client: WorkerClient) -> None:
+        """Push each bucket as soon as backward has accumulated all its gradients, like DDP's reducer."""
+        for index, param in enumerate(client.params):
+            if param.requires_grad:
+                hook = partial(_grad_ready, client, index)
+                self._hooks.append(param.register_post_accumulate_grad_hook(hook))  # type: ignore[no-untyped-call]
+
+    def _remove_gradient_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def _unwrap(self, optimizer: Any) -> Optimizer:
         wrapper = self._lp_tree.module("core.optimizer").LightningOptimizer
@@ -430,17 +551,30 @@ class _ParameterServerStrategy(WorkerCollectives):
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
-        """Lightning's ``Strategy.backward``, averaging gradients over the workers where DDP's reducer would."""
-        if self._client is None or self.update_on != "worker":
+        """Lightning's ``Strategy.backward``, pushing gradient buckets while backward produces them.
+
+        ``"worker"``: the round ends here with the workers' average in ``.grad``, where DDP's reducer would have
+        it. ``"server"``: the round is committed in ``optimizer_step`` (async: pushed there too, after this
+        worker's own clipping).
+        """
+        client = self._client
+        if client is None:
             return super().backward(closure_loss, optimizer, *args, **kwargs)
         module = self.lightning_module
         assert module is not None
         self.pre_backward(closure_loss)
-        loss = float(closure_loss.detach())
+        synchronizing = not self._accumulating
+        loss = 0.0
+        if synchronizing:
+            if self.update_on == "worker":
+                loss = float(closure_loss.detach())
+            client.begin_round(loss, collect=self.update_on == "worker" or self._sync)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
-        if not self._accumulating:
-            self._mean_loss = self._client.sum_gradients(loss)
+        if synchronizing:
+            client.end_backward()
+            if self.update_on == "worker":
+                self._mean_loss = client.sum_gradients(loss)
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
         self.post_backward(closure_loss)
         return closure_loss
@@ -481,12 +615,14 @@ class _ParameterServerStrategy(WorkerCollectives):
         assert self._client is not None
         scaler = self._grad_scaler()
         params = self._client.params
+        unscaled = [False]
 
         def forward_backward() -> Any:
             result = closure()
             if scaler is not None and result is not None:
                 # As MixedPrecision does before `on_before_optimizer_step`: hooks and clipping see unscaled gradients.
                 unscale_gradients(params, scaler.get_scale())
+                unscaled[0] = True
             return result
 
         self._clip_request = None
@@ -494,12 +630,23 @@ class _ParameterServerStrategy(WorkerCollectives):
         # records what to clip (see `_connect`) and otherwise clips this worker's gradient.
         result = _lightning.wrap_closure(self._lp_tree, self.precision_plugin, model, optimizer, forward_backward)
         clip_value, clip_norm = self._clip_request or (0.0, True)
-        skipped = self._client.step_on_servers(
-            clip_value,
-            clip_norm,
-            check_finite=scaler is not None and self._sync,
-            skip=scaler is not None and not self._sync and not gradients_finite(params),
-        )
+        client = self._client
+        if self._sync:
+            # Backward pushed the gradients still scaled: the servers unscale the average, as GradScaler does after
+            # DDP's all-reduce; this worker's own unscale (for the hooks above) is no reason to push them again.
+            inverse = _inverse_scale(scaler.get_scale()) if scaler is not None else 1.0
+            client.commit(clip_value, clip_norm, scaler is not None, False, inverse, bumps=int(unscaled[0]))
+            if scaler is None:
+                # Go on: the parameters arrive bucket by bucket while the next step starts, and every read of one
+                # waits for its own bucket (see `overlap.PendingParameters`).
+                client.defer()
+            else:
+                client.settle()  # the scaler's update needs the servers' inf check now
+            skipped = client.skipped
+        else:
+            # This worker's gradients, unscaled and clipped here, are pushed now.
+            skip = scaler is not None and not gradients_finite(params)
+            skipped = client.step_on_servers(0.0, True, check_finite=False, skip=skip)
         if scaler is not None:
             update_grad_scaler(scaler, found_inf=skipped)
         if not skipped:
@@ -594,6 +741,7 @@ class _ParameterServerStrategy(WorkerCollectives):
             return  # no server heard of this fit: the failure (a refusal at setup) is every worker's own
         if not self._client.finished:
             self._client.fail(exception, timeout=min(self.timeout, 5.0))
+        self._client.close()  # no read of a parameter waits for a server any more
         drop_session()
         self._session = None
 
@@ -603,6 +751,9 @@ class _ParameterServerStrategy(WorkerCollectives):
             # Neither `on_train_end` nor `on_exception` ran: the servers must not wait for this worker.
             self.on_exception(RuntimeError("the fit stopped before it finished"))
         vars(self.precision_plugin).pop("clip_gradients", None)  # the recorder of `_connect`
+        self._remove_gradient_hooks()
+        if self._client is not None:
+            self._client.close()
         module = self.lightning_module
         layer_sync = _lightning.layer_sync(self._lp_tree, self)
         fitted = module is not None and module._trainer is not None and module.trainer.state.fn == "fit"

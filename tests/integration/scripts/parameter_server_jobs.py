@@ -22,6 +22,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -47,6 +48,7 @@ JOB = TinyJob(steps=4, batch=4, workers=2)
 WORKERS = JOB.workers
 SERVERS = (1, 2)
 PLACEMENTS = ("worker", "server")
+TRANSPORTS = ("shm", "tcp")
 
 
 # -- the equivalence cases -------------------------------------------------------------------------------------------
@@ -249,6 +251,7 @@ class Snapshot(pl.Callback):  # type: ignore[misc]
             "scaler": scaler.state_dict() if scaler is not None else None,
             "global_step": trainer.global_step,
             "telemetry": getattr(trainer.strategy, "telemetry", None),
+            "transports": getattr(trainer.strategy, "transports", None),
         }
         torch.save(record, self.out.with_name(f"{self.out.name}_rank{trainer.global_rank}.pt"))
 
@@ -287,6 +290,20 @@ def _ps(servers: int, update_on: str, **kwargs: Any) -> Any:
     return classes.ParameterServerStrategy(num_servers=servers, update_on=update_on, timeout=30.0, **kwargs)
 
 
+def _equivalence_runs() -> list[tuple[str, str, int, str]]:
+    """Every (case, placement, servers, transport) the suite runs under the parameter server, in launch order.
+
+    Server counts outermost: each count's servers are started once and serve all its fits, over both transports.
+    """
+    return [
+        (name, update_on, servers, transport)
+        for servers in SERVERS
+        for transport in TRANSPORTS
+        for name, case in CASES.items()
+        for update_on in case.placements
+    ]
+
+
 def run_equivalence_suite(out: Path) -> None:
     """Every case under DDP and under each placement and server count; refusals go to ``refusals.json``."""
     refusals: dict[str, str] = {}
@@ -298,21 +315,19 @@ def run_equivalence_suite(out: Path) -> None:
         ddp = pl.strategies.DDPStrategy(find_unused_parameters=case.model == "frozen")
         run_case(case, ddp, out / f"{name}_ddp")
         timings[f"{name}_ddp"] = time.perf_counter() - started
-    # Server counts outermost: each count's servers are started once and serve all its fits.
-    for servers in SERVERS:
-        for name, case in CASES.items():
-            for update_on in case.placements:
-                label = f"{name}_{update_on}_s{servers}"
-                started = time.perf_counter()
-                strategy = _ps(servers, update_on, **case.strategy)
-                refused = "*" in case.refused_on or update_on in case.refused_on
-                try:
-                    run_case(case, strategy, out / label)
-                except ValueError as error:
-                    if not refused:
-                        raise
-                    refusals[label] = str(error)
-                timings[label] = time.perf_counter() - started
+    for name, update_on, servers, transport in _equivalence_runs():
+        case = CASES[name]
+        label = f"{name}_{update_on}_s{servers}_{transport}"
+        started = time.perf_counter()
+        strategy = _ps(servers, update_on, transport=transport, **case.strategy)
+        refused = "*" in case.refused_on or update_on in case.refused_on
+        try:
+            run_case(case, strategy, out / label)
+        except ValueError as error:
+            if not refused:
+                raise
+            refusals[label] = str(error)
+        timings[label] = time.perf_counter() - started
     timings["sessions_opened"] = launcher._SESSIONS_OPENED
     if pl.utilities.rank_zero_only.rank == 0:
         (out / "refusals.json").write_text(json.dumps(refusals, indent=1))
@@ -379,8 +394,21 @@ def run_async(out: Path, servers: int, staleness: int | None) -> None:
     trainer.fit(classes.TinyRegressor("sgd", JOB))
 
 
+def run_auto(out: Path) -> None:
+    """``num_servers="auto"``: the cost model picks S at the first fit; rank 0 records it and the plan."""
+    strategy = classes.ParameterServerStrategy(num_servers="auto", update_on="server", timeout=30.0)
+    _trainer(strategy, max_steps=JOB.steps, callbacks=[Snapshot(out / "auto")]).fit(classes.TinyRegressor("sgd", JOB))
+    if pl.utilities.rank_zero_only.rank == 0:
+        from lightning_patterns.strategies.parameter_server.planner import format_plan
+
+        assert strategy.plan is not None
+        record = {"num_servers": strategy.num_servers, "plan": format_plan(strategy.plan)}
+        (out / "auto.json").write_text(json.dumps(record))
+
+
 def run_suite(out: Path) -> None:
     run_equivalence_suite(out)
+    run_auto(out)
     run_dropin(out, servers=1)
     run_dropin(out, servers=2, resume=out / "dropin_s1_e1_ckpt" / "last.ckpt", max_epochs=2)
     run_async(out / "async_none", 2, None)
@@ -406,8 +434,17 @@ class RaisingModule(classes.TinyRegressor):  # type: ignore[misc]
         return loss  # type: ignore[no-any-return]
 
 
+def _shared_regions() -> list[str]:
+    """The parameter-server regions of shared memory this process maps."""
+    maps = Path("/proc/self/maps").read_text()
+    return sorted(set(re.findall(r"memfd:(lp-ps-[\w-]+)", maps)))
+
+
 class _Kill(pl.Callback):  # type: ignore[misc]
-    """At step 3, rank 1 kills itself (``victim="worker"``) or rank 0 kills server 0 (``victim="server"``)."""
+    """At step 3, rank 1 kills itself (``victim="worker"``) or rank 0 kills server 0 (``victim="server"``).
+
+    The killer first prints the shared regions it maps (``SHARED name ...``): the test checks that none survives.
+    """
 
     def __init__(self, victim: str) -> None:
         self.victim = victim
@@ -417,10 +454,12 @@ class _Kill(pl.Callback):  # type: ignore[misc]
         if trainer.global_step != 3:
             return
         if self.victim == "worker" and trainer.global_rank == 1:
+            print(f"SHARED {' '.join(_shared_regions())}", flush=True)
             print(f"KILLED {time.time()}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         if self.victim == "server" and trainer.global_rank == 0:
             server = launcher.current_session().processes[0]  # type: ignore[union-attr]
+            print(f"SHARED {' '.join(_shared_regions())}", flush=True)
             print(f"KILLED {time.time()}", flush=True)
             os.kill(server.pid, signal.SIGKILL)
             server.wait()

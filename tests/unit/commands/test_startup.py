@@ -79,6 +79,7 @@ def test_light_commands_import_neither_torch_nor_lightning_and_plugins_register(
         ["shards", "--help"],
         ["shards", "inspect", str(dataset), "--world-size", "2"],
         ["shards", "check", str(dataset), "--world-size", "1-8", "--workers", "0-2", "--max-examples", "10"],
+        ["ps", "--help"],
         ["hello", "world"],
     ]
     env = {

@@ -32,7 +32,8 @@ from lightning_patterns.strategies.parameter_server.messages import (
 _EXAMPLES: list[Message] = [
     Init(json_bytes=120, values_numel=58, values_dtype=dtype_code(torch.float32)),
     messages.Pull(),
-    Push(7, 3, 1234, dtype_code(torch.bfloat16), 4, 6, int(PushFlags.CHECK_FINITE), 0.1 / 3, 0.5, 1),
+    Push(7, 3, 2, 1000, 1234, dtype_code(torch.bfloat16), 4, int(PushFlags.REPLACE), 0.1 / 3, 0),
+    messages.Commit(7, int(PushFlags.CHECK_FINITE), 6, 0.5, 1, 2.0**-16),
     messages.Pause(),
     messages.End(),
     messages.Fail(json_bytes=40),
@@ -40,8 +41,10 @@ _EXAMPLES: list[Message] = [
     SetState(json_bytes=10, data_bytes=0),
     messages.Exit(),
     messages.Ack(),
-    Params(5, 2, 58, dtype_code(torch.float64), int(PushFlags.SKIP)),
-    Sum(3, 58, dtype_code(torch.float32), 4, 2.5),
+    Params(5, 2, 1, 40, 58, dtype_code(torch.float64), int(PushFlags.SKIP)),
+    Sum(3, 1, 40, 58, dtype_code(torch.float32), 4, 2.5),
+    messages.Attach(),
+    messages.Regions(json_bytes=200),
     messages.State(json_bytes=9, data_bytes=64),
     Abort(lost=1, json_bytes=30),
 ]
@@ -64,14 +67,16 @@ def test_each_kind_has_its_own_type_and_every_type_fits_a_header() -> None:
 
 
 def test_payloads_are_announced_by_the_header() -> None:
-    push = Push(numel=10, dtype=dtype_code(torch.float32), mask_numel=3, hyper_numel=2)
-    assert [(p.name, p.numel, p.dtype) for p in push.payloads()] == [
-        ("mask", 3, torch.uint8),
-        ("hyper", 2, torch.float64),
-        ("grad", 10, torch.float32),
+    push = Push(offset=20, numel=10, dtype=dtype_code(torch.float32), mask_numel=3)
+    assert [(p.name, p.numel, p.dtype, p.offset) for p in push.payloads()] == [
+        ("mask", 3, torch.uint8, 0),
+        ("grad", 10, torch.float32, 20),
     ]
     assert [p.name for p in Push(numel=10, dtype=dtype_code(torch.float32)).payloads()] == ["grad"]
-    assert [p.name for p in Sum(numel=10, dtype=dtype_code(torch.float32)).payloads()] == ["grad"]
+    assert [(p.name, p.offset) for p in Sum(offset=5, numel=10, dtype=1).payloads()] == [("grad", 5)]
+    assert [(p.name, p.offset) for p in Params(offset=7, numel=1, dtype=1).payloads()] == [("values", 7)]
+    assert [(p.name, p.numel) for p in messages.Commit(hyper_numel=2).payloads()] == [("hyper", 2)]
+    assert messages.Commit().payloads() == []
 
 
 @pytest.mark.parametrize(
@@ -80,8 +85,9 @@ def test_payloads_are_announced_by_the_header() -> None:
         ([99.0], "unknown kind 99.0"),
         ([math.nan], "unknown kind nan"),
         ([float(messages.Kind.PUSH), 1.5], "step=1.5, not an integer"),
-        ([float(messages.Kind.PARAMS), 0, 0, -4, 1], "announcing -4 elements"),
-        ([float(messages.Kind.PARAMS), 0, 0, 4, 77], "PARAMS: unknown dtype code 77"),
+        ([float(messages.Kind.PARAMS), 0, 0, 0, 0, -4, 1], "announcing -4 elements"),
+        ([float(messages.Kind.PARAMS), 0, 0, 0, -8, 4, 1], "announcing 4 elements at offset -8"),
+        ([float(messages.Kind.PARAMS), 0, 0, 0, 0, 4, 77], "PARAMS: unknown dtype code 77"),
     ],
 )
 def test_a_malformed_header_is_refused(values: list[float], match: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import pickle
 import queue
+import re
 import threading
 import time
 from collections import defaultdict
@@ -103,6 +104,7 @@ class _Job:
             m.parameters(), lr=0.1, momentum=0.9
         ),
         network: _Network | None = None,
+        bucket_bytes: int = 1 << 20,
     ) -> None:
         self.network = network or _Network()
         self.num_servers = num_servers
@@ -125,6 +127,8 @@ class _Job:
                 max_staleness=max_staleness,
                 chunk_bytes=16,
                 timeout=5.0,
+                bucket_bytes=bucket_bytes,
+                first_bucket_bytes=bucket_bytes,
             )
             for rank, model in enumerate(self.models)
         ]
@@ -473,3 +477,119 @@ def test_an_unknown_message_kind_is_refused(job_factory: Callable[..., _Job]) ->
     job.network.channel(1, WORKERS, 11).put(torch.full((12,), 99.0, dtype=torch.float64))  # a header of kind 99
     job.threads[0].join(5.0)
     assert "Rank 1 sent a message of unknown kind 99.0" in str(job.errors[0])
+
+
+def _hooked(job: _Job) -> None:
+    """Gradient hooks as the strategy registers them: each accumulated gradient may complete a bucket."""
+    for client in job.clients:
+        for index, param in enumerate(client.params):
+            param.register_post_accumulate_grad_hook(lambda _, c=client, i=index: c.grad_ready(i))
+
+
+def _backward(job: _Job, rank: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(5, 3, generator=generator), torch.randn(5, 2, generator=generator)
+    job.models[rank].zero_grad(set_to_none=True)
+    torch.nn.functional.mse_loss(job.models[rank](x), y).backward()
+
+
+def test_buckets_are_pushed_while_backward_runs_and_the_average_comes_back(job_factory: Callable[..., _Job]) -> None:
+    job = job_factory(2, update_on="worker", bucket_bytes=20)  # several buckets per server
+    _hooked(job)
+    pushed_during_backward: list[int] = []
+    expected = []
+    for rank in range(WORKERS):
+        _backward(job, rank, seed=rank)
+        expected.append([p.grad.clone() for p in job.models[rank].parameters()])  # type: ignore[union-attr]
+
+    def step(rank: int) -> float:
+        client = job.clients[rank]
+        client.begin_round(loss=float(rank))
+        _backward(job, rank, seed=rank)
+        pushed_during_backward.append(len(client.pushed))
+        client.end_backward()
+        return client.sum_gradients(float(rank))
+
+    assert job.in_parallel(step) == [0.5, 0.5]
+    buckets = sum(len(b) for b in job.clients[0].buckets)
+    assert buckets > job.num_servers
+    assert pushed_during_backward == [buckets, buckets], "every bucket left during backward"
+    for model in job.models:
+        for param, a, b in zip(model.parameters(), *expected, strict=True):
+            torch.testing.assert_close(param.grad, (a + b) / 2)
+
+
+def test_a_gradient_changed_after_its_push_is_pushed_again(job_factory: Callable[..., _Job]) -> None:
+    """A hook that edits gradients after backward (the push already left): the servers apply the edited ones."""
+    job = job_factory(1, optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=1.0))
+    _hooked(job)
+    before = [p.detach().clone() for p in job.models[0].parameters()]
+    grads: list[list[torch.Tensor]] = []
+
+    def step(rank: int) -> bool:
+        client = job.clients[rank]
+        client.begin_round()
+        _backward(job, rank, seed=rank)
+        client.end_backward()
+        with torch.no_grad():
+            job.models[rank][2].bias.grad.mul_(10.0)  # type: ignore[union-attr]
+        grads.append([p.grad.clone() for p in job.models[rank].parameters()])  # type: ignore[union-attr]
+        return client.step_on_servers(0.0, True, False, False)
+
+    job.in_parallel(step)
+    for param, start, *per_worker in zip(job.models[0].parameters(), before, *grads, strict=True):
+        torch.testing.assert_close(param, start - torch.stack(per_worker).mean(0))
+
+
+def test_parameters_arrive_while_the_next_step_reads_them(job_factory: Callable[..., _Job]) -> None:
+    """After a commit the worker goes on; its first read of a parameter waits for that parameter's bucket."""
+    job = job_factory(2, optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.5), bucket_bytes=20)
+    reference = _model()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+    _reference_step(job, 0, optimizer, reference)
+    outputs: list[torch.Tensor] = []
+
+    def step(rank: int) -> None:
+        client = job.clients[rank]
+        job.set_grads(rank, seed=rank)
+        client.commit(0.0, True, False, False)
+        client.defer()
+        assert any(client.outstanding) or rank == 1, "nothing is awaited until something reads a parameter"
+        outputs.append(job.models[rank](torch.ones(1, 3)))
+        client.settle()
+        assert not any(client.outstanding)
+
+    job.in_parallel(step)
+    expected = reference(torch.ones(1, 3))
+    for output in outputs:
+        torch.testing.assert_close(output, expected)
+    assert torch.overrides._get_current_function_mode() is None  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.parametrize(
+    ("update_on", "second", "match"),
+    [
+        ("worker", "again", r"Rank 1 pushed a bucket twice in one round \(bucket 0\)"),
+        ("worker", "replace", "Rank 1 replaced bucket 0, but update_on='worker' sums each bucket as it arrives"),
+        ("server", "commit", r"Rank 1 committed step 0 without pushing buckets \[1, 2, "),
+    ],
+)
+def test_pushes_out_of_protocol_are_refused(
+    job_factory: Callable[..., _Job], update_on: str, second: str, match: str
+) -> None:
+    from lightning_patterns.strategies.parameter_server.messages import Commit, Push, PushFlags, dtype_code
+
+    job = job_factory(1, update_on=update_on, bucket_bytes=20)
+    assert len(job.clients[1].buckets[0]) > 1
+    numel = job.clients[1].buckets[0][0].numel
+    push = Push(bucket=0, offset=0, numel=numel, dtype=dtype_code(torch.float32))
+    link = job.network.link(1)
+    link.send(push, WORKERS, {"grad": torch.zeros(numel)})
+    if second == "commit":
+        link.send(Commit(step=0), WORKERS)
+    else:
+        flags = int(PushFlags.REPLACE) if second == "replace" else 0
+        link.send(Push(**{**push.__dict__, "flags": flags}), WORKERS, {"grad": torch.zeros(numel)})
+    job.threads[0].join(5.0)
+    assert job.errors
+    assert re.search(match, str(job.errors[0]))

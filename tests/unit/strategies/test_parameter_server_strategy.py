@@ -11,6 +11,7 @@ import lightning_patterns.strategies as strategies
 from lightning_patterns import _lightning
 from lightning_patterns.strategies import ParameterServerStrategy
 from lightning_patterns.strategies.parameter_server.launcher import servers_on_node
+from lightning_patterns.strategies.parameter_server.shm import HostCard
 from lightning_patterns.strategies.parameter_server.telemetry import ParameterServerTelemetry
 
 
@@ -62,6 +63,7 @@ def test_spawn_start_method_uses_the_multiprocessing_launcher(lightning_package:
         ({"num_servers": 0}, "num_servers"),
         ({"num_servers": 1.5}, "num_servers"),
         ({"num_servers": True}, "num_servers"),
+        ({"num_servers": "many"}, r"`num_servers` must be an integer >= 1 or 'auto', got num_servers='many'"),
         ({"mode": "hogwild"}, "mode"),
         ({"update_on": "parameter"}, r"`update_on` must be one of \['server', 'worker'\]"),
         (
@@ -75,11 +77,33 @@ def test_spawn_start_method_uses_the_multiprocessing_launcher(lightning_package:
         ({"timeout": -5.0}, "timeout"),
         ({"chunk_bytes": 0}, "chunk_bytes"),
         ({"start_method": "thread"}, "start_method"),
+        ({"transport": "rdma"}, r"`transport` must be one of \('auto', 'shm', 'tcp'\), got transport='rdma'"),
+        ({"bucket_bytes": 0}, "bucket_bytes"),
     ],
 )
 def test_invalid_arguments(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ParameterServerStrategy(**kwargs)
+
+
+def test_auto_servers_are_decided_at_the_first_fit() -> None:
+    strategy = ParameterServerStrategy(num_servers="auto", transport="shm", bucket_bytes=1 << 20)
+    assert (strategy.num_servers, strategy.auto_servers, strategy.plan) == (0, True, None)
+    assert (strategy.transport, strategy.bucket_bytes) == ("shm", 1 << 20)
+    assert ParameterServerStrategy(num_servers=2).auto_servers is False
+
+
+def test_shared_memory_for_every_pair_is_refused_when_a_process_runs_elsewhere() -> None:
+    strategy = ParameterServerStrategy(transport="shm", parallel_devices=[torch.device("cpu")])
+    here = HostCard.here()
+    strategy._check_one_host({0: here, 1: here})  # one worker and its server on this host: fine
+    elsewhere = HostCard("gpu-node-7", "a-boot-id-of-another-machine", here.pid_namespace, 4242, {})
+    with pytest.raises(
+        ValueError,
+        match=r"`ParameterServerStrategy\(transport='shm'\)` needs every worker and server on one host, but server "
+        r"rank 1 runs on 'gpu-node-7' .* Use transport='auto' \(shared memory within a host, TCP between hosts\)",
+    ):
+        strategy._check_one_host({0: here, 1: elsewhere})
 
 
 def test_async_with_staleness_zero_is_sync_and_may_run_on_workers() -> None:
@@ -108,15 +132,20 @@ def test_servers_spread_round_robin_over_nodes() -> None:
 
 def test_telemetry_records_steps_and_names_metrics() -> None:
     telemetry = ParameterServerTelemetry(num_servers=2, partition_bytes=[300, 100])
-    telemetry.record_step([10, 20], [30, 40], comm_seconds=0.5, compute_seconds=1.5, staleness=2)
-    telemetry.record_step([10, 20], [30, 40], comm_seconds=0.5, compute_seconds=1.5, staleness=0)
+    record = {"exposed_seconds": 0.5, "overlapped_seconds": 1.5, "step_seconds": 2.0}
+    telemetry.record_step([10, 20], [30, 40], staleness=2, **record)
+    telemetry.record_step([10, 20], [30, 40], staleness=0, **record)
     assert (telemetry.steps, telemetry.bytes_pushed, telemetry.bytes_pulled) == (2, 30, 70)
     assert telemetry.total_bytes_pushed == 60
     assert telemetry.max_staleness_seen == 2
     assert telemetry.mean_staleness == 1.0
     assert telemetry.load_imbalance == pytest.approx(0.5)  # max 300 over mean 200
+    assert (telemetry.comm_seconds, telemetry.compute_seconds) == (2.0, 1.5)
     metrics = telemetry.metrics()
-    assert metrics["ps/comm_fraction"] == pytest.approx(0.25)
+    assert metrics["ps/comm_fraction"] == pytest.approx(0.25)  # exposed 0.5 of a 2 s step
+    assert metrics["ps/comm_exposed_seconds"] == 0.5
+    assert metrics["ps/comm_overlapped_seconds"] == 1.5
+    assert metrics["ps/comm_overlapped_fraction"] == pytest.approx(0.75)
     assert metrics["ps/server1/bytes_pulled"] == 40.0
     assert ParameterServerTelemetry(num_servers=1).load_imbalance == 0.0
 
