@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -26,13 +27,16 @@ from lightning_patterns.data.caching import CacheConfig, EpochCache, make_cache
 from lightning_patterns.data.remote import Deadline, FetchStatsSnapshot, RemoteReader, RetryPolicy
 from lightning_patterns.data.sharding.assignment import PlanConfig, Span, WorkerPlan, plan, samples_per_rank
 from lightning_patterns.data.sharding.topology import Topology
-from lightning_patterns.data.shards.manifest import Manifest, fetch_shard, open_shard, read_manifest, shard_url
+from lightning_patterns.data.shards.blocks import merge_ranges
+from lightning_patterns.data.shards.manifest import Manifest, open_shard, read_manifest, shard_url
 from lightning_patterns.data.shards.reader import ShardReader, read_column
 from lightning_patterns.data.streaming.batches import BatchPositions, PlanIndices, ShardUse, only_shard, shard_use_of
 from lightning_patterns.data.streaming.cursor import StreamCursor
+from lightning_patterns.data.streaming.fetcher import PriorityPool, ShardFetcher
 from lightning_patterns.data.streaming.metrics import StreamCounters
 from lightning_patterns.data.streaming.options import ClassBalance, ReadAhead
 from lightning_patterns.data.streaming.pipeline import ReadAheadPipeline
+from lightning_patterns.data.streaming.random_access import SampleReader
 from lightning_patterns.data.streaming.resume import (
     ResumePoint,
     delivered,
@@ -137,6 +141,7 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         self._cursor = StreamCursor()
         # Units yielded since an iteration began from the cursor; None until one begins.
         self._yielded: int | None = None
+        self._samples: SampleReader | None = None
 
     def _read_manifest(self) -> Manifest:
         # Through the reader, so a transient fault on the manifest is retried like one on a shard; bounded in
@@ -345,6 +350,7 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         self.reset(state)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        started = time.perf_counter()
         if self._yielded is not None:
             # An iteration already began from this cursor: this one reads the following epoch.
             self.reset(self._cursor.next_epoch())
@@ -353,27 +359,74 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         worker_plan = plan(self._plan_config, topology, cursor.epoch, cursor.stream)
         self._yielded = 0
         slot = topology.worker_id + 1 if topology.num_workers else 0
-        return self._generate(worker_plan, cursor, cursor.delivered_by(topology.worker_id), slot)
+        return self._generate(worker_plan, cursor, cursor.delivered_by(topology.worker_id), slot, started)
+
+    # ------------------------------------------------------------------ random access
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Sample ``index`` of the whole dataset (manifest order, ``0 <= index < manifest.num_samples``).
+
+        Only the blocks that hold the sample are fetched (the shard's head once, then one block or two per
+        field), each verified against the shard's block table; shards written without a block table are
+        fetched whole (and the last one kept). Independent of the rank, the epoch and the cache.
+
+        Raises:
+            IndexError: ``index`` is out of range.
+        """
+        return self.sample_reader.read(index)
+
+    @property
+    def sample_reader(self) -> SampleReader:
+        """The random-access reader behind ``dataset[i]``; ``sample_reader.as_map_dataset()`` is a map-style view."""
+        if self._samples is None:
+            self._samples = SampleReader(self._reader, self.manifest, verify=self.verify_checksums)
+        return self._samples
 
     # ------------------------------------------------------------------ reading
 
     def _describe(self, shard: int) -> str:
         return shard_url(self.url, self.manifest.shards[shard].path)
 
-    def _fetch(self, shard: int, deadline: Deadline | None) -> memoryview:
-        info = self.manifest.shards[shard]
-        return fetch_shard(self._reader, info, verify=self.verify_checksums, deadline=deadline)
+    def _worker_rows(self, worker_plan: WorkerPlan) -> dict[int, list[tuple[int, int]]]:
+        """Per shard, the rows this worker reads of it (merged ranges)."""
+        rows: dict[int, list[tuple[int, int]]] = {}
+        for shard, start, stop in worker_plan.spans:
+            rows.setdefault(shard, []).append((start, stop))
+        return {shard: merge_ranges(ranges) for shard, ranges in rows.items()}
 
-    def _load(self, shard: int, deadline: Deadline | None = None) -> ShardReader:
-        if self.cache is None:
-            data: Any = self._fetch(shard, deadline)
-        else:
-            data = self.cache.get_or_fetch(shard, lambda: self._fetch(shard, deadline))
-        # The header is checked against the manifest entry before any sample of the shard is decoded.
-        return open_shard(data, self.manifest.shards[shard], self.manifest.schema, self._describe(shard))
+    def _partial_rows(self, worker_plan: WorkerPlan) -> dict[int, list[tuple[int, int]]]:
+        """The shards this worker reads only part of, and can (a block table, no cache): only those rows are fetched.
+
+        With a cache the whole shard is fetched (once per rank, or machine) to be kept for later epochs.
+        """
+        if self.cache is not None:
+            return {}
+        shards = self.manifest.shards
+        return {
+            shard: ranges
+            for shard, ranges in self._worker_rows(worker_plan).items()
+            if shards[shard].has_blocks and ranges != [(0, shards[shard].num_samples)]
+        }
+
+    def _loader(self, fetcher: ShardFetcher, partial: dict[int, list[tuple[int, int]]]) -> Any:
+        """The pipeline's ``load(shard, deadline, priority)``: a part of the shard, the cache, or the whole shard."""
+        shards, schema = self.manifest.shards, self.manifest.schema
+
+        def load(shard: int, deadline: Deadline, priority: int) -> ShardReader:
+            rows = partial.get(shard)
+            if rows is not None:
+                return fetcher.fetch_rows(shard, rows, priority, deadline, None)
+            if self.cache is None:
+                data: Any = fetcher.fetch_whole(shard, None, priority, deadline)
+            else:
+                data = self.cache.get_or_fill(shard, lambda into: fetcher.fetch_whole(shard, into, priority, deadline))
+            # The header is checked against the manifest entry before any sample of the shard is decoded.
+            return open_shard(data, shards[shard], schema, self._describe(shard))
+
+        return load
 
     def _generate(
-        self, worker_plan: WorkerPlan, cursor: StreamCursor, skip_units: int, slot: int
+        self, worker_plan: WorkerPlan, cursor: StreamCursor, skip_units: int, slot: int, started: float
     ) -> Iterator[dict[str, Any]]:
         if worker_plan.num_samples == 0:
             return
@@ -394,15 +447,26 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         fetched = self._reader.stats.snapshot()
         cache_seen = self.cache.stats() if self.cache is not None else (0, 0)
         read_ahead = self.read_ahead
+        partial = self._partial_rows(worker_plan)
+        infos = self.manifest.shards
+        load_bytes = [info.num_bytes for info in infos]
+        for shard, ranges in partial.items():
+            rows = sum(stop - start for start, stop in ranges)
+            load_bytes[shard] = -(-infos[shard].num_bytes * rows // max(infos[shard].num_samples, 1))
+        pool = PriorityPool(read_ahead.threads)
+        fetcher = ShardFetcher(
+            self._reader, self.manifest, pool, chunk_bytes=self._reader.chunk_size, verify=self.verify_checksums
+        )
         pipeline = ReadAheadPipeline(
             schedule,
-            [shard.num_bytes for shard in self.manifest.shards],
-            self._load,
-            read_ahead=read_ahead.shards,
-            read_ahead_bytes=read_ahead.max_bytes,
-            threads=read_ahead.threads,
+            load_bytes,
+            self._loader(fetcher, partial),
+            max_bytes=read_ahead.max_bytes,
+            max_shards=read_ahead.shards,
+            loaders=read_ahead.threads + 1,
             timeout=read_ahead.timeout,
             describe=self._describe,
+            on_close=pool.shutdown,
         )
         use = ShardUse(pending, last_position, balanced, pipeline.release)
 
@@ -410,6 +474,7 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
             return self._read_labels(pipeline, *self._locate(indices.between(begin, end)))
 
         waited = 0.0
+        first = True
         try:
             for batch_positions, skipped in positions.batches(read_labels, use.labels_read):
                 shards, local = self._locate(indices.at(batch_positions))
@@ -418,6 +483,9 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
                     continue
                 batch = self._gather(pipeline, shards, local)
                 use.gathered(shards)
+                if first:
+                    first = False
+                    self.counters.set_first_batch(slot, time.perf_counter() - started)
                 fetched, waited = self._record(slot, fetched, waited, pipeline.wait_seconds, batch_positions.size)
                 cache_seen = self._record_cache(slot, cache_seen)
                 if self.batch_size:
@@ -497,7 +565,11 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         return out
 
     def metrics(self) -> dict[str, float]:
-        """Counters summed over this rank's workers: samples, remote bytes and requests, retries, waits."""
+        """Counters summed over this rank's workers: samples, remote bytes and requests, retries, waits.
+
+        ``first_batch_seconds`` is the time from the start of the latest iteration to its first batch (the
+        slowest worker's, each counted from when it started iterating).
+        """
         return self.counters.totals()
 
     def __repr__(self) -> str:

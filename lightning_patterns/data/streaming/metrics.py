@@ -3,7 +3,9 @@
 Workers are separate processes, so their counters live in a small shared-memory array that the
 dataset creates before the workers start (``multiprocessing`` frees it when the last process using
 it exits, so nothing is left behind after a crash). Each worker adds to its own slot; the main process
-reads the sum.
+reads the sum. One figure is not a sum: ``first_batch_seconds``, the time from the start of the latest
+iteration to its first batch, is the slowest slot's (with workers, a slot's time starts when its worker
+starts iterating).
 """
 
 from __future__ import annotations
@@ -30,15 +32,17 @@ _SLOTS = 65  # the main process plus up to 64 DataLoader workers
 class StreamCounters:
     """Per-worker counters in shared memory; :meth:`totals` sums them.
 
-    Pickling for a DataLoader worker started by ``spawn`` carries the shared array; any other pickling
+    Pickling for a DataLoader worker started by ``spawn`` carries the shared arrays; any other pickling
     (a deepcopy, a checkpoint) carries a fresh, private set of zeros instead.
     """
 
     def __init__(self) -> None:
         self._values: Any = multiprocessing.RawArray("d", _SLOTS * len(METRIC_NAMES))
+        self._first_batch: Any = multiprocessing.RawArray("d", _SLOTS)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"values": self._values if get_spawning_popen() is not None else None}
+        spawning = get_spawning_popen() is not None
+        return {"values": self._values if spawning else None, "first_batch": self._first_batch if spawning else None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._values = (
@@ -46,6 +50,12 @@ class StreamCounters:
             if state["values"] is not None
             else multiprocessing.RawArray("d", _SLOTS * len(METRIC_NAMES))
         )
+        first = state.get("first_batch")
+        self._first_batch = first if first is not None else multiprocessing.RawArray("d", _SLOTS)
+
+    def set_first_batch(self, slot: int, seconds: float) -> None:
+        """Record that the latest iteration of ``slot`` yielded its first batch ``seconds`` after it started."""
+        self._first_batch[slot % _SLOTS] = max(seconds, 1e-9)
 
     def add(self, slot: int, **amounts: float) -> None:
         """Add to the counters of ``slot`` (``0`` for the main process, ``worker_id + 1`` for workers)."""
@@ -54,14 +64,22 @@ class StreamCounters:
             self._values[base + METRIC_NAMES.index(name)] += amount
 
     def totals(self) -> dict[str, float]:
-        """Every counter summed over the main process and all workers."""
+        """Every counter summed over the main process and all workers, and ``first_batch_seconds``.
+
+        ``first_batch_seconds`` is the slowest slot's time to its first batch in its latest iteration (``0.0``
+        before any batch).
+        """
         width = len(METRIC_NAMES)
-        return {
+        totals = {
             name: float(sum(self._values[slot * width + i] for slot in range(_SLOTS)))
             for i, name in enumerate(METRIC_NAMES)
         }
+        totals["first_batch_seconds"] = float(max(self._first_batch))
+        return totals
 
     def reset(self) -> None:
         """Zero every counter."""
         for i in range(len(self._values)):
             self._values[i] = 0.0
+        for i in range(len(self._first_batch)):
+            self._first_batch[i] = 0.0

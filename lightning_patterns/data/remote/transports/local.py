@@ -7,7 +7,7 @@ import os
 import stat
 from typing import TYPE_CHECKING
 
-from lightning_patterns.data.remote.transports.base import Transport
+from lightning_patterns.data.remote.transports.base import ByteSink, Transport
 
 if TYPE_CHECKING:
     from lightning_patterns.data.remote.deadline import Deadline
@@ -28,7 +28,7 @@ class LocalTransport(Transport):
     reads_to_end = True
 
     def read_into(
-        self, path: str, start: int, end: int | None, buf: bytearray, *, deadline: Deadline | None = None
+        self, path: str, start: int, end: int | None, buf: ByteSink, *, deadline: Deadline | None = None
     ) -> bool:
         """Append ``path[start:end]`` to ``buf``; ``True`` if the file ended before ``end``."""
         # O_NONBLOCK: opening a FIFO must not wait for a writer before it can be refused.
