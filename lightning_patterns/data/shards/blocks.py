@@ -79,6 +79,42 @@ class BlockTable:
             return start, start
         return self.bounds(blocks[0])[0], self.bounds(blocks[-1])[1]
 
+    def mismatch(
+        self, data: memoryview | bytes | bytearray, at: int, digests: bytes | memoryview
+    ) -> tuple[int, str, str] | None:
+        """The first block of ``data`` (from offset ``at``, whole blocks) that differs from the table, or ``None``.
+
+        Returns:
+            ``(block, expected, actual)`` with the two digests as ``"sha256:<hex>"``.
+
+        Raises:
+            ValueError: ``data`` does not start or end on a block boundary.
+        """
+        view = memoryview(data)
+        blocks = self.blocks_of(at, at + len(view))
+        if not blocks:
+            return None
+        if self.bounds(blocks[0])[0] != at or self.bounds(blocks[-1])[1] != at + len(view):
+            raise ValueError(
+                f"bytes [{at}, {at + len(view)}) do not start and end on block boundaries of {self.block_bytes} "
+                f"bytes from byte {self.start}; widen the range with BlockTable.widen() before fetching it."
+            )
+        for block in blocks:
+            start, stop = self.bounds(block)
+            actual = hashlib.sha256(view[start - at : stop - at]).digest()
+            expected = bytes(digests[block * DIGEST_BYTES : (block + 1) * DIGEST_BYTES])
+            if actual != expected:
+                return block, "sha256:" + expected.hex(), "sha256:" + actual.hex()
+        return None
+
+    def describe_mismatch(self, block: int, expected: str, actual: str) -> str:
+        """``block k of n (bytes [a, b)) does not match ...``: what differs, for error messages."""
+        start, stop = self.bounds(block)
+        return (
+            f"block {block} of {self.count} (bytes [{start}, {stop})) does not match its checksum in the shard's "
+            f"block table: expected {expected} got {actual}"
+        )
+
     def verify(
         self, data: memoryview | bytes | bytearray, at: int, digests: bytes | memoryview, url: str | None
     ) -> None:
@@ -97,24 +133,10 @@ class BlockTable:
                 the shard.
             ValueError: ``data`` does not start or end on a block boundary.
         """
-        view = memoryview(data)
-        blocks = self.blocks_of(at, at + len(view))
-        if not blocks:
-            return
-        if self.bounds(blocks[0])[0] != at or self.bounds(blocks[-1])[1] != at + len(view):
-            raise ValueError(
-                f"bytes [{at}, {at + len(view)}) do not start and end on block boundaries of {self.block_bytes} "
-                f"bytes from byte {self.start}; widen the range with BlockTable.widen() before fetching it."
+        found = self.mismatch(data, at, digests)
+        if found is not None:
+            where = "Shard" if url is None else f"Shard {url!r}"
+            raise ChecksumMismatchError(
+                f"{where}: {self.describe_mismatch(*found)}. The remote object is corrupt (or changed since the "
+                "manifest was written): write the shard again, or regenerate the manifest from the data you trust."
             )
-        for block in blocks:
-            start, stop = self.bounds(block)
-            actual = hashlib.sha256(view[start - at : stop - at]).digest()
-            expected = bytes(digests[block * DIGEST_BYTES : (block + 1) * DIGEST_BYTES])
-            if actual != expected:
-                where = "Shard" if url is None else f"Shard {url!r}"
-                raise ChecksumMismatchError(
-                    f"{where}: block {block} of {self.count} (bytes [{start}, {stop})) does not match its checksum "
-                    f"in the shard's block table: expected sha256:{expected.hex()} got sha256:{actual.hex()}. The "
-                    "remote object is corrupt (or changed since the manifest was written): write the shard again, "
-                    "or regenerate the manifest from the data you trust."
-                )

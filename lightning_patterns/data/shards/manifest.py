@@ -60,6 +60,7 @@ __all__ = [
     "manifest_exists",
     "manifest_url",
     "missing_manifest_error",
+    "missing_shard_error",
     "open_shard",
     "publish_manifest",
     "read_manifest",
@@ -679,9 +680,19 @@ def fetch_shard(
             where, size=shard.num_bytes, checksum=shard.checksum if verify else None, deadline=deadline
         )
     except ShardNotFoundError as err:
-        missing = ShardNotFoundError(_missing_shard_message(reader, shard, where))
-        missing.errno = errno.ENOENT
-        raise missing from err
+        raise missing_shard_error(reader, shard) from err
+
+
+def missing_shard_error(reader: RemoteReader, shard: ShardInfo) -> ShardNotFoundError:
+    """The error for a listed shard that does not exist, saying whether the dataset was rewritten meanwhile.
+
+    Args:
+        reader: a reader whose ``url`` is the dataset root (the current manifest is read through it).
+        shard: the manifest entry of the missing shard.
+    """
+    missing = ShardNotFoundError(_missing_shard_message(reader, shard, shard_url(reader.url, shard.path)))
+    missing.errno = errno.ENOENT
+    return missing
 
 
 def _missing_shard_message(reader: RemoteReader, shard: ShardInfo, where: str) -> str:

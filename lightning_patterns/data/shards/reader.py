@@ -323,6 +323,8 @@ class _Column:
     index: np.ndarray | None  # n + 1 offsets into the payload for variable-length fields
     np_dtype: np.dtype[Any] | None
     row_nbytes: int
+    shape: tuple[int, ...] = ()  # per-sample shape of a fixed-size field
+    per_row: int = 0  # items per sample of a fixed-size field
 
 
 class ShardReader:
@@ -388,7 +390,10 @@ class ShardReader:
     def _column(self, name: str, spec: FieldSpec, extent: ColumnExtent) -> _Column:
         if extent.index_offset is None:
             dtype = np.dtype(spec.dtype).newbyteorder("<")
-            return _Column(name, spec, extent.offset, extent.nbytes, None, dtype, spec.sample_nbytes)
+            shape = spec.shape or ()
+            return _Column(
+                name, spec, extent.offset, extent.nbytes, None, dtype, spec.sample_nbytes, shape, math.prod(shape)
+            )
         # The index lies in the body, which parse_header does not read: it is checked here, once. Offsets of
         # 2**63 and more turn negative as int64, so they fail the order check too.
         n = self.num_samples
@@ -491,12 +496,13 @@ class ShardReader:
 
     def _rows(self, column: _Column, start: int, count: int) -> np.ndarray:
         assert column.np_dtype is not None
-        assert column.spec.shape is not None
-        per_row = math.prod(column.spec.shape)
         flat = np.frombuffer(
-            self._buffer, dtype=column.np_dtype, count=count * per_row, offset=column.offset + start * column.row_nbytes
+            self._buffer,
+            dtype=column.np_dtype,
+            count=count * column.per_row,
+            offset=column.offset + start * column.row_nbytes,
         )
-        return flat.reshape(count, *column.spec.shape)
+        return flat.reshape(count, *column.shape)
 
     def _varlen(self, column: _Column, i: int) -> bytes | str:
         assert column.index is not None
@@ -519,21 +525,66 @@ class ShardReader:
         return out
 
     def read_range(self, start: int, stop: int) -> dict[str, Any]:
-        """Decode samples ``start`` to ``stop`` (exclusive) as a batch: tensors of shape ``(k, *shape)``, lists."""
+        """Decode samples ``start`` to ``stop`` (exclusive) as a batch: tensors of shape ``(k, *shape)``, lists.
+
+        Each numeric field is one slice of its column: shared with the buffer when it is writable, else one
+        copy (the batch's own memory, nothing else allocated per field).
+        """
         import torch  # here, not at the top: reading a header (a light command) needs no torch
 
         n = self.num_samples
         if not 0 <= start <= stop <= n:
             raise IndexError(f"Range [{start}, {stop}) is invalid for a shard of {n} samples; need 0 <= start <= stop.")
-        self._require(start, stop)
+        if self._present is not None:
+            self._require(start, stop)
         out: dict[str, Any] = {}
+        count = stop - start
+        buffer, writable = self._buffer, self._writable
         for name, column in self._columns.items():
             if column.index is not None:
                 out[name] = [self._varlen(column, i) for i in range(start, stop)]
-            else:
-                rows = self._rows(column, start, stop - start)
-                out[name] = torch.from_numpy(rows if self._writable else rows.copy())
+                continue
+            rows = np.frombuffer(
+                buffer, column.np_dtype, count * column.per_row, column.offset + start * column.row_nbytes
+            ).reshape(count, *column.shape)
+            out[name] = torch.from_numpy(rows if writable else rows.copy())
         return out
+
+    def empty_batch(self, size: int) -> dict[str, Any]:
+        """Output buffers for a batch of ``size`` samples: a numpy array per numeric field, a list per other field.
+
+        Fill them with :meth:`copy_rows` and :meth:`take_rows` (possibly from several shards of one dataset).
+        """
+        return {
+            name: [None] * size if column.index is not None else np.empty((size, *column.shape), column.np_dtype)
+            for name, column in self._columns.items()
+        }
+
+    def copy_rows(self, start: int, stop: int, out: dict[str, Any], at: int) -> None:
+        """Copy samples ``[start, stop)`` into the buffers of :meth:`empty_batch`, from position ``at`` on."""
+        if not 0 <= start <= stop <= self.num_samples:
+            raise IndexError(f"Range [{start}, {stop}) is invalid for a shard of {self.num_samples} samples.")
+        self._require(start, stop)
+        for name, column in self._columns.items():
+            if column.index is not None:
+                out[name][at : at + stop - start] = [self._varlen(column, i) for i in range(start, stop)]
+            else:
+                out[name][at : at + stop - start] = self._rows(column, start, stop - start)
+
+    def take_rows(self, indices: np.ndarray, out: dict[str, Any], positions: np.ndarray) -> None:
+        """Copy samples ``indices`` into the buffers of :meth:`empty_batch` at ``positions`` (same length)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = self.num_samples
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise IndexError(f"Indices must lie in [0, {n}) for a shard of {n} samples.")
+        self._require_indices(idx)
+        for name, column in self._columns.items():
+            if column.index is not None:
+                values = out[name]
+                for position, i in zip(positions.tolist(), idx.tolist(), strict=True):
+                    values[position] = self._varlen(column, i)
+            else:
+                out[name][positions] = self._rows(column, 0, n)[idx]
 
     def read_field(self, field: str, indices: np.ndarray) -> np.ndarray:
         """The values of one fixed-size ``field`` at ``indices``, as a numpy array (no other field decoded)."""

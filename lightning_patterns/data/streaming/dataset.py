@@ -19,21 +19,21 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import IterableDataset
 
 from lightning_patterns.data.batching import ClassBalancer, check_class_counts
 from lightning_patterns.data.caching import CacheConfig, EpochCache, make_cache
-from lightning_patterns.data.remote import Deadline, FetchStatsSnapshot, RemoteReader, RetryPolicy
+from lightning_patterns.data.remote import Deadline, RemoteReader, RetryPolicy
 from lightning_patterns.data.sharding.assignment import PlanConfig, Span, WorkerPlan, plan, samples_per_rank
 from lightning_patterns.data.sharding.topology import Topology
 from lightning_patterns.data.shards.blocks import merge_ranges
 from lightning_patterns.data.shards.manifest import Manifest, open_shard, read_manifest, shard_url
 from lightning_patterns.data.shards.reader import ShardReader, read_column
-from lightning_patterns.data.streaming.batches import BatchPositions, PlanIndices, ShardUse, only_shard, shard_use_of
+from lightning_patterns.data.streaming.batches import BatchPositions, PlanIndices, ShardUse, shard_use_of
 from lightning_patterns.data.streaming.cursor import StreamCursor
 from lightning_patterns.data.streaming.fetcher import PriorityPool, ShardFetcher
-from lightning_patterns.data.streaming.metrics import StreamCounters
+from lightning_patterns.data.streaming.gather import gather_indices, gather_runs, run_batches
+from lightning_patterns.data.streaming.metrics import StreamCounters, StreamRecorder
 from lightning_patterns.data.streaming.options import ClassBalance, ReadAhead
 from lightning_patterns.data.streaming.pipeline import ReadAheadPipeline
 from lightning_patterns.data.streaming.random_access import SampleReader
@@ -443,9 +443,14 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         pending, last_position, schedule = shard_use_of(
             worker_plan, len(self.manifest.shards), self._offsets, positions.first_needed
         )
-        # Snapshot the counters before the read-ahead threads start, so their first fetches are counted.
-        fetched = self._reader.stats.snapshot()
-        cache_seen = self.cache.stats() if self.cache is not None else (0, 0)
+        # The counters' baseline is taken before the read-ahead threads start, so their first fetches are counted.
+        recorder = StreamRecorder(
+            self.counters,
+            slot,
+            self._reader.stats.snapshot,
+            lambda: pipeline.wait_seconds,
+            None if self.cache is None else self.cache.stats,
+        )
         read_ahead = self.read_ahead
         partial = self._partial_rows(worker_plan)
         infos = self.manifest.shards
@@ -469,34 +474,56 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
             on_close=pool.shutdown,
         )
         use = ShardUse(pending, last_position, balanced, pipeline.release)
-
-        def read_labels(begin: int, end: int) -> np.ndarray:
-            return self._read_labels(pipeline, *self._locate(indices.between(begin, end)))
-
-        waited = 0.0
+        if self._balancer is None and worker_plan.shuffle_window <= 1:
+            batches = self._run_batches(worker_plan, positions, pipeline, use)
+        else:
+            batches = self._index_batches(indices, positions, pipeline, use)
         first = True
         try:
-            for batch_positions, skipped in positions.batches(read_labels, use.labels_read):
-                shards, local = self._locate(indices.at(batch_positions))
-                if skipped:
-                    use.gathered(shards)
-                    continue
-                batch = self._gather(pipeline, shards, local)
-                use.gathered(shards)
+            for batch, size in batches:
                 if first:
                     first = False
                     self.counters.set_first_batch(slot, time.perf_counter() - started)
-                fetched, waited = self._record(slot, fetched, waited, pipeline.wait_seconds, batch_positions.size)
-                cache_seen = self._record_cache(slot, cache_seen)
+                recorder.add(size)
                 if self.batch_size:
                     self._count_yielded(cursor)
                     yield batch
                 else:
-                    for row in range(batch_positions.size):
+                    for row in range(size):
                         self._count_yielded(cursor)
                         yield {name: value[row] for name, value in batch.items()}
         finally:
+            recorder.flush()
             pipeline.close()
+
+    def _run_batches(
+        self, worker_plan: WorkerPlan, positions: BatchPositions, pipeline: ReadAheadPipeline, use: ShardUse
+    ) -> Iterator[tuple[dict[str, Any], int]]:
+        """``(batch, size)`` of an unshuffled plan: each batch one slice per field (two where it crosses shards)."""
+        get, gathered = pipeline.get, use.gathered_rows
+        for runs in run_batches(worker_plan, positions.step, positions.first_position):
+            batch = gather_runs(get, runs)
+            size = 0
+            for shard, start, stop in runs:
+                gathered(shard, stop - start)
+                size += stop - start
+            yield batch, size
+
+    def _index_batches(
+        self, indices: PlanIndices, positions: BatchPositions, pipeline: ReadAheadPipeline, use: ShardUse
+    ) -> Iterator[tuple[dict[str, Any], int]]:
+        """``(batch, size)`` of any plan (a window shuffle, class balancing), through per-sample indices."""
+
+        def read_labels(begin: int, end: int) -> np.ndarray:
+            return self._read_labels(pipeline, *self._locate(indices.between(begin, end)))
+
+        for batch_positions, skipped in positions.batches(read_labels, use.labels_read):
+            shards, local = self._locate(indices.at(batch_positions))
+            if not skipped:
+                batch = gather_indices(pipeline.get, shards, local)
+            use.gathered(shards)
+            if not skipped:
+                yield batch, batch_positions.size
 
     def _count_yielded(self, cursor: StreamCursor) -> None:
         # Only the iteration that began from the current cursor moves it on; one abandoned before a reset does not.
@@ -514,55 +541,6 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
             mask = shards == shard
             labels[mask] = pipeline.get(shard).read_field(self._label_field, local[mask]).reshape(-1)
         return labels
-
-    def _record(
-        self, slot: int, fetched: FetchStatsSnapshot, waited: float, wait_total: float, samples: int
-    ) -> tuple[FetchStatsSnapshot, float]:
-        now = self._reader.stats.snapshot()
-        delta = now - fetched
-        self.counters.add(
-            slot,
-            samples=samples,
-            remote_bytes=delta.bytes_read,
-            remote_requests=delta.requests,
-            retries=delta.retries,
-            fetch_seconds=delta.seconds,
-            read_wait_seconds=wait_total - waited,
-        )
-        return now, wait_total
-
-    def _record_cache(self, slot: int, seen: tuple[int, int]) -> tuple[int, int]:
-        if self.cache is None:
-            return seen
-        hits, misses = self.cache.stats()
-        self.counters.add(slot, cache_hits=hits - seen[0], cache_misses=misses - seen[1])
-        return hits, misses
-
-    def _gather(self, pipeline: ReadAheadPipeline, shards: np.ndarray, local: np.ndarray) -> dict[str, Any]:
-        first = only_shard(shards)
-        if first is not None:
-            reader = pipeline.get(first)
-            start = int(local[0])
-            if int(local[-1]) - start == local.size - 1 and bool(np.all(np.diff(local) == 1)):
-                return reader.read_range(start, start + local.size)
-            return reader.read_batch(local)
-        # The batch spans several shards: gather each shard's part, then restore the batch order.
-        by_shard = np.argsort(shards, kind="stable")
-        parts = []
-        sorted_shards = shards[by_shard]
-        bounds = np.flatnonzero(np.diff(sorted_shards)) + 1
-        for group in np.split(by_shard, bounds):
-            parts.append(pipeline.get(int(shards[group[0]])).read_batch(local[group]))
-        inverse = torch.from_numpy(np.argsort(by_shard, kind="stable"))
-        out: dict[str, Any] = {}
-        for name in parts[0]:
-            values = [part[name] for part in parts]
-            if isinstance(values[0], torch.Tensor):
-                out[name] = torch.cat(values)[inverse]
-            else:
-                flat = [item for value in values for item in value]
-                out[name] = [flat[i] for i in inverse.tolist()]
-        return out
 
     def metrics(self) -> dict[str, float]:
         """Counters summed over this rank's workers: samples, remote bytes and requests, retries, waits.

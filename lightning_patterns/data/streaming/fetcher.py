@@ -29,10 +29,10 @@ from typing import Any, TypeVar
 from lightning_patterns.data.remote import Deadline, RemoteReader
 from lightning_patterns.data.remote.checksum import checksum_mismatch
 from lightning_patterns.data.shards.blocks import BlockTable
-from lightning_patterns.data.shards.manifest import Manifest, ShardInfo, shard_url
+from lightning_patterns.data.shards.manifest import Manifest, ShardInfo, missing_shard_error, shard_url
 from lightning_patterns.data.shards.partial import ShardHead, fetch_head, fetch_rows
 from lightning_patterns.data.shards.reader import ShardFormatError, ShardReader, parse_header
-from lightning_patterns.exceptions import ChecksumMismatchError, ShardNotFoundError
+from lightning_patterns.exceptions import ChecksumMismatchError
 
 __all__ = ["PriorityPool", "ShardFetcher"]
 
@@ -53,7 +53,7 @@ class PriorityPool:
         name: prefix of the threads' names.
     """
 
-    def __init__(self, threads: int, name: str = "lightning-patterns-fetch") -> None:
+    def __init__(self, threads: int, name: str = "lightning-patterns-read-fetch") -> None:
         self._threads = threads
         self._name = name
         self._queue: list[tuple[Priority, int, Future[Any], Callable[[], Any]]] = []
@@ -61,6 +61,12 @@ class PriorityPool:
         self._cond = threading.Condition()
         self._workers: list[threading.Thread] = []
         self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """Calls queued and not started yet."""
+        with self._cond:
+            return len(self._queue)
 
     def submit(self, priority: Priority, fn: Callable[[], _T]) -> Future[_T]:
         """Queue ``fn``; it runs before every queued call of a larger ``priority``."""
@@ -190,12 +196,7 @@ class ShardFetcher:
             else:
                 self._fetch_plain(info, url, buffer, priority, deadline)
         except FileNotFoundError as err:
-            if isinstance(err, ShardNotFoundError):
-                raise
-            raise ShardNotFoundError(
-                f"Shard {url!r} listed in the manifest does not exist. It was deleted or never finished uploading; "
-                "restore it or rewrite the dataset."
-            ) from err
+            raise missing_shard_error(self.reader, info) from err
         return buffer if into is not None else buffer.toreadonly()
 
     def _chunks(self, start: int, stop: int, step: int) -> list[tuple[int, int]]:
@@ -221,7 +222,23 @@ class ShardFetcher:
             self.reader.stats.record(retries=1)
 
     def _fetch_blocks(self, info: ShardInfo, url: str, buffer: memoryview, priority: int, deadline: Deadline) -> None:
-        """A shard with a block table: chunks on block boundaries, each verified as it arrives."""
+        """A shard with a block table: chunks on block boundaries, each verified as it arrives.
+
+        A head that differs from the manifest is fetched once more (with the whole shard) before it is an error.
+        """
+        for attempt in (1, 2):
+            try:
+                self._fetch_blocks_once(info, url, buffer, priority, deadline)
+                return
+            except _HeadMismatchError:
+                if attempt == 2:
+                    raise
+                log.warning("The head of %s does not match the manifest; fetching the shard once more", url)
+                self.reader.stats.record(retries=1)
+
+    def _fetch_blocks_once(
+        self, info: ShardInfo, url: str, buffer: memoryview, priority: int, deadline: Deadline
+    ) -> None:
         assert info.head_bytes is not None
         # Chunk 0 carries the head, which every other chunk needs to be verified; it is fetched first. Chunks
         # are cut at the body's start plus multiples of the chunk size, so with a block size that divides it
@@ -239,19 +256,28 @@ class ShardFetcher:
         futures = [self.pool.submit((priority, k), functools.partial(run, chunk)) for k, chunk in enumerate(chunks)]
         self._wait(futures, deadline, url)
         state.finish()
-        # A mismatch is fetched once more, block by block, before it is an error.
+        # A mismatch is fetched once more (those blocks only) before it is an error.
         for start, stop in state.failed:
             self.reader.stats.record(retries=1)
             log.warning("Block checksum mismatch for %s bytes [%s, %s); fetching them once more", url, start, stop)
             self.reader.read_range_into(url, start, buffer[start:stop], deadline=deadline)
-            state.check(start, stop)
+            assert state.table is not None
+            assert state.digests is not None
+            found = state.table.mismatch(buffer[start:stop], start, state.digests)
+            if found is not None:
+                # Named as a whole-shard mismatch (both checksums of the file), with the block that differs.
+                detail = state.table.describe_mismatch(*found)
+                error = checksum_mismatch(
+                    buffer, info.checksum, url, expected_size=info.num_bytes, fetches=2, detail=detail
+                )
+                raise error or ChecksumMismatchError(f"Shard {url!r}: {detail}.")
 
-    def head(self, shard: int) -> ShardHead:
+    def head(self, shard: int, deadline: Deadline | None = None) -> ShardHead:
         """The verified head of ``shard`` (one small request)."""
         info = self.manifest.shards[shard]
         url = self.url_of(shard)
         return fetch_head(
-            lambda start, stop: self.reader.read_range(info.path, start, stop),
+            lambda start, stop: self.reader.read_range(info.path, start, stop, deadline=deadline),
             info,
             self.manifest.schema,
             url,
@@ -263,7 +289,6 @@ class ShardFetcher:
     ) -> ShardReader:
         """Only rows ``rows`` of ``shard`` (whole blocks of them), through its block table; see :func:`fetch_rows`."""
         url = self.url_of(shard)
-        head = head or self.head(shard)
 
         def fetch(ranges: list[tuple[int, int]], buffer: memoryview) -> None:
             pieces = [piece for start, stop in ranges for piece in self._chunks(start, stop, self.chunk_bytes)]
@@ -273,7 +298,14 @@ class ShardFetcher:
             ]
             self._wait(futures, deadline, url)
 
-        return fetch_rows(head, rows, fetch, verify=self.verify)
+        try:
+            return fetch_rows(head or self.head(shard, deadline), rows, fetch, verify=self.verify)
+        except FileNotFoundError as err:
+            raise missing_shard_error(self.reader, self.manifest.shards[shard]) from err
+
+
+class _HeadMismatchError(ChecksumMismatchError):
+    """A shard's head differs from the manifest's ``head_checksum``."""
 
 
 class _BlockState:
@@ -310,7 +342,7 @@ class _BlockState:
         head = self.buffer[: info.head_bytes]
         error = checksum_mismatch(head, str(info.head_checksum), self.url + " (head)")
         if error is not None:
-            raise error
+            raise _HeadMismatchError(str(error))
         header = parse_header(head, info.num_bytes, url=self.url, num_samples=info.num_samples)
         if header.blocks is None or header.head_bytes != info.head_bytes:
             raise ShardFormatError(
@@ -339,16 +371,20 @@ class _BlockState:
                 self.waiting.extend(piece for piece in ((start, first), (last, stop)) if piece[1] > piece[0])
 
     def check(self, start: int, stop: int, *, record: bool = False) -> None:
-        """Verify the whole blocks ``[start, stop)``; a mismatch is raised, or recorded to fetch again."""
-        assert self.table is not None
-        assert self.digests is not None
-        try:
-            self.table.verify(self.buffer[start:stop], start, self.digests, self.url)
-        except ChecksumMismatchError:
-            if not record:
-                raise
-            with self._lock:
-                self.failed.append((start, stop))
+        """Verify the whole blocks ``[start, stop)``; a mismatch is raised, or its blocks recorded to fetch again."""
+        table, digests = self.table, self.digests
+        assert table is not None
+        assert digests is not None
+        if not record:
+            table.verify(self.buffer[start:stop], start, digests, self.url)
+            return
+        if table.mismatch(self.buffer[start:stop], start, digests) is None:
+            return  # the common case: one pass over the range
+        for block in table.blocks_of(start, stop):
+            first, last = table.bounds(block)
+            if table.mismatch(self.buffer[first:last], first, digests) is not None:
+                with self._lock:
+                    self.failed.append((first, last))
 
     def finish(self) -> None:
         """Verify the blocks that straddled chunk edges, now that every chunk is in."""

@@ -11,10 +11,12 @@ starts iterating).
 from __future__ import annotations
 
 import multiprocessing
+import time
+from collections.abc import Callable
 from multiprocessing.context import get_spawning_popen
 from typing import Any
 
-__all__ = ["METRIC_NAMES", "StreamCounters"]
+__all__ = ["METRIC_NAMES", "StreamCounters", "StreamRecorder"]
 
 METRIC_NAMES = (
     "samples",
@@ -83,3 +85,69 @@ class StreamCounters:
             self._values[i] = 0.0
         for i in range(len(self._first_batch)):
             self._first_batch[i] = 0.0
+
+
+class StreamRecorder:
+    """What one iteration adds to its slot of :class:`StreamCounters`, written in bursts rather than per batch.
+
+    Per batch it only adds to a local count; every ``every`` seconds (and at :meth:`flush`) it writes the samples,
+    the fetch counters' growth, the time waited for shards and the cache's hits and misses to the shared slot.
+    A cached epoch yields tens of thousands of batches a second, so shared-memory writes per batch would cost
+    more than slicing the batch.
+
+    Args:
+        counters: the shared counters.
+        slot: this iteration's slot (``0``: the main process; ``worker_id + 1``: a DataLoader worker).
+        fetched: returns the fetch counters (``bytes_read``, ``requests``, ``retries``, ``seconds``) so far.
+        waited: returns the seconds waited for shards since the iteration began.
+        cache_stats: returns the cache's ``(hits, misses)`` so far, or ``None`` without a cache.
+        every: seconds between writes.
+    """
+
+    def __init__(
+        self,
+        counters: StreamCounters,
+        slot: int,
+        fetched: Callable[[], Any],
+        waited: Callable[[], float],
+        cache_stats: Callable[[], tuple[int, int]] | None,
+        every: float = 0.1,
+    ) -> None:
+        self._counters = counters
+        self._slot = slot
+        self._fetched_now = fetched
+        self._waited_now = waited
+        self._cache_now = cache_stats
+        self._every = every
+        self._fetched = fetched()
+        self._waited = 0.0  # waits are counted from the start of the iteration
+        self._cache = cache_stats() if cache_stats is not None else (0, 0)
+        self._samples = 0
+        self._due = time.perf_counter() + every
+
+    def add(self, samples: int) -> None:
+        """``samples`` more were yielded."""
+        self._samples += samples
+        if time.perf_counter() >= self._due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what was counted since the last write."""
+        now = self._fetched_now()
+        delta = now - self._fetched
+        waited = self._waited_now()
+        amounts = {
+            "samples": self._samples,
+            "remote_bytes": delta.bytes_read,
+            "remote_requests": delta.requests,
+            "retries": delta.retries,
+            "fetch_seconds": delta.seconds,
+            "read_wait_seconds": waited - self._waited,
+        }
+        if self._cache_now is not None:
+            hits, misses = self._cache_now()
+            amounts.update(cache_hits=hits - self._cache[0], cache_misses=misses - self._cache[1])
+            self._cache = (hits, misses)
+        self._counters.add(self._slot, **amounts)
+        self._fetched, self._waited, self._samples = now, waited, 0
+        self._due = time.perf_counter() + self._every

@@ -75,8 +75,10 @@ class ReadAheadPipeline:
         self._describe = describe
         self._on_close = on_close
         self._stopped = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=max(loaders, 1), thread_name_prefix="lightning-patterns-load")
+        self._pool = ThreadPoolExecutor(max_workers=max(loaders, 1), thread_name_prefix="lightning-patterns-read-load")
         self._futures: dict[int, Future[ShardReader]] = {}
+        # Shards whose load finished, by shard: a batch asks for its shard, and this answers without a lock.
+        self._opened: dict[int, ShardReader] = {}
         self._released: set[int] = set()
         self._next = 0
         self.wait_seconds = 0.0
@@ -114,6 +116,9 @@ class ReadAheadPipeline:
 
     def get(self, shard: int) -> ShardReader:
         """The opened shard, waiting for its fetch if needed."""
+        opened = self._opened.get(shard)
+        if opened is not None:
+            return opened
         future = self._futures.get(shard)
         if future is None:
             # Needed earlier than scheduled (it cannot happen with a consistent schedule; be safe, not stuck).
@@ -129,13 +134,15 @@ class ReadAheadPipeline:
                     f"Fetching {self._describe(shard)} took longer than {self._timeout} s. Check the remote, or raise "
                     "`ReadAhead(timeout=...)` for very large shards on a slow link."
                 )
-        return future.result()
+        opened = self._opened[shard] = future.result()
+        return opened
 
     def release(self, shard: int) -> None:
         """The worker needs nothing more from ``shard``: drop it and fetch further ahead."""
         future = self._futures.pop(shard, None)
         if future is not None:
             future.cancel()
+        self._opened.pop(shard, None)
         self._released.add(shard)
         self._fill()
 
@@ -145,6 +152,7 @@ class ReadAheadPipeline:
         for future in self._futures.values():
             future.cancel()
         self._futures.clear()
+        self._opened.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._on_close is not None:
             self._on_close()
