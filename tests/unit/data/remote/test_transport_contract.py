@@ -19,6 +19,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pytest
@@ -26,6 +27,7 @@ import pytest
 from lightning_patterns.data.remote import TRANSPORTS, RemoteReader, RetryPolicy
 from lightning_patterns.exceptions import ChecksumMismatchError, ShardNotFoundError
 from lightning_patterns.testing.http_server import serve_directory
+from lightning_patterns.testing.s3_server import MotoS3Server, moto_s3_server
 
 SIZE = 100_000
 CHUNK = 16_384  # several chunks per object for transports that read in chunks
@@ -39,18 +41,19 @@ class Site:
         self.transport = transport
         self.url = url
         self.write = write
+        self.storage_options: dict[str, Any] = {}
 
     def url_for(self, name: str) -> str:
         return f"{self.url}/{name}"
 
 
 @contextlib.contextmanager
-def _local_site(tmp_path: Path) -> Iterator[Site]:
+def _local_site(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Site]:
     yield Site("local", str(tmp_path), lambda name, data: (tmp_path / name).write_bytes(data))
 
 
 @contextlib.contextmanager
-def _memory_site(tmp_path: Path) -> Iterator[Site]:
+def _memory_site(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Site]:
     fs = fsspec.filesystem("memory")
     root = f"/transport-contract-{uuid.uuid4().hex}"
     try:
@@ -61,16 +64,35 @@ def _memory_site(tmp_path: Path) -> Iterator[Site]:
 
 
 @contextlib.contextmanager
-def _http_site(tmp_path: Path) -> Iterator[Site]:
+def _http_site(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Site]:
     with serve_directory(tmp_path) as server:
         yield Site("http", server.url, lambda name, data: (tmp_path / name).write_bytes(data))
 
 
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[MotoS3Server]:
+    """One moto S3 server on 127.0.0.1 for the module's S3 cases (each uses a prefix of its own)."""
+    with moto_s3_server() as server:
+        server.create_bucket("transport-contract")
+        yield server
+
+
+@contextlib.contextmanager
+def _s3_site(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Site]:
+    server: MotoS3Server = request.getfixturevalue("s3_server")
+    fs = server.filesystem()
+    root = f"transport-contract/{uuid.uuid4().hex}"
+    site = Site("s3", f"s3://{root}", lambda name, data: fs.pipe_file(f"{root}/{name}", data))
+    site.storage_options = server.storage_options
+    yield site
+
+
 # Registry name -> a site its transport serves.
-SITES: dict[str, Callable[[Path], contextlib.AbstractContextManager[Site]]] = {
+SITES: dict[str, Callable[[Path, pytest.FixtureRequest], contextlib.AbstractContextManager[Site]]] = {
     "http": _http_site,
     "local": _local_site,
     "range": _memory_site,
+    "s3": _s3_site,
 }
 
 
@@ -84,7 +106,7 @@ def site(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Site]:
     name = request.param
     if name not in SITES:
         pytest.fail(f"transport {name!r} has no test site in SITES")
-    with SITES[name](tmp_path) as served:
+    with SITES[name](tmp_path, request) as served:
         yield served
 
 
@@ -94,7 +116,7 @@ def payload() -> bytes:
 
 
 def _reader(site: Site, retry: RetryPolicy = FAST) -> RemoteReader:
-    reader = RemoteReader(site.url, retry=retry, chunk_size=CHUNK, seed=0)
+    reader = RemoteReader(site.url, site.storage_options, retry=retry, chunk_size=CHUNK, seed=0)
     assert reader.transport.name == site.transport, "the site must be served by the transport under test"
     return reader
 
