@@ -540,6 +540,16 @@ class _WindowSink:
         self._filled += size
         return self
 
+    def tail(self) -> memoryview:
+        """The part of the window not filled yet, for a transport that reads into memory (``readinto``)."""
+        return self._view[self._filled :]
+
+    def advance(self, size: int) -> None:
+        """``size`` more bytes were written into :meth:`tail`."""
+        if self._filled + size > len(self._view):
+            raise ValueError(f"{self._filled + size} bytes arrived for a window of {len(self._view)}")
+        self._filled += size
+
 
 def _too_large(url: str, max_bytes: int, found: str) -> ObjectTooLargeError:
     return ObjectTooLargeError(

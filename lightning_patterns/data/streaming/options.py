@@ -37,7 +37,9 @@ class ReadAhead:
     Args:
         shards: also fetch at most this many shards ahead of the one in use, ``>= 0`` (``0``: only the shard
             in use); ``None``: only ``max_bytes`` bounds it.
-        max_bytes: bytes to fetch ahead at most, ``>= 1``; ``None``: only ``shards`` bounds it.
+        max_bytes: bytes to fetch ahead at most, ``>= 1``; ``None``: only ``shards`` bounds it. The default, 32 MiB,
+            is one shard of the writer's default size: enough to keep the link busy whenever batches are used
+            faster than they arrive (each shard's requests go to the link before the next shard's).
         threads: background threads that send range requests (per DataLoader worker), ``>= 1``.
         timeout: seconds one read may take, retries included, before failing; ``> 0``: the manifest, each shard (its
             download is cancelled then, so no thread outlives it), and the wait for a shard in use.
@@ -51,7 +53,7 @@ class ReadAhead:
     """
 
     shards: int | None = None
-    max_bytes: int | None = 64 * 2**20
+    max_bytes: int | None = 32 * 2**20
     threads: int = 4
     timeout: float = 600.0
 

@@ -16,7 +16,8 @@ class ByteSink(Protocol):
 
     Transports only append (``sink += data``) and ask how much arrived (``len(sink)``), so a reader can hand
     them a view of the memory the bytes are finally meant for (a shard's buffer, a cache's region) and no
-    second copy is made.
+    second copy is made. A sink of fixed size may also offer ``tail()`` (the writable memory not filled yet)
+    and ``advance(n)`` (``n`` more bytes were written there), for transports that can read into memory.
     """
 
     def __len__(self) -> int:

@@ -40,6 +40,12 @@ class LocalTransport(Transport):
             if not stat.S_ISREG(mode):
                 raise OSError(errno.EINVAL, "Not a regular file (a FIFO, device or folder is never read)", path)
             f.seek(start)
+            tail = getattr(buf, "tail", None)
+            if end is not None and tail is not None:
+                # Straight into the reader's memory: no intermediate copy of the range.
+                got = f.readinto(tail()[: end - start])
+                buf.advance(got)  # type: ignore[attr-defined]
+                return start + got < end
             data = f.read() if end is None else f.read(end - start)
         buf += data
         return end is None or start + len(data) < end

@@ -11,7 +11,7 @@ from lightning_patterns.data.streaming.options import ClassBalance, ReadAhead
 
 def test_defaults_are_the_datasets_defaults() -> None:
     # The read-ahead budget is in bytes; a number of shards is an optional second bound.
-    assert ReadAhead() == ReadAhead(shards=None, max_bytes=64 * 2**20, threads=4, timeout=600.0)
+    assert ReadAhead() == ReadAhead(shards=None, max_bytes=32 * 2**20, threads=4, timeout=600.0)
     assert ClassBalance(3) == ClassBalance(min_per_class=3, label_field="label", num_classes=None, lookahead=4096)
     assert ReadAhead(shards=2, max_bytes=None).max_bytes is None
 
