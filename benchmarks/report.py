@@ -243,7 +243,7 @@ def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
     return None
 
 
-def _load(row: dict[str, Any] | None) -> str:
+def _load_note(row: dict[str, Any] | None) -> str:
     return "" if row is None or row.get("load_average") is None else f", load {row['load_average']:.1f}"
 
 
@@ -259,8 +259,8 @@ def limits_goals(data: dict[str, Any], memory: dict[str, Any] | None) -> list[st
             if row and memmap:
                 ratio = row["epoch2_sps"] / memmap["epoch2_sps"]
                 held.append(ratio >= 0.95)
-                parts.append(f"{cache} cache from {source} {row['epoch2_sps']:,.0f}/s ({ratio:.2f}×{_load(row)})")
-    limit = f"{memmap['epoch2_sps']:,.0f}/s{_load(memmap)}" if memmap else "n/a"
+                parts.append(f"{cache} cache from {source} {row['epoch2_sps']:,.0f}/s ({ratio:.2f}×{_load_note(row)})")
+    limit = f"{memmap['epoch2_sps']:,.0f}/s{_load_note(memmap)}" if memmap else "n/a"
     lines.append(
         f"- Cached epoch 2 ≥ 0.95× the `np.memmap` batched-read limit ({limit}): **{_verdict(held)}** — "
         + "; ".join(parts)
@@ -276,7 +276,7 @@ def limits_goals(data: dict[str, Any], memory: dict[str, Any] | None) -> list[st
                 held.append(ratio >= 0.9)
                 parts.append(
                     f"{cache} cache from {source} {row['epoch1_sps']:,.0f}/s against {plain['epoch1_sps']:,.0f}/s "
-                    f"({ratio:.2f}×{_load(row)})"
+                    f"({ratio:.2f}×{_load_note(row)})"
                 )
     lines.append(f"- Epoch 1 with a cache ≥ 0.9× epoch 1 without: **{_verdict(held)}** — " + "; ".join(parts) + ".")
     linked = [r for r in rows if r.get("link") and r["loader"] == "ours" and "error" not in r]
@@ -289,7 +289,7 @@ def limits_goals(data: dict[str, Any], memory: dict[str, Any] | None) -> list[st
             link_sps = mbps * 1e6 / per_sample
             ratio = row["epoch1_sps"] / link_sps
             held.append(ratio >= 0.9)
-            parts.append(f"{row.get('cache') or 'no'} cache {row['epoch1_sps']:,.0f}/s ({ratio:.2f}×{_load(row)})")
+            parts.append(f"{row.get('cache') or 'no'} cache {row['epoch1_sps']:,.0f}/s ({ratio:.2f}×{_load_note(row)})")
             shard_s = row["first_shard_bytes"] / (mbps * 1e6)
             first = row.get("epoch1_first_batch_s")
             if first is not None:
@@ -312,7 +312,7 @@ def limits_goals(data: dict[str, Any], memory: dict[str, Any] | None) -> list[st
         lines.append(
             f"- 2 DataLoader workers, no cache: remote bytes per epoch ≤ 1.01× the dataset: "
             f"**{_verdict([r <= 1.01 for r in ratios])}** — epoch 1 {ratios[0]:.4f}×, epoch 2 {ratios[1]:.4f}× "
-            f"({workers2['dataset_bytes'] / 1e6:,.1f} MB of shards{_load(workers2)})."
+            f"({workers2['dataset_bytes'] / 1e6:,.1f} MB of shards{_load_note(workers2)})."
         )
     litdata = [r for r in rows if r["loader"] == "litdata" and r.get("workers", 0) == 0 and "error" not in r]
     ours = [

@@ -344,12 +344,18 @@ class ShardReader:
     bytes of those rows (see :func:`~.partial.fetch_rows`): the checks above cover the index entries and
     text of those rows, and reading any other row raises ``IndexError``.
 
+    A shard still *arriving* (``ready`` given) is read as its bytes come in: ``ready(start, stop)`` returns
+    once bytes ``[start, stop)`` of ``buffer`` are in place and verified (or raises why they never will be).
+    The head must be in place already; variable-length fields are waited for whole when the reader opens
+    (their checks need them), fixed-size ones row by row as they are read.
+
     Args:
         buffer: the whole shard file as a bytes-like object.
         schema: when given, the shard's fields must match it exactly.
         url: where the shard was read from, named in every error.
         num_samples: the manifest's sample count for the shard; the header must say the same.
         rows: ``[start, stop)`` ranges of the only rows ``buffer`` holds; ``None`` when it holds the whole shard.
+        ready: waits until bytes ``[start, stop)`` of ``buffer`` are in place; ``None`` when they all are.
 
     Raises:
         ShardFormatError: ``buffer`` is not a valid shard, or disagrees with ``num_samples``.
@@ -364,9 +370,11 @@ class ShardReader:
         url: str | None = None,
         num_samples: int | None = None,
         rows: Sequence[tuple[int, int]] | None = None,
+        ready: Callable[[int, int], None] | None = None,
     ) -> None:
         view = memoryview(buffer).cast("B")
         self._buffer = view
+        self._ready = ready
         self._writable = not view.readonly
         self.url = url
         header = parse_header(view, len(view), schema, url=url, num_samples=num_samples)
@@ -397,6 +405,9 @@ class ShardReader:
         # The index lies in the body, which parse_header does not read: it is checked here, once. Offsets of
         # 2**63 and more turn negative as int64, so they fail the order check too.
         n = self.num_samples
+        if self._ready is not None:
+            self._ready(extent.index_offset, extent.index_offset + 8 * (n + 1))
+            self._ready(extent.offset, extent.offset + extent.nbytes)
         index = np.frombuffer(self._buffer, dtype="<u8", count=n + 1, offset=extent.index_offset).astype(np.int64)
         for start, stop in [(0, n)] if self._present is None else self._present:
             self._check_offsets(name, extent, index, start, stop)
@@ -496,6 +507,9 @@ class ShardReader:
 
     def _rows(self, column: _Column, start: int, count: int) -> np.ndarray:
         assert column.np_dtype is not None
+        if self._ready is not None:
+            at = column.offset + start * column.row_nbytes
+            self._ready(at, at + count * column.row_nbytes)
         flat = np.frombuffer(
             self._buffer,
             dtype=column.np_dtype,
@@ -503,6 +517,13 @@ class ShardReader:
             offset=column.offset + start * column.row_nbytes,
         )
         return flat.reshape(count, *column.shape)
+
+    def _rows_at(self, column: _Column, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` (in range) of a fixed-size column: a copy, from the span of rows between them only."""
+        lo = int(idx.min()) if idx.size else 0
+        count = int(idx.max()) + 1 - lo if idx.size else 0
+        rows: np.ndarray = self._rows(column, lo, count)[idx - lo]
+        return rows
 
     def _varlen(self, column: _Column, i: int) -> bytes | str:
         assert column.index is not None
@@ -544,9 +565,10 @@ class ShardReader:
             if column.index is not None:
                 out[name] = [self._varlen(column, i) for i in range(start, stop)]
                 continue
-            rows = np.frombuffer(
-                buffer, column.np_dtype, count * column.per_row, column.offset + start * column.row_nbytes
-            ).reshape(count, *column.shape)
+            at = column.offset + start * column.row_nbytes
+            if self._ready is not None:
+                self._ready(at, at + count * column.row_nbytes)
+            rows = np.frombuffer(buffer, column.np_dtype, count * column.per_row, at).reshape(count, *column.shape)
             out[name] = torch.from_numpy(rows if writable else rows.copy())
         return out
 
@@ -584,16 +606,20 @@ class ShardReader:
                 for position, i in zip(positions.tolist(), idx.tolist(), strict=True):
                     values[position] = self._varlen(column, i)
             else:
-                out[name][positions] = self._rows(column, 0, n)[idx]
+                out[name][positions] = self._rows_at(column, idx)
 
     def read_field(self, field: str, indices: np.ndarray) -> np.ndarray:
         """The values of one fixed-size ``field`` at ``indices``, as a numpy array (no other field decoded)."""
         column = self._columns[field]
         if column.index is not None:
             raise ValueError(f"Field {field!r} has variable length; read_field reads fixed-size fields only.")
+        n = self.num_samples
         idx = np.asarray(indices, dtype=np.int64)
-        self._require_indices(np.where(idx < 0, idx + self.num_samples, idx).reshape(-1))
-        return self._rows(column, 0, self.num_samples)[idx]
+        if idx.size and (int(idx.min()) < -n or int(idx.max()) >= n):
+            raise IndexError(f"Indices must lie in [{-n}, {n}) for a shard of {n} samples.")
+        idx = np.where(idx < 0, idx + n, idx)
+        self._require_indices(idx.reshape(-1))
+        return self._rows_at(column, idx)
 
     def read_batch(self, indices: np.ndarray | Sequence[int]) -> dict[str, Any]:
         """Decode the samples at ``indices`` (any order, repeats allowed) as a batch, like :meth:`read_range`."""
@@ -610,7 +636,7 @@ class ShardReader:
             if column.index is not None:
                 out[name] = [self._varlen(column, int(i)) for i in idx]
             else:
-                out[name] = torch.from_numpy(self._rows(column, 0, n)[idx])  # fancy indexing copies
+                out[name] = torch.from_numpy(self._rows_at(column, idx))  # fancy indexing copies
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

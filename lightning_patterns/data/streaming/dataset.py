@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -408,14 +408,22 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
             if shards[shard].has_blocks and ranges != [(0, shards[shard].num_samples)]
         }
 
-    def _loader(self, fetcher: ShardFetcher, partial: dict[int, list[tuple[int, int]]]) -> Any:
-        """The pipeline's ``load(shard, deadline, priority)``: a part of the shard, the cache, or the whole shard."""
+    def _loader(
+        self, fetcher: ShardFetcher, partial: dict[int, list[tuple[int, int]]], on_wait: Callable[[float], None]
+    ) -> Any:
+        """The pipeline's ``load(shard, deadline, priority)``: a part of the shard, the cache, or the whole shard.
+
+        Without a cache, a shard with a block table is opened while it arrives: its first batch waits for its own
+        rows only (``on_wait`` is told how long reads wait for the rest).
+        """
         shards, schema = self.manifest.shards, self.manifest.schema
 
         def load(shard: int, deadline: Deadline, priority: int) -> ShardReader:
             rows = partial.get(shard)
             if rows is not None:
                 return fetcher.fetch_rows(shard, rows, priority, deadline, None)
+            if self.cache is None and shards[shard].has_blocks:
+                return fetcher.open_arriving(shard, priority, deadline, on_wait)
             if self.cache is None:
                 data: Any = fetcher.fetch_whole(shard, None, priority, deadline)
             else:
@@ -444,11 +452,12 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
             worker_plan, len(self.manifest.shards), self._offsets, positions.first_needed
         )
         # The counters' baseline is taken before the read-ahead threads start, so their first fetches are counted.
+        arriving_waits: list[float] = []  # seconds reads waited for shards still arriving
         recorder = StreamRecorder(
             self.counters,
             slot,
             self._reader.stats.snapshot,
-            lambda: pipeline.wait_seconds,
+            lambda: pipeline.wait_seconds + sum(arriving_waits),
             None if self.cache is None else self.cache.stats,
         )
         read_ahead = self.read_ahead
@@ -465,7 +474,7 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         pipeline = ReadAheadPipeline(
             schedule,
             load_bytes,
-            self._loader(fetcher, partial),
+            self._loader(fetcher, partial, arriving_waits.append),
             max_bytes=read_ahead.max_bytes,
             max_shards=read_ahead.shards,
             loaders=read_ahead.threads + 1,

@@ -32,6 +32,7 @@ from lightning_patterns.data.shards.blocks import BlockTable
 from lightning_patterns.data.shards.manifest import Manifest, ShardInfo, missing_shard_error, shard_url
 from lightning_patterns.data.shards.partial import ShardHead, fetch_head, fetch_rows
 from lightning_patterns.data.shards.reader import ShardFormatError, ShardReader, parse_header
+from lightning_patterns.data.streaming.arrival import ShardArrival, progressive_pieces
 from lightning_patterns.exceptions import ChecksumMismatchError
 
 __all__ = ["PriorityPool", "ShardFetcher"]
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 Priority = tuple[int, ...]
+# Bytes of the body asked for with the head: the first rows of the first field, so the first batch waits little.
+_FIRST_BODY_BYTES = 2**20
 
 
 class PriorityPool:
@@ -271,6 +274,115 @@ class ShardFetcher:
                     buffer, info.checksum, url, expected_size=info.num_bytes, fetches=2, detail=detail
                 )
                 raise error or ChecksumMismatchError(f"Shard {url!r}: {detail}.")
+
+    def open_arriving(
+        self, shard: int, priority: int, deadline: Deadline, on_wait: Callable[[float], None]
+    ) -> ShardReader:
+        """Open ``shard`` as soon as its head (and first rows) landed; the rest arrives while it is read.
+
+        The head comes in one request with the first bytes of the body, and is verified against the manifest
+        (fetched once more on a mismatch); the rest is queued at once, in the order rows need it
+        (:func:`~lightning_patterns.data.streaming.arrival.progressive_pieces`), each piece verified block by
+        block as it lands. Reads of the returned reader wait for the blocks they need; a block that still
+        differs after a second fetch fails them, naming the shard's checksums and the block.
+
+        Args:
+            shard: a shard with a block table (``has_blocks``).
+            priority: the shard's place in the schedule: lower goes first.
+            deadline: when to give up, for the requests and for readers waiting on them.
+            on_wait: told the seconds each read waited for data.
+
+        Returns:
+            The reader, over a read-only view of the arriving buffer.
+
+        Raises:
+            ShardNotFoundError: the shard file does not exist.
+            ChecksumMismatchError: the head differs from the manifest on two fetches in a row.
+            ShardFormatError: the header fails a check, or disagrees with the manifest.
+            DeadlineExceededError: the deadline passed or was cancelled.
+        """
+        info = self.manifest.shards[shard]
+        assert info.head_bytes is not None
+        url = self.url_of(shard)
+        buffer = anonymous_buffer(info.num_bytes)
+        first = min(info.num_bytes, info.head_bytes + _FIRST_BODY_BYTES)
+        head = buffer[: info.head_bytes]
+        for attempt in (1, 2):
+            request = functools.partial(self._read_into, url, buffer, deadline, (0, first))
+            try:
+                self._wait([self.pool.submit((priority, 0), request)], deadline, url)
+            except FileNotFoundError as err:
+                raise missing_shard_error(self.reader, info) from err
+            error = checksum_mismatch(head, str(info.head_checksum), url + " (head)")
+            if error is None:
+                break
+            if attempt == 2:
+                raise error
+            log.warning("The head of %s does not match the manifest; fetching it once more", url)
+            self.reader.stats.record(retries=1)
+        header = parse_header(head, info.num_bytes, url=url, num_samples=info.num_samples)
+        table = header.blocks
+        if table is None or header.head_bytes != info.head_bytes:
+            raise ShardFormatError(
+                f"Shard {url!r}: its header puts the body at byte {header.head_bytes}, but the manifest records "
+                f"head_bytes={info.head_bytes}. The shard and the manifest disagree: rewrite the dataset."
+            )
+        digests = head[table.table_offset : table.table_stop]
+        # The whole blocks of the first request are verified now; the one it cut is fetched again with the rest.
+        landed = first
+        if first < info.num_bytes:
+            landed = table.start + (first - table.start) // table.block_bytes * table.block_bytes
+        pieces = progressive_pieces(header, table, landed, self.chunk_bytes)
+        arrival = ShardArrival(info, url, buffer, table, digests, pieces=len(pieces), deadline=deadline)
+        if self.verify:
+            self._land(arrival, table.start, landed, deadline)
+        else:
+            arrival.mark(table.start, landed)
+        for k, piece in enumerate(pieces, start=1):
+            arrival.track(self.pool.submit((priority, k), functools.partial(self._piece, arrival, piece, deadline)))
+        reader = ShardReader(
+            buffer.toreadonly(), self.manifest.schema, url=url, num_samples=info.num_samples, ready=arrival.ready
+        )
+        arrival.on_wait = on_wait  # from now on the consumer reads: its waits are time waiting for data
+        return reader
+
+    def _piece(self, arrival: ShardArrival, piece: tuple[int, int], deadline: Deadline) -> None:
+        """Fetch one piece of an arriving shard and land it (a failure is the arrival's, for its readers)."""
+        start, stop = piece
+        try:
+            self.reader.read_range_into(arrival.url, start, arrival.buffer[start:stop], deadline=deadline)
+            if self.verify:
+                self._land(arrival, start, stop, deadline)
+            else:
+                arrival.mark(start, stop)
+        except FileNotFoundError as err:
+            arrival.fail(missing_shard_error(self.reader, arrival.info))
+            raise err
+        except BaseException as err:
+            arrival.fail(err)
+            raise
+        finally:
+            arrival.piece_done()
+
+    def _land(self, arrival: ShardArrival, start: int, stop: int, deadline: Deadline) -> None:
+        """Verify the whole blocks ``[start, stop)`` and mark them; a differing block is fetched once more."""
+        table, digests, buffer, url = arrival.table, arrival.digests, arrival.buffer, arrival.url
+        if stop <= start or table.mismatch(buffer[start:stop], start, digests) is None:
+            arrival.mark(start, stop)
+            return
+        for block in table.blocks_of(start, stop):
+            first, last = table.bounds(block)
+            if table.mismatch(buffer[first:last], first, digests) is None:
+                arrival.mark(first, last)
+                continue
+            self.reader.stats.record(retries=1)
+            log.warning("Block checksum mismatch for %s bytes [%s, %s); fetching them once more", url, first, last)
+            self.reader.read_range_into(url, first, buffer[first:last], deadline=deadline)
+            found = table.mismatch(buffer[first:last], first, digests)
+            if found is None:
+                arrival.mark(first, last)
+            else:
+                arrival.mismatch(*found)
 
     def head(self, shard: int, deadline: Deadline | None = None) -> ShardHead:
         """The verified head of ``shard`` (one small request)."""
