@@ -5,14 +5,19 @@ Measures, on the same Fashion-MNIST-shaped samples (uint8 28×28 + int64 label),
 - lightning_patterns ``StreamingDataset`` + ``StreamingDataLoader``: no cache, memory cache, disk cache; from an
   S3-compatible server (moto's server mode, a separate process on 127.0.0.1) and from local disk;
 - the practical limit: an in-memory ``TensorDataset`` + ``DataLoader(batch_size=256)``;
+- the batched-read limit: ``np.memmap`` of one local file holding the same records, read a whole batch per
+  ``__getitem__`` (a ``BatchSampler`` hands it the batch's indices; one fancy-index copy per field);
 - the I/O limit: a plain sequential read of the same shard files from the same endpoint (s3fs ``cat_file`` of
   each shard, or ``open().read()`` locally), converted to samples/s;
+- with ``--remote-mbps N`` (``make bench``: 100), the same S3 server behind an emulated link of N MB/s (a
+  throttling proxy, ``link.py``): lightning_patterns with each cache, and the sequential read (the link limit);
 - the peers: LitData's and MosaicML Streaming's ``StreamingDataset``, each reading the samples its own writer
   wrote (timed), through a plain ``torch.utils.data.DataLoader`` with the same batch size and workers.
 
 Every reader runs two epochs in a fresh subprocess (so peak RSS is per configuration), and every figure is the
 median over ``--runs`` such subprocesses. Every batch is touched (its last pixel read, its labels summed) and the
-epoch checked against the expected sample count and label sum.
+epoch checked against the expected sample count and label sum. Time to first batch is measured the same way for
+every loader: from asking the DataLoader for an iterator to holding the first batch.
 
 Run ``python benchmarks/data_loading.py --help``; ``benchmarks/run_all.sh`` (``make bench``) runs it in the
 benchmark virtualenv together with the memory-scaling benchmark and the report.
@@ -317,18 +322,26 @@ def child_write(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _consume(
-    batches: Iterable[Any], unpack: Callable[[Any], tuple[Any, Any]], limit: int | None = None
-) -> tuple[int, int, int]:
-    """Touch every batch (last pixel, label sum), stopping after ``limit`` samples; return (samples, labels, pixels)."""
+    batches: Callable[[], Iterable[Any]], unpack: Callable[[Any], tuple[Any, Any]], limit: int | None = None
+) -> tuple[int, int, int, float | None]:
+    """Iterate ``batches()`` and touch every batch (last pixel, label sum), stopping after ``limit`` samples.
+
+    Returns:
+        (samples, label sum, pixel sum, seconds from asking for the iterator to holding the first batch).
+    """
+    started = time.perf_counter()
+    first: float | None = None
     samples = label_sum = pixel_sum = 0
-    for batch in batches:
+    for batch in batches():
+        if first is None:
+            first = time.perf_counter() - started
         images, labels = unpack(batch)
         samples += len(labels)
         label_sum += int(labels.sum())
         pixel_sum += int(images[-1, -1, -1])
         if limit is not None and samples >= limit:
             break
-    return samples, label_sum, pixel_sum
+    return samples, label_sum, pixel_sum, first
 
 
 def _unpack_dict(batch: dict[str, Any]) -> tuple[Any, Any]:
@@ -337,6 +350,43 @@ def _unpack_dict(batch: dict[str, Any]) -> tuple[Any, Any]:
 
 def _unpack_tuple(batch: tuple[Any, Any]) -> tuple[Any, Any]:
     return batch[0], batch[1]
+
+
+class _MemmapBatches:
+    """The batched-read limit: records of one local file through ``np.memmap``, a whole batch per ``__getitem__``."""
+
+    def __init__(self, path: str, n: int) -> None:
+        import numpy as np
+
+        self.images = np.memmap(path, dtype=np.uint8, mode="r", shape=(n, 28, 28))
+        self.labels = np.memmap(path, dtype="<i8", mode="r", offset=_memmap_labels_offset(n), shape=(n,))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, indices: list[int]) -> tuple[Any, Any]:
+        import numpy as np
+        import torch
+
+        idx = np.asarray(indices, dtype=np.int64)
+        return torch.from_numpy(self.images[idx]), torch.from_numpy(self.labels[idx])
+
+
+def _memmap_labels_offset(n: int) -> int:
+    return -(-n * 28 * 28 // 64) * 64
+
+
+def write_memmap_file(prefix: str, n: int) -> str:
+    """The arrays at ``prefix`` as one local file (images, then labels 64-byte aligned); returns its path."""
+    import numpy as np
+
+    images, labels = _load_arrays(prefix)
+    path = prefix + "-records.bin"
+    with open(path, "wb") as fh:
+        fh.write(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+        fh.write(bytes(_memmap_labels_offset(n) - n * 28 * 28))
+        fh.write(np.ascontiguousarray(labels, dtype="<i8").tobytes())
+    return path
 
 
 def child_read(spec: dict[str, Any]) -> dict[str, Any]:
@@ -377,6 +427,13 @@ def child_read(spec: dict[str, Any]) -> dict[str, Any]:
         tensors = TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
         loader = DataLoader(tensors, batch_size=BATCH_SIZE, num_workers=workers)
         unpack, epoch_fn = _unpack_tuple, loader.__iter__
+    elif kind == "memmap":
+        from torch.utils.data import BatchSampler, SequentialSampler
+
+        records = _MemmapBatches(spec["memmap"], spec["expect_samples"])
+        sampler = BatchSampler(SequentialSampler(range(len(records))), BATCH_SIZE, drop_last=False)
+        loader = DataLoader(records, sampler=sampler, batch_size=None, num_workers=workers)
+        unpack, epoch_fn = _unpack_tuple, loader.__iter__
     elif kind == "io":
         return _child_io(spec, epochs)
     elif kind == "litdata":
@@ -415,12 +472,13 @@ def child_read(spec: dict[str, Any]) -> dict[str, Any]:
     for _ in range(epochs):
         before = remote_bytes()
         started = time.perf_counter()
-        samples, label_sum, pixel_sum = _consume(epoch_fn(), unpack, spec.get("limit"))
+        samples, label_sum, pixel_sum, first_batch_s = _consume(epoch_fn, unpack, spec.get("limit"))
         seconds = time.perf_counter() - started
         after = remote_bytes()
         results.append(
             {
                 "seconds": seconds,
+                "first_batch_s": first_batch_s,
                 "samples": samples,
                 "samples_per_s": samples / seconds if seconds > 0 else None,
                 "remote_bytes": None if after is None else after - (before or 0),
@@ -438,6 +496,7 @@ def child_read(spec: dict[str, Any]) -> dict[str, Any]:
         "rss_base_mb": rss_base,
         "rss_peak_mb": _peak_rss_mb(),
         "tree_rss_peak_mb": sampler.stop() if sampler else None,
+        "load_average": os.getloadavg()[0],
     }
 
 
@@ -461,11 +520,15 @@ def _child_io(spec: dict[str, Any], epochs: int) -> dict[str, Any]:
     results = []
     for _ in range(epochs):
         started = time.perf_counter()
-        nbytes = sum(read(path) for path in paths)
+        nbytes = read(paths[0])
+        first_batch_s = time.perf_counter() - started  # the first shard in hand
+        nbytes += sum(read(path) for path in paths[1:])
         seconds = time.perf_counter() - started
         results.append(
             {
                 "seconds": seconds,
+                "first_batch_s": first_batch_s,
+                "first_shard_bytes": os.path.getsize(paths[0]) if not spec.get("endpoint") else None,
                 "samples": spec["expect_samples"],
                 "samples_per_s": spec["expect_samples"] / seconds,
                 "remote_bytes": nbytes,
@@ -473,7 +536,13 @@ def _child_io(spec: dict[str, Any], epochs: int) -> dict[str, Any]:
                 "ok": True,
             }
         )
-    return {"epochs": results, "setup_s": 0.0, "rss_base_mb": rss_base, "rss_peak_mb": _peak_rss_mb()}
+    return {
+        "epochs": results,
+        "setup_s": 0.0,
+        "rss_base_mb": rss_base,
+        "rss_peak_mb": _peak_rss_mb(),
+        "load_average": os.getloadavg()[0],
+    }
 
 
 def child_main(spec_json: str) -> None:
@@ -496,8 +565,10 @@ class Workspace:
     the memory-scaling benchmark can reuse the data benchmark's datasets.
     """
 
-    def __init__(self, endpoint: str, root: str, *, write_runs: int = 1) -> None:
+    def __init__(self, endpoint: str, root: str, *, write_runs: int = 1, link: Any = None) -> None:
         self.endpoint = endpoint
+        # The emulated link (link.LinkProxy) in front of the same server, when --remote-mbps is given.
+        self.link = link
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.write_runs = write_runs
@@ -519,6 +590,12 @@ class Workspace:
             np.save(prefix + "-labels.npy", labels)
             self._arrays[n] = (prefix, int(labels.sum()))
         return self._arrays[n]
+
+    def memmap_file(self, n: int) -> str:
+        """The ``n`` samples as one local file of records, for the batched-read limit."""
+        prefix, _ = self.arrays(n)
+        path = prefix + "-records.bin"
+        return path if os.path.exists(path) else write_memmap_file(prefix, n)
 
     def dataset(self, fmt: str, n: int, runs: int | None = None) -> dict[str, Any]:
         """Write ``n`` samples with the writer ``fmt`` (``runs`` timed times, in fresh processes) once, and reuse it.
@@ -567,6 +644,12 @@ class Workspace:
         info["write_seconds"] = seconds
         info["write_seconds_median"] = statistics.median(seconds)
         info["bytes"] = self._size(info)
+        if fmt.startswith("ours"):
+            from lightning_patterns.data.shards import load_manifest
+
+            manifest = load_manifest(info["url"], info.get("storage_options"))
+            info["shards_bytes"] = manifest.num_bytes
+            info["first_shard_bytes"] = manifest.shards[0].num_bytes
         self._datasets[key] = info
         return info
 
@@ -615,6 +698,9 @@ def read_spec(ws: Workspace, config: dict[str, Any], n: int, epochs: int) -> tup
     if loader == "tensor":
         spec["arrays"] = prefix
         return spec, None
+    if loader == "memmap":
+        spec["memmap"] = ws.memmap_file(n)
+        return spec, None
     fmt = {
         ("ours", "s3"): "ours-s3",
         ("ours", "local"): "ours-local",
@@ -629,11 +715,16 @@ def read_spec(ws: Workspace, config: dict[str, Any], n: int, epochs: int) -> tup
     if "error" in info:
         return None, f"writer failed: {info['error']}"
     spec["url"] = info["url"]
+    endpoint = ws.endpoint
+    if config.get("link"):
+        if ws.link is None:
+            return None, "no emulated link (pass --remote-mbps)"
+        endpoint = ws.link.endpoint
     if loader == "ours":
         spec["cache"] = config.get("cache")
-        spec["storage_options"] = info.get("storage_options")
+        spec["storage_options"] = s3_options(endpoint) if source == "s3" else None
     elif loader == "io" and source == "s3":
-        spec["endpoint"] = ws.endpoint
+        spec["endpoint"] = endpoint
     elif loader == "litdata":
         spec["copy"] = source == "local-copy"
     elif loader == "mosaic" and source == "s3":
@@ -675,17 +766,38 @@ def measure(ws: Workspace, config: dict[str, Any], *, n: int, runs: int, epochs:
     row["tree_rss_peak_mb"] = med([r.get("tree_rss_peak_mb") for r in results])
     row["setup_s"] = med([r["setup_s"] for r in results])
     row["import_s"] = med([r.get("import_s") for r in results])
+    for e in range(epochs):
+        row[f"epoch{e + 1}_first_batch_s"] = med([r["epochs"][e].get("first_batch_s") for r in results])
+    row["load_average"] = med([r.get("load_average") for r in results])
+    if config.get("link") and ws.link is not None:
+        row["link_mbps"] = ws.link.mbps
+    if config["loader"] in ("ours", "io") and config["source"] in ("s3", "local"):
+        fmt = "ours-s3" if config["source"] == "s3" else "ours-local"
+        info = ws._datasets.get((fmt, n), {})
+        row["dataset_bytes"] = info.get("shards_bytes")
+        row["first_shard_bytes"] = info.get("first_shard_bytes")
     return row
 
 
 def data_configs(
-    workers: Iterable[int], *, mosaic_local: bool, mosaic_limit: int | None, caching_available: str | None
+    workers: Iterable[int],
+    *,
+    mosaic_local: bool,
+    mosaic_limit: int | None,
+    caching_available: str | None,
+    remote_mbps: float | None = None,
 ) -> list[dict]:
     """Every configuration of the data benchmark, in table order."""
     configs: list[dict[str, Any]] = []
+    workers = list(workers)
     for w in workers:
         group: list[dict[str, Any]] = [
-            {"name": "in-memory TensorDataset (practical limit)", "loader": "tensor", "source": "memory"}
+            {"name": "in-memory TensorDataset (practical limit)", "loader": "tensor", "source": "memory"},
+            {
+                "name": "np.memmap + BatchSampler, local file (batched-read limit)",
+                "loader": "memmap",
+                "source": "local",
+            },
         ]
         for source in ("s3", "local"):
             where = "S3 (moto, 127.0.0.1)" if source == "s3" else "local disk"
@@ -716,10 +828,40 @@ def data_configs(
                 config["limit"] = mosaic_limit
                 config["note"] = f"first {mosaic_limit:,} samples of each epoch (its per-sample cost bounds it)"
         configs.extend(group)
+    if 2 not in workers:
+        # The remote bytes of two workers that share a shard (each reads only its own rows of it).
+        configs.append(
+            {
+                "name": "lightning_patterns, no cache, S3 (moto, 127.0.0.1)",
+                "loader": "ours",
+                "source": "s3",
+                "cache": None,
+                "workers": 2,
+            }
+        )
     configs.append({"name": "sequential shard read, S3 (I/O limit)", "loader": "io", "source": "s3", "workers": 0})
     configs.append(
         {"name": "sequential shard read, local disk (I/O limit)", "loader": "io", "source": "local", "workers": 0}
     )
+    if remote_mbps:
+        link = f"S3 behind a {remote_mbps:g} MB/s link"
+        for cache in (None, "memory", "disk"):
+            configs.append(
+                {
+                    "name": f"lightning_patterns, {cache or 'no'} cache, {link}",
+                    "loader": "ours",
+                    "source": "s3",
+                    "cache": cache,
+                    "link": True,
+                    "workers": 0,
+                    "skip": caching_available if cache else None,
+                }
+            )
+        configs.append(
+            {"name": f"sequential shard read, {link} (link limit)", "loader": "io", "source": "s3", "link": True}
+        )
+        for config in configs[-4:]:
+            config["workers"] = 0
     return configs
 
 
@@ -743,7 +885,13 @@ def run_benchmark(ws: Workspace, args: argparse.Namespace) -> dict[str, Any]:
     ws.timed_samples = n
     caching = caching_status()
     limit = args.mosaic_samples if args.mosaic_samples and args.mosaic_samples < n else None
-    configs = data_configs(args.workers, mosaic_local=args.mosaic_local, mosaic_limit=limit, caching_available=caching)
+    configs = data_configs(
+        args.workers,
+        mosaic_local=args.mosaic_local,
+        mosaic_limit=limit,
+        caching_available=caching,
+        remote_mbps=args.remote_mbps,
+    )
     if args.only:
         configs = [c for c in configs if any(word in c["name"] or word == c["loader"] for word in args.only)]
     rows = []
@@ -753,7 +901,9 @@ def run_benchmark(ws: Workspace, args: argparse.Namespace) -> dict[str, Any]:
         rows.append(row)
         e1, e2 = row.get("epoch1_sps"), row.get("epoch2_sps")
         status = row.get("error") or (
-            f"epoch1 {e1:,.0f}/s  epoch2 {e2:,.0f}/s  RSS {row['rss_peak_mb']:.0f} MB  ok={row['ok']}"
+            f"epoch1 {e1:,.0f}/s  epoch2 {e2:,.0f}/s  first batch {row.get('epoch1_first_batch_s') or 0:.3f} s  "
+            f"remote {(row.get('epoch1_remote_bytes') or 0) / 1e6:,.1f} MB  RSS {row['rss_peak_mb']:.0f} MB  "
+            f"load {row.get('load_average') or 0:.1f}  ok={row['ok']}"
         )
         took = time.perf_counter() - t0
         print(f"[data] {config['name']} (workers={config.get('workers', 0)}): {status}  [{took:.0f} s]", flush=True)
@@ -787,6 +937,7 @@ def run_benchmark(ws: Workspace, args: argparse.Namespace) -> dict[str, Any]:
             "workers": list(args.workers),
             "epochs": 2,
             "shuffle": False,
+            "remote_mbps": args.remote_mbps or None,
         },
         "caching": caching or "available",
         "machine": machine_info(),
@@ -809,6 +960,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write-runs", type=int, default=None, help="timed writes per dataset (default 3)")
     parser.add_argument("--endpoint", default=None, help="use this S3 endpoint instead of starting moto")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed)")
+    parser.add_argument(
+        "--remote-mbps",
+        type=float,
+        default=100.0,
+        help="also read S3 through an emulated link of this many MB/s (default 100; 0: not)",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -850,7 +1007,12 @@ def workspace(args: argparse.Namespace) -> Iterator[Workspace]:
         if endpoint is None:
             endpoint = stack.enter_context(MotoServer()).endpoint
         root = args.workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="lp-bench-"))
-        yield Workspace(endpoint, root, write_runs=args.write_runs)
+        link = None
+        if getattr(args, "remote_mbps", None):
+            from link import LinkProxy
+
+            link = stack.enter_context(LinkProxy(endpoint, args.remote_mbps))
+        yield Workspace(endpoint, root, write_runs=args.write_runs, link=link)
 
 
 def main(argv: list[str] | None = None) -> None:

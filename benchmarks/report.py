@@ -83,15 +83,18 @@ def data_section(doc: dict[str, Any], title: str = "Data loading") -> list[str]:
         f"of {params['runs']} runs, each in a fresh process (epoch 1, then epoch 2 in the same process). Ratios in "
         "brackets: epoch 1 and RSS against lightning_patterns without cache from S3, epoch 2 against "
         "lightning_patterns with the memory cache from S3, same workers. Remote MB: bytes read from the remote "
-        "(ours: `loader.metrics()['remote_bytes']`; peers: bytes their cache folder gained; I/O limit: bytes read).",
+        "(ours: `loader.metrics()['remote_bytes']`; peers: bytes their cache folder gained; I/O limit: bytes read). "
+        "First batch: seconds from asking the DataLoader for an iterator to holding the first batch of epoch 1. "
+        "Load: the 1-minute load average when the run ended (2 cores; above 2, other work shared the machine).",
         "",
-        "| loader | workers | epoch 1 samples/s | epoch 2 samples/s | remote MB ep. 1 / ep. 2 | peak RSS MB | note |",
-        "|---|---|---|---|---|---|---|",
+        "| loader | workers | epoch 1 samples/s | epoch 2 samples/s | first batch s | remote MB ep. 1 / ep. 2 "
+        "| peak RSS MB | load | note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         workers = row.get("workers", 0)
         if "error" in row:
-            lines.append(f"| {row['name']} | {workers} | n/a | n/a | – | n/a | {row['error']} |")
+            lines.append(f"| {row['name']} | {workers} | n/a | n/a | – | – | n/a | – | {row['error']} |")
             continue
         ref1 = _reference(rows, workers, None)
         ref2 = _reference(rows, workers, "memory") or ref1
@@ -109,7 +112,12 @@ def data_section(doc: dict[str, Any], title: str = "Data loading") -> list[str]:
         if row.get("ok") is False:
             notes.append("**CHECK FAILED** (sample count or label sum)")
         remote = f"{_mb(row.get('epoch1_remote_bytes'))} / {_mb(row.get('epoch2_remote_bytes'))}"
-        lines.append(f"| {row['name']} | {workers} | {e1} | {e2} | {remote} | {rss} | {'; '.join(notes)} |")
+        first = row.get("epoch1_first_batch_s")
+        first_s = "–" if first is None else f"{first:.3f}"
+        load = "–" if row.get("load_average") is None else f"{row['load_average']:.1f}"
+        lines.append(
+            f"| {row['name']} | {workers} | {e1} | {e2} | {first_s} | {remote} | {rss} | {load} | {'; '.join(notes)} |"
+        )
     writes = doc.get("writes") or []
     if writes:
         ours = next((w for w in writes if w["format"] == "ours-s3" and w.get("seconds_median")), None)
@@ -222,9 +230,133 @@ def memory_goal(doc: dict[str, Any]) -> str:
     return line
 
 
+def _verdict(held: list[bool]) -> str:
+    if not held:
+        return "not measured"
+    return "holds" if all(held) else ("misses" if not any(held) else "holds only in part")
+
+
+def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    for row in rows:
+        if "error" not in row and all(row.get(k, None if k != "workers" else 0) == v for k, v in match.items()):
+            return row
+    return None
+
+
+def _load_note(row: dict[str, Any] | None) -> str:
+    return "" if row is None or row.get("load_average") is None else f", load {row['load_average']:.1f}"
+
+
+def limits_goals(data: dict[str, Any], memory: dict[str, Any] | None) -> list[str]:
+    """The goals of issue 20 (the data path at the hardware limits), each with its ratio and the load it ran at."""
+    rows = data["rows"]
+    lines = []
+    memmap = _find(rows, loader="memmap", workers=0)
+    parts, held = [], []
+    for source in ("s3", "local"):
+        for cache in ("memory", "disk"):
+            row = _find(rows, loader="ours", source=source, cache=cache, workers=0, link=None)
+            if row and memmap:
+                ratio = row["epoch2_sps"] / memmap["epoch2_sps"]
+                held.append(ratio >= 0.95)
+                parts.append(f"{cache} cache from {source} {row['epoch2_sps']:,.0f}/s ({ratio:.2f}×{_load_note(row)})")
+    limit = f"{memmap['epoch2_sps']:,.0f}/s{_load_note(memmap)}" if memmap else "n/a"
+    lines.append(
+        f"- Cached epoch 2 ≥ 0.95× the `np.memmap` batched-read limit ({limit}): **{_verdict(held)}** — "
+        + "; ".join(parts)
+        + "."
+    )
+    parts, held = [], []
+    for source in ("s3", "local"):
+        plain = _find(rows, loader="ours", source=source, cache=None, workers=0, link=None)
+        for cache in ("memory", "disk"):
+            row = _find(rows, loader="ours", source=source, cache=cache, workers=0, link=None)
+            if row and plain:
+                ratio = row["epoch1_sps"] / plain["epoch1_sps"]
+                held.append(ratio >= 0.9)
+                parts.append(
+                    f"{cache} cache from {source} {row['epoch1_sps']:,.0f}/s against {plain['epoch1_sps']:,.0f}/s "
+                    f"({ratio:.2f}×{_load_note(row)})"
+                )
+    lines.append(f"- Epoch 1 with a cache ≥ 0.9× epoch 1 without: **{_verdict(held)}** — " + "; ".join(parts) + ".")
+    linked = [r for r in rows if r.get("link") and r["loader"] == "ours" and "error" not in r]
+    if linked:
+        mbps = linked[0]["link_mbps"]
+        parts, held, ttfb_parts, ttfb_held = [], [], [], []
+        measured = _find(rows, loader="io", link=True)
+        for row in linked:
+            per_sample = row["dataset_bytes"] / row["samples"]
+            link_sps = mbps * 1e6 / per_sample
+            ratio = row["epoch1_sps"] / link_sps
+            held.append(ratio >= 0.9)
+            parts.append(f"{row.get('cache') or 'no'} cache {row['epoch1_sps']:,.0f}/s ({ratio:.2f}×{_load_note(row)})")
+            shard_s = row["first_shard_bytes"] / (mbps * 1e6)
+            first = row.get("epoch1_first_batch_s")
+            if first is not None:
+                ttfb_held.append(first <= 1.2 * shard_s)
+                ttfb_parts.append(f"{row.get('cache') or 'no'} cache {first:.3f} s ({first / shard_s:.2f}×)")
+        check = ""
+        if measured:
+            check = f"; the sequential read through the same link reaches {measured['epoch1_sps']:,.0f}/s"
+        lines.append(
+            f"- Epoch 1 at an emulated {mbps:g} MB/s link ≥ 0.9× the link ({link_sps:,.0f} samples/s{check}): "
+            f"**{_verdict(held)}** — " + "; ".join(parts) + "."
+        )
+        lines.append(
+            f"- Time to first batch at that link ≤ 1.2× one shard's transfer time ({shard_s:.3f} s for "
+            f"{row['first_shard_bytes'] / 1e6:.1f} MB): **{_verdict(ttfb_held)}** — " + "; ".join(ttfb_parts) + "."
+        )
+    workers2 = _find(rows, loader="ours", source="s3", cache=None, workers=2, link=None)
+    if workers2 and workers2.get("dataset_bytes"):
+        ratios = [(workers2.get(f"epoch{e}_remote_bytes") or 0) / workers2["dataset_bytes"] for e in (1, 2)]
+        lines.append(
+            f"- 2 DataLoader workers, no cache: remote bytes per epoch ≤ 1.01× the dataset: "
+            f"**{_verdict([r <= 1.01 for r in ratios])}** — epoch 1 {ratios[0]:.4f}×, epoch 2 {ratios[1]:.4f}× "
+            f"({workers2['dataset_bytes'] / 1e6:,.1f} MB of shards{_load_note(workers2)})."
+        )
+    litdata = [r for r in rows if r["loader"] == "litdata" and r.get("workers", 0) == 0 and "error" not in r]
+    ours = [
+        r
+        for r in rows
+        if r["loader"] == "ours" and r.get("cache") in (None, "disk") and r.get("workers", 0) == 0 and not r.get("link")
+    ]
+    if litdata and ours:
+        lowest = min(r["rss_peak_mb"] for r in litdata)
+        parts = [f"{r['name'].removeprefix('lightning_patterns, ')} {r['rss_peak_mb']:,.0f} MB" for r in ours]
+        held = [r["rss_peak_mb"] <= lowest for r in ours]
+        lines.append(
+            f"- Peak RSS of the main process ≤ LitData's (its lowest here, {lowest:,.0f} MB), data benchmark at "
+            f"{data['params']['samples']:,} samples, no cache and disk cache: **{_verdict(held)}** — "
+            + "; ".join(parts)
+            + "."
+        )
+    if memory:
+        peers = [r for r in memory["rows"] if r["loader"] == "litdata" and "error" not in r]
+        mine = [r for r in memory["rows"] if r["loader"] == "ours" and "error" not in r]
+        if peers and mine:
+            peer = peers[0]
+            parts, held = [], []
+            for label in ("1x", "4x"):
+                for row in mine:
+                    held.append(row[f"rss_{label}_mb"] <= peer[f"rss_{label}_mb"])
+                    parts.append(
+                        f"{row['name'].removeprefix('lightning_patterns, ')} at {row[f'samples_{label}']:,}: "
+                        f"{row[f'rss_{label}_mb']:,.0f} MB against {peer[f'rss_{label}_mb']:,.0f} MB "
+                        f"({row[f'rss_{label}_mb'] / peer[f'rss_{label}_mb']:.2f}×)"
+                    )
+            lines.append(
+                f"- Peak RSS ≤ LitData's at 1× and 4× (memory scaling, one epoch): **{_verdict(held)}** — "
+                + "; ".join(parts)
+                + "."
+            )
+    return lines
+
+
 def goals_section(data: dict[str, Any] | None, memory: dict[str, Any] | None) -> list[str]:
-    """Which of issue 8's goals hold, with the figures."""
+    """Which goals hold (issue 8's and issue 20's), with the figures."""
     lines = ["## Goals", ""]
+    if data:
+        lines += limits_goals(data, memory)
     if data:
         rows = [r for r in data["rows"] if "error" not in r and r.get("workers", 0) == 0]
         ours = [r for r in rows if r["loader"] == "ours" and r.get("cache") is None]

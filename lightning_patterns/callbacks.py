@@ -46,6 +46,8 @@ class EpochDataMetrics:
         cache_hit_rate: cache hits over cache lookups of all ranks (``None`` without a cache).
         retries: remote reads retried, summed over the ranks.
         samples_per_rank: the samples each rank yielded.
+        first_batch_seconds: time from the start of the epoch's iteration to its first batch, the slowest rank's
+            (``0.0`` when the loader does not report it).
     """
 
     epoch: int
@@ -57,6 +59,7 @@ class EpochDataMetrics:
     cache_hit_rate: float | None
     retries: int
     samples_per_rank: tuple[int, ...]
+    first_batch_seconds: float = 0.0
 
 
 def _streaming_loader(trainer: pl.Trainer) -> Any:
@@ -142,6 +145,7 @@ class _DataMetricsCallback(_Callback):
             delta.get("retries", 0.0),
             min(delta.get("loader_wait_seconds", self._wait) / seconds, 1.0),
             seconds,
+            now.get("first_batch_seconds", 0.0),  # a time, not a counter: the latest iteration's
         ]
         # float64 keeps byte counts exact (to 2**53); on the module's device, since NCCL gathers CUDA tensors only.
         gathered = trainer.strategy.all_gather(torch.tensor(local, dtype=torch.float64, device=pl_module.device))
@@ -158,6 +162,7 @@ class _DataMetricsCallback(_Callback):
             cache_hit_rate=hits / (hits + misses) if hits + misses else None,
             retries=retries,
             samples_per_rank=tuple(round(float(n)) for n in per_rank[:, 0]),
+            first_batch_seconds=float(per_rank[:, 7].max()),
         )
         self.epochs.append(metrics)
         logged: dict[str, int | float] = {
@@ -168,6 +173,7 @@ class _DataMetricsCallback(_Callback):
             "samples": metrics.samples,
             "samples_per_rank_min": min(metrics.samples_per_rank),
             "samples_per_rank_max": max(metrics.samples_per_rank),
+            "first_batch_seconds": metrics.first_batch_seconds,
         }
         if metrics.cache_hit_rate is not None:
             logged["cache_hit_rate"] = metrics.cache_hit_rate

@@ -42,9 +42,13 @@ def test_metrics_are_logged_and_summarised(
     assert first.samples_per_rank == (2048,)
     assert 0.0 <= first.wait_fraction <= 1.0
     assert first.samples_per_second > 0
+    # Each epoch's time to its first batch, as the loader saw it; epoch 2 reads the memory cache.
+    assert 0 < second.first_batch_seconds < first.seconds
+    assert 0 < first.first_batch_seconds < first.seconds
     assert trainer.callback_metrics["data/remote_bytes"] == 0
     summary = capsys.readouterr().out
     assert "Data pipeline" in summary
     assert "samples per rank in the last epoch: 2,048" in summary
     logged = (Path(trainer.logger.log_dir) / "metrics.csv").read_text()  # type: ignore[union-attr]
     assert "data/samples_per_second" in logged
+    assert "data/first_batch_seconds" in logged

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from lightning_patterns.data.remote import RetryPolicy
-from lightning_patterns.data.shards import Manifest, write_dataset
+from lightning_patterns.data.shards import Manifest, ShardReader, write_dataset
 from lightning_patterns.data.streaming.dataset import StreamingDataset
 from lightning_patterns.data.streaming.loader import StreamingDataLoader
 from lightning_patterns.data.streaming.options import ReadAhead
@@ -160,8 +160,20 @@ def small(tmp_path: Path) -> tuple[Path, Manifest]:
     return root, manifest
 
 
-def test_corrupt_shard_is_fetched_twice_then_named_with_both_checksums(small: tuple[Path, Manifest]) -> None:
-    root, manifest = small
+@pytest.fixture
+def small_without_blocks(tmp_path: Path) -> tuple[Path, Manifest]:
+    root = tmp_path / "small"
+    manifest = write_dataset(_Data(400).samples(), str(root), shard_bytes=SHARD_BYTES, block_bytes=None, progress=False)
+    assert len(manifest.shards) >= 3
+    assert not any(shard.has_blocks for shard in manifest.shards)
+    return root, manifest
+
+
+def test_corrupt_shard_is_fetched_twice_then_named_with_both_checksums(
+    small_without_blocks: tuple[Path, Manifest],
+) -> None:
+    # A shard without a block table is fetched whole, twice, and its checksums named.
+    root, manifest = small_without_blocks
     shard = manifest.shards[1]
     path = root / shard.path
     corrupt = bytearray(path.read_bytes())
@@ -184,6 +196,42 @@ def test_corrupt_shard_is_fetched_twice_then_named_with_both_checksums(small: tu
     assert f"got {actual}" in message
     assert len(fetches) == 2
     assert all(r.bytes_sent == shard.num_bytes for r in fetches)
+
+
+def test_a_corrupt_block_is_fetched_twice_then_named_with_the_shards_and_the_blocks_checksums(
+    small: tuple[Path, Manifest],
+) -> None:
+    # With a block table, every block is verified as it arrives; only the blocks that differ are fetched again.
+    root, manifest = small
+    shard = manifest.shards[1]
+    assert shard.has_blocks
+    path = root / shard.path
+    corrupt = bytearray(path.read_bytes())
+    at = len(corrupt) // 2
+    corrupt[at] ^= 0xFF
+    path.write_bytes(bytes(corrupt))
+    actual = "sha256:" + hashlib.sha256(corrupt).hexdigest()
+    header = ShardReader(bytes(corrupt)).header
+    assert header.blocks is not None
+    block = header.blocks.blocks_of(at, at + 1)[0]
+    start, stop = header.blocks.bounds(block)
+    with serve_directory(root) as server:
+        dataset = StreamingDataset(
+            server.url, batch_size=50, read_ahead=ReadAhead(shards=0, threads=1), retry=FAST_RETRY
+        )
+        with pytest.raises(ChecksumMismatchError) as info:
+            list(dataset)
+        fetches = [r for r in server.requests_for(shard.path) if r.method == "GET"]
+        url = server.url_for(shard.path)
+    message = str(info.value)
+    assert url in message
+    assert f"expected {shard.checksum}" in message
+    assert f"got {actual}" in message
+    assert f"on 2 fetches in a row; block {block} of {header.blocks.count} (bytes [{start}, {stop}))" in message
+    assert len(fetches) == 2
+    assert fetches[0].bytes_sent == shard.num_bytes  # the whole shard
+    assert fetches[1].range == (start, stop)  # then the block that differed
+    assert fetches[1].bytes_sent == stop - start
 
 
 def test_corrupt_shard_is_not_an_error_without_verification(small: tuple[Path, Manifest]) -> None:

@@ -55,6 +55,20 @@ class EpochCache(ABC):
     def get_or_fetch(self, shard: int, fetch: Callable[[], bytes | memoryview]) -> Any:
         """The bytes of shard ``shard`` (index into ``manifest.shards``): cached, else ``fetch()``-ed and kept."""
 
+    def get_or_fill(self, shard: int, fill: Callable[[memoryview | None], bytes | memoryview]) -> Any:
+        """Like :meth:`get_or_fetch`, letting the cache offer the memory the shard is fetched into.
+
+        ``fill(into)`` fetches the shard into ``into`` (writable, of the shard's size) and returns ``into``, or,
+        given ``None``, fetches it into memory of its own and returns that. A cache that keeps shards in
+        memory offers that memory, so keeping a shard costs no copy; a cache on disk may store it in the
+        background, off the reader's path. This default offers nothing: ``get_or_fetch(shard, lambda:
+        fill(None))``, so a cache that only implements :meth:`get_or_fetch` works unchanged.
+        """
+        return self.get_or_fetch(shard, lambda: fill(None))
+
+    def flush(self) -> None:  # noqa: B027 - only caches that write in the background have something to wait for
+        """Wait until every shard handed to the cache is stored (a disk cache writes in the background)."""
+
     def stats(self) -> tuple[int, int]:
         """``(hits, misses)`` counted in this process."""
         with self._counts_lock:

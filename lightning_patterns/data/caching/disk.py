@@ -27,6 +27,11 @@ How it stays correct:
   lock belongs to a writer that died (live writers only have one while holding it), so it is deleted. After
   ``kill -9`` the next run reuses every complete entry and fetches only the rest.
 
+- **Off the reader's path.** Through :meth:`DiskEpochCache.get_or_fill` (what ``StreamingDataset`` uses) a
+  fetched shard is handed to the reader at once and written to its entry by a background thread, holding the
+  entry's lock until the entry is complete, so the first epoch does not wait for the disk; :meth:`flush`
+  waits for those writes. :meth:`DiskEpochCache.get_or_fetch` stores before it returns.
+
 Reads are fast: an entry is memory-mapped read-only, and a full verification happens once per entry per rank
 (one ``fstat`` per read otherwise).
 """
@@ -39,9 +44,11 @@ import logging
 import mmap
 import multiprocessing
 import os
+import queue
 import re
 import secrets
 import shutil
+import threading
 import warnings
 from collections.abc import Callable
 from multiprocessing.context import get_spawning_popen
@@ -50,7 +57,7 @@ from typing import Any, ClassVar
 
 from lightning_patterns.data.caching.base import EpochCache, check_cache_limit
 from lightning_patterns.data.caching.layout import entry_digest, is_temp_name, manifest_key, store_root
-from lightning_patterns.data.caching.locks import file_lock
+from lightning_patterns.data.caching.locks import acquire_file_lock, file_lock
 from lightning_patterns.data.caching.lru import CacheEntry, plan_admission
 from lightning_patterns.data.shards.manifest import Manifest
 
@@ -63,6 +70,8 @@ _CORRUPT = object()
 _WRITE_CHUNK = 8 * 2**20
 # (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) of a verified entry, then a tag mixing them.
 _SIGNATURE = 6
+# Shards waiting for the background writer; one more blocks the reader (the disk is slower than the network).
+_PENDING_WRITES = 2
 
 
 def _new_verified(num_shards: int) -> Any:
@@ -140,6 +149,7 @@ class DiskEpochCache(EpochCache):
         # context): the tag mixes the other five, so a torn read or write never looks like a verified signature.
         self._verified: Any = None
         self._warned_full = False
+        self._writer: _BackgroundWriter | None = None
 
     @classmethod
     def from_options(cls, *, cache_dir: str | None, cache_limit: int | None) -> DiskEpochCache:
@@ -200,6 +210,7 @@ class DiskEpochCache(EpochCache):
         state = self.__dict__.copy()
         for name in ("_counts_lock", "_verified"):
             del state[name]
+        state["_writer"] = None
         # A worker started with "spawn" shares the rank's verification results; other copies start afresh.
         spawning = get_spawning_popen() is not None and self._verified is not None
         state["_shared"] = self._verified if spawning else None
@@ -246,6 +257,57 @@ class DiskEpochCache(EpochCache):
             self._count(hit=False)
             self._store(shard, data)
         return data
+
+    def get_or_fill(self, shard: int, fill: Callable[[memoryview | None], bytes | memoryview]) -> Any:
+        """Like :meth:`get_or_fetch`, but a fetched shard is stored in the background and returned at once.
+
+        The entry's lock is held until the entry is written (by the background thread), so another process
+        that needs the shard meanwhile waits for the entry instead of fetching it again.
+
+        Raises:
+            RuntimeError: :meth:`bind` was not called.
+            CacheLockTimeoutError: another process held the entry's lock for longer than ``lock_timeout``.
+        """
+        if self._manifest is None:
+            raise RuntimeError(
+                "DiskEpochCache.get_or_fetch() before bind(manifest): bind the cache to a dataset first."
+            )
+        digest = self._digests[shard]
+        found = self._open_verified(shard, locked=False)
+        if found is not None and found is not _CORRUPT:
+            self._count(hit=True)
+            return found
+        lock = acquire_file_lock(
+            str(self._lock_path(digest)),
+            timeout=self.lock_timeout,
+            what=f"disk cache entry {digest[:16]}… (shard {shard})",
+        )
+        handed_over = False
+        try:
+            found = self._open_verified(shard, locked=True)
+            if found is not None:
+                self._count(hit=True)
+                return found
+            data = fill(None)
+            self._count(hit=False)
+            self._background().put(shard, data, lock)
+            handed_over = True
+            return data
+        finally:
+            if not handed_over:
+                os.close(lock)
+
+    def flush(self) -> None:
+        """Wait until every shard handed to the background writer is stored (or failed to be, which only logs)."""
+        writer = self._writer
+        if writer is not None and writer.pid == os.getpid():
+            writer.join()
+
+    def _background(self) -> _BackgroundWriter:
+        writer = self._writer
+        if writer is None or writer.pid != os.getpid():  # none yet, or forked: the parent's thread is not here
+            writer = self._writer = _BackgroundWriter(self._store)
+        return writer
 
     def _open_verified(self, shard: int, *, locked: bool) -> Any:
         """The entry's mapped bytes; ``None`` if missing; ``_CORRUPT`` if bad and not ``locked`` (else deleted)."""
@@ -425,3 +487,49 @@ class DiskEpochCache(EpochCache):
 
     def __repr__(self) -> str:
         return f"DiskEpochCache(cache_dir={self.cache_dir!r}, cache_limit={self.cache_limit!r})"
+
+
+class _BackgroundWriter:
+    """One thread that stores shards handed to it, then releases each entry's lock; it ends when idle.
+
+    At most :data:`_PENDING_WRITES` shards wait (each holds its buffer), so memory stays bounded when the disk is
+    slower than the network: the next hand-over waits instead. The thread is not a daemon: a process that
+    ends normally finishes its writes first (one killed leaves temp files, which the next writer removes).
+    """
+
+    def __init__(self, store: Callable[[int, Any], None]) -> None:
+        self.pid = os.getpid()
+        self._store = store
+        self._jobs: queue.Queue[tuple[int, Any, int]] = queue.Queue(maxsize=_PENDING_WRITES)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def put(self, shard: int, data: Any, lock: int) -> None:
+        """Store ``data`` as the entry of ``shard`` in the background, then close the entry's lock ``lock``."""
+        self._jobs.put((shard, data, lock))
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="lightning-patterns-cache-write")
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                shard, data, lock = self._jobs.get(timeout=1.0)
+            except queue.Empty:
+                with self._lock:
+                    if self._jobs.empty():
+                        self._thread = None
+                        return
+                continue
+            try:
+                self._store(shard, data)
+            except Exception:  # never let one shard's failure stop the others' writes
+                log.exception("Could not store shard %s in the disk cache", shard)
+            finally:
+                os.close(lock)
+                self._jobs.task_done()
+
+    def join(self) -> None:
+        """Wait for every shard handed over so far."""
+        self._jobs.join()

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Iterator
 
-__all__ = ["CacheLockTimeoutError", "file_lock"]
+__all__ = ["CacheLockTimeoutError", "acquire_file_lock", "file_lock"]
 
 
 class CacheLockTimeoutError(TimeoutError):
@@ -28,6 +28,19 @@ def file_lock(path: str, *, timeout: float, what: str) -> Iterator[None]:
         path: the lock file.
         timeout: seconds to wait for the lock before giving up.
         what: what the lock protects, for the error message (e.g. ``"cache entry 3fa2…"``).
+
+    Raises:
+        CacheLockTimeoutError: another process or thread held the lock for longer than ``timeout``.
+    """
+    fd = acquire_file_lock(path, timeout=timeout, what=what)
+    try:
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def acquire_file_lock(path: str, *, timeout: float, what: str) -> int:
+    """Take the lock of :func:`file_lock` and return its descriptor: ``os.close`` it (from any thread) to release.
 
     Raises:
         CacheLockTimeoutError: another process or thread held the lock for longer than ``timeout``.
@@ -49,6 +62,7 @@ def file_lock(path: str, *, timeout: float, what: str) -> Iterator[None]:
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

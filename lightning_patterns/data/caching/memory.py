@@ -228,13 +228,25 @@ class MemoryEpochCache(EpochCache):
         Raises:
             RuntimeError: :meth:`bind` was not called.
         """
+        return self.get_or_fill(shard, lambda into: fetch())
+
+    def get_or_fill(self, shard: int, fill: Callable[[memoryview | None], bytes | memoryview]) -> Any:
+        """The shard from the shared region; on the first read ``fill`` the region itself with it, once per rank.
+
+        The shard is fetched straight into its place in the shared region (``fill(into)``), so keeping it
+        costs no copy; it is marked ready, for every worker of the rank, only once ``fill`` returned (the
+        bytes verified). A ``fill`` that returns other memory is copied in.
+
+        Raises:
+            RuntimeError: :meth:`bind` was not called.
+        """
         if self._manifest is None:
             raise RuntimeError(
                 "MemoryEpochCache.get_or_fetch() before bind(manifest): bind the cache to a dataset first."
             )
         if self._offsets[shard] < 0:
             self._count(hit=False)
-            return fetch()
+            return fill(None)
         if self._ready[shard] == _READY:
             self._count(hit=True)
             return self._view(shard)
@@ -242,13 +254,18 @@ class MemoryEpochCache(EpochCache):
             if self._ready[shard] == _READY:
                 self._count(hit=True)
                 return self._view(shard)
-            data = fetch()
-            self._count(hit=False)
-            if not owner or len(data) != self._manifest.shards[shard].num_bytes:
-                return data
+            if not owner:
+                self._count(hit=False)
+                return fill(None)
             assert self._region is not None
-            offset = self._offsets[shard]
-            self._region[offset : offset + len(data)] = data
+            offset, size = self._offsets[shard], self._manifest.shards[shard].num_bytes
+            target = memoryview(self._region)[offset : offset + size]
+            data = fill(target)
+            self._count(hit=False)
+            if data is not target:
+                if len(data) != size:
+                    return data
+                target[:] = data
             self._ready[shard] = _READY
         return self._view(shard)
 

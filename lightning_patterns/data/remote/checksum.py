@@ -39,6 +39,7 @@ def checksum_mismatch(
     *,
     expected_size: int | None = None,
     fetches: int = 1,
+    detail: str | None = None,
 ) -> ChecksumMismatchError | None:
     """The error for ``data`` read from ``url`` if it does not match ``checksum``, else ``None``.
 
@@ -48,6 +49,7 @@ def checksum_mismatch(
         url: Where they were read from (named in the message, credentials redacted).
         expected_size: The size the manifest records, named in the message when ``data`` has another.
         fetches: How many fetches in a row gave a mismatch, named in the message.
+        detail: What else is known about the mismatch (e.g. which block of a shard differs), added to the message.
 
     Returns:
         A :class:`~lightning_patterns.exceptions.ChecksumMismatchError` naming the URL, both checksums and what
@@ -61,8 +63,9 @@ def checksum_mismatch(
         f", the manifest records {expected_size}" if expected_size is not None and expected_size != len(data) else ""
     )
     repeated = f" on {fetches} fetches in a row" if fetches > 1 else ""
+    more = f"; {detail}" if detail else ""
     return ChecksumMismatchError(
         f"Checksum mismatch for {redact_url(url)}: expected {algorithm}:{digest} got {algorithm}:{actual} ({size})"
-        f"{repeated}. The remote object is corrupt or the manifest is stale: write the shard again, or regenerate "
-        "the manifest from the data you trust."
+        f"{repeated}{more}. The remote object is corrupt or the manifest is stale: write the shard again, or "
+        "regenerate the manifest from the data you trust."
     )

@@ -40,6 +40,7 @@ from lightning_patterns.data.remote.retry import (
 from lightning_patterns.data.remote.stats import FetchStats
 from lightning_patterns.data.remote.stream import buffered_stream
 from lightning_patterns.data.remote.transports import Transport, transport_for
+from lightning_patterns.data.remote.transports.base import ByteSink
 from lightning_patterns.exceptions import (
     DeadlineExceededError,
     ObjectTooLargeError,
@@ -282,6 +283,33 @@ class RemoteReader:
         url = self.resolve(url)
         return bytes(self._read(url, start, end, missing=FileNotFoundError, short_ok=short_ok, deadline=deadline))
 
+    def read_range_into(
+        self, url: str, start: int, out: memoryview | bytearray, *, deadline: Deadline | None = None
+    ) -> None:
+        """Read bytes ``[start, start + len(out))`` of an object straight into ``out``, with retries.
+
+        The bytes land in ``out`` as they arrive (no intermediate buffer of the range), so a caller can read a
+        shard into the memory it will be used from: a shared cache region, a buffer of the shard's size.
+
+        Args:
+            url: The object's URL, absolute or relative to this reader's ``url``.
+            start: First byte to read.
+            out: A writable buffer; exactly ``len(out)`` bytes are read into it.
+            deadline: When to give up, retries and the request in flight included.
+
+        Raises:
+            FileNotFoundError: The object does not exist.
+            DeadlineExceededError: ``deadline`` passed or was cancelled.
+            OSError: A transient fault persisted, or the object ends before the range does.
+        """
+        view = memoryview(out).cast("B")
+        if view.readonly:
+            raise ValueError("read_range_into(out=...) needs a writable buffer (a bytearray, a writable mmap).")
+        if start < 0:
+            raise ValueError(f"read_range_into(start={start!r}) needs start >= 0.")
+        url = self.resolve(url)
+        self._read(url, start, start + len(view), missing=FileNotFoundError, deadline=deadline, sink=_WindowSink(view))
+
     def size(self, url: str) -> int | None:
         """The object's size in bytes (``None`` if the backend cannot tell), looked up with retries.
 
@@ -348,12 +376,13 @@ class RemoteReader:
         short_ok: bool = False,
         max_bytes: int | None = None,
         deadline: Deadline | None = None,
-    ) -> bytearray:
+        sink: ByteSink | None = None,
+    ) -> Any:
         started = time.perf_counter()
         try:
             self._check_inside_root(url)
             return self._read_with_retries(
-                url, start, end, missing=missing, short_ok=short_ok, max_bytes=max_bytes, deadline=deadline
+                url, start, end, missing=missing, short_ok=short_ok, max_bytes=max_bytes, deadline=deadline, sink=sink
             )
         finally:
             self.stats.record(seconds=time.perf_counter() - started)
@@ -384,11 +413,13 @@ class RemoteReader:
         short_ok: bool,
         max_bytes: int | None = None,
         deadline: Deadline | None = None,
-    ) -> bytearray:
+        sink: ByteSink | None = None,
+    ) -> Any:
         """Bytes ``[start, end)`` of ``url``, asking the transport again after each fault or short answer.
 
         Every byte a public read returns passes through this loop, so it is where the cap on the bytes
         accepted (``end``, or ``max_bytes`` for an object of unknown size) and the deadline are enforced.
+        The bytes go to ``sink`` (returned) when given, else to a new ``bytearray``.
         """
         transport = self.transport
         path = transport.path(url)
@@ -400,7 +431,7 @@ class RemoteReader:
                 end, short_ok = start + max_bytes + 1, True
             elif end - start > max_bytes:
                 raise _too_large(url, max_bytes, f"it has {end - start} bytes")
-        buf = bytearray()
+        buf: Any = bytearray() if sink is None else sink
         failures = 0
         while end is None or start + len(buf) < end:
             if deadline is not None and deadline.expired():
@@ -489,6 +520,35 @@ class RemoteReader:
             time.sleep(delay)
         else:
             deadline.sleep(delay)  # the caller's loop raises at once if the deadline passed meanwhile
+
+
+class _WindowSink:
+    """A :class:`~.transports.base.ByteSink` that fills a fixed, writable window in order, and refuses to overflow."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._filled = 0
+
+    def __len__(self) -> int:
+        return self._filled
+
+    def __iadd__(self, data: bytes | bytearray | memoryview) -> _WindowSink:
+        size = len(data)
+        if self._filled + size > len(self._view):
+            raise ValueError(f"{self._filled + size} bytes arrived for a window of {len(self._view)}")
+        self._view[self._filled : self._filled + size] = data
+        self._filled += size
+        return self
+
+    def tail(self) -> memoryview:
+        """The part of the window not filled yet, for a transport that reads into memory (``readinto``)."""
+        return self._view[self._filled :]
+
+    def advance(self, size: int) -> None:
+        """``size`` more bytes were written into :meth:`tail`."""
+        if self._filled + size > len(self._view):
+            raise ValueError(f"{self._filled + size} bytes arrived for a window of {len(self._view)}")
+        self._filled += size
 
 
 def _too_large(url: str, max_bytes: int, found: str) -> ObjectTooLargeError:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ __all__ = [
     "manifest_exists",
     "manifest_url",
     "missing_manifest_error",
+    "missing_shard_error",
     "open_shard",
     "publish_manifest",
     "read_manifest",
@@ -74,6 +76,7 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 _CHECKSUM_PREFIX = "sha256:"
+_SHA256_CHECKSUM = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,11 @@ class ShardInfo:
         label_counts: per integer label field (e.g. ``"label"``), the shard's samples of each class ``0 .. C-1``
             (counts sum to ``num_samples``), so that planners can check class coverage per rank from the manifest
             alone; empty when the writer recorded none.
+        head_bytes: size of the shard's head (prefix, header and block table, see
+            :mod:`~lightning_patterns.data.shards.layout`); ``None`` for a shard without a block table, which is
+            only read whole.
+        head_checksum: ``"sha256:<hex>"`` of the head: with it, the block table is trusted without the rest of
+            the file, and any block verified alone (``checksum`` still covers the whole file).
     """
 
     path: str
@@ -97,9 +105,16 @@ class ShardInfo:
     checksum: str
     bucket: int | None = None
     label_counts: Mapping[str, tuple[int, ...]] = field(default_factory=dict, hash=False)
+    head_bytes: int | None = None
+    head_checksum: str | None = None
+
+    @property
+    def has_blocks(self) -> bool:
+        """Whether parts of the shard can be read and verified alone: a block table the manifest vouches for."""
+        return self.head_bytes is not None and self.head_checksum is not None
 
     def to_json(self) -> dict[str, Any]:
-        """The manifest entry (``label_counts`` only when recorded, so older readers see what they know)."""
+        """The manifest entry (``label_counts`` and the head only when recorded: older readers see what they know)."""
         entry: dict[str, Any] = {
             "path": self.path,
             "num_samples": self.num_samples,
@@ -109,6 +124,9 @@ class ShardInfo:
         }
         if self.label_counts:
             entry["label_counts"] = {name: list(counts) for name, counts in self.label_counts.items()}
+        if self.has_blocks:
+            entry["head_bytes"] = self.head_bytes
+            entry["head_checksum"] = self.head_checksum
         return entry
 
 
@@ -302,7 +320,38 @@ def _shard_info(entry: Any, url: str, min_bytes: tuple[int, int]) -> ShardInfo:
             f"{num_samples} samples of this schema take at least {fixed + num_samples * per_sample} bytes. The "
             "manifest is corrupt or hostile; rewrite the dataset."
         )
-    return ShardInfo(path, num_samples, num_bytes, checksum, bucket, _label_counts(entry, url, path, num_samples))
+    head_bytes, head_checksum = _head(entry, url, path, num_bytes)
+    return ShardInfo(
+        path,
+        num_samples,
+        num_bytes,
+        checksum,
+        bucket,
+        _label_counts(entry, url, path, num_samples),
+        head_bytes,
+        head_checksum,
+    )
+
+
+def _head(entry: dict[str, Any], url: str, path: str, num_bytes: int) -> tuple[int | None, str | None]:
+    """The shard's ``head_bytes`` and ``head_checksum``: both or neither, the head inside the file."""
+    head_bytes: Any = entry.get("head_bytes")
+    head_checksum: Any = entry.get("head_checksum")
+    if head_bytes is None and head_checksum is None:
+        return None, None
+    ok = (
+        is_count(head_bytes)
+        and PREFIX.size <= head_bytes <= num_bytes
+        and isinstance(head_checksum, str)
+        and _SHA256_CHECKSUM.match(head_checksum) is not None
+    )
+    if not ok:
+        raise ManifestError(
+            f"Manifest {url!r} has head_bytes={_short(head_bytes)}, head_checksum={_short(head_checksum)} for shard "
+            f"{path!r}; expected both or neither: a byte count from {PREFIX.size} to its num_bytes={num_bytes} and "
+            "'sha256:<64 hex digits>'. Rewrite the dataset."
+        )
+    return head_bytes, head_checksum
 
 
 def _label_counts(entry: dict[str, Any], url: str, path: str, num_samples: int) -> dict[str, tuple[int, ...]]:
@@ -631,9 +680,19 @@ def fetch_shard(
             where, size=shard.num_bytes, checksum=shard.checksum if verify else None, deadline=deadline
         )
     except ShardNotFoundError as err:
-        missing = ShardNotFoundError(_missing_shard_message(reader, shard, where))
-        missing.errno = errno.ENOENT
-        raise missing from err
+        raise missing_shard_error(reader, shard) from err
+
+
+def missing_shard_error(reader: RemoteReader, shard: ShardInfo) -> ShardNotFoundError:
+    """The error for a listed shard that does not exist, saying whether the dataset was rewritten meanwhile.
+
+    Args:
+        reader: a reader whose ``url`` is the dataset root (the current manifest is read through it).
+        shard: the manifest entry of the missing shard.
+    """
+    missing = ShardNotFoundError(_missing_shard_message(reader, shard, shard_url(reader.url, shard.path)))
+    missing.errno = errno.ENOENT
+    return missing
 
 
 def _missing_shard_message(reader: RemoteReader, shard: ShardInfo, where: str) -> str:

@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 
 from lightning_patterns._lazy import instance_of_loaded
 from lightning_patterns.data.sharding import SHARDERS, Sharder
-from lightning_patterns.data.shards.builder import ShardBuilder
+from lightning_patterns.data.shards.builder import ShardBuilder, check_block_bytes
 from lightning_patterns.data.shards.garbage import DEFAULT_GRACE_PERIOD, split_expired
 from lightning_patterns.data.shards.labels import LabelCounter
+from lightning_patterns.data.shards.layout import DEFAULT_BLOCK_BYTES
 from lightning_patterns.data.shards.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -34,6 +35,7 @@ from lightning_patterns.data.shards.manifest import (
     shard_url,
 )
 from lightning_patterns.data.shards.paths import shard_file_generation, shard_file_name
+from lightning_patterns.data.shards.reader import parse_header
 from lightning_patterns.data.shards.schema import Schema
 from lightning_patterns.exceptions import DestinationNotEmptyError, ManifestError, SchemaMismatchError
 
@@ -78,6 +80,10 @@ class ShardWriter:
         label_fields: integer scalar fields whose per-shard class counts the manifest records (``label_counts``,
             see :mod:`~lightning_patterns.data.shards.labels`), so that readers balance classes per rank from
             the manifest alone; ``None`` records ``"label"`` when the samples have such a field, ``[]`` none.
+        block_bytes: bytes per checksummed block (64 KiB by default, ``>= 4096``): any byte range of a shard can
+            then be read and verified alone, so DataLoader workers read only their own samples of a shard and
+            ``StreamingDataset[i]`` fetches only the blocks holding sample ``i``. ``None`` writes shards without
+            a block table, as earlier versions did (read and verified only whole).
 
     Each buffered hash bucket holds up to ``shard_bytes`` in memory, so peak memory is about
     ``num_shards * shard_bytes``.
@@ -96,7 +102,9 @@ class ShardWriter:
         grace_period: float = DEFAULT_GRACE_PERIOD,
         force: bool = False,
         label_fields: list[str] | None = None,
+        block_bytes: int | None = DEFAULT_BLOCK_BYTES,
     ) -> None:
+        self.block_bytes = check_block_bytes(block_bytes)
         if mode not in _MODES:
             raise ValueError(f"Unknown mode={mode!r}. Expected one of {_MODES}.")
         if isinstance(grace_period, bool) or not isinstance(grace_period, (int, float)) or not grace_period >= 0:
@@ -254,7 +262,7 @@ class ShardWriter:
             self._flush(bucket)
             builder = None
         if builder is None:
-            builder = self._builders[bucket] = ShardBuilder(self.schema)
+            builder = self._builders[bucket] = ShardBuilder(self.schema, block_bytes=self.block_bytes)
             if not builder.fits(values, target) and not self._warned_oversize:
                 self._warned_oversize = True
                 warnings.warn(
@@ -278,6 +286,7 @@ class ShardWriter:
             self._fs.makedirs(self._root, exist_ok=True)  # object stores have no folders to create
         self._fs.pipe_file(shard_url(self._root, path), data)
         assert self._labels is not None
+        head_bytes = parse_header(data, len(data)).head_bytes
         self._written.append(
             ShardInfo(
                 path,
@@ -286,6 +295,8 @@ class ShardWriter:
                 checksum_of(data),
                 bucket if multi else None,
                 self._labels.pop(bucket),
+                head_bytes=head_bytes,
+                head_checksum=None if head_bytes is None else checksum_of(memoryview(data)[:head_bytes]),
             )
         )
         log.debug("Wrote shard %s (%d samples, %d bytes)", path, builder.num_samples, len(data))
@@ -426,6 +437,7 @@ def write_dataset(
     grace_period: float = DEFAULT_GRACE_PERIOD,
     force: bool = False,
     label_fields: list[str] | None = None,
+    block_bytes: int | None = DEFAULT_BLOCK_BYTES,
 ) -> Manifest:
     """Write ``samples`` as shards plus a manifest at ``url`` and return the published manifest.
 
@@ -444,6 +456,7 @@ def write_dataset(
         force: write into a folder that holds other files but no manifest; see :class:`ShardWriter`.
         label_fields: integer label fields whose per-shard class counts the manifest records; ``None``: ``"label"``
             if the samples have one. See :class:`ShardWriter`.
+        block_bytes: bytes per checksummed block, or ``None`` for no block table; see :class:`ShardWriter`.
 
     Raises:
         ValueError: invalid arguments (a ``label_fields`` entry that is no integer scalar field), or an empty
@@ -472,6 +485,7 @@ def write_dataset(
             grace_period=grace_period,
             force=force,
             label_fields=label_fields,
+            block_bytes=block_bytes,
         ) as writer,
         tqdm(iterator, total=total, disable=not progress, unit="sample", desc=f"Writing {url}") as bar,
     ):

@@ -124,6 +124,12 @@ class ShardUse:
         self._pending[touched] -= counts
         self._check(touched.tolist())
 
+    def gathered_rows(self, shard: int, count: int) -> None:
+        """``count`` positions of ``shard`` were put into a batch."""
+        self._pending[shard] -= count
+        if self._pending[shard] <= 0:
+            self._check([shard])
+
     def labels_read(self, upto: int) -> None:
         """Labels of positions ``< upto`` have been read."""
         self._labels_read = upto

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import IterableDataset
 
 from lightning_patterns.data.batching import ClassBalancer
 from lightning_patterns.data.caching import CacheConfig, EpochCache, make_cache
-from lightning_patterns.data.remote import Deadline, FetchStatsSnapshot, RemoteReader, RetryPolicy
+from lightning_patterns.data.remote import Deadline, RemoteReader, RetryPolicy
 from lightning_patterns.data.sharding.assignment import (
     PlanConfig,
     Span,
@@ -33,14 +33,18 @@ from lightning_patterns.data.sharding.assignment import (
     samples_per_rank,
 )
 from lightning_patterns.data.sharding.topology import Topology
-from lightning_patterns.data.shards.manifest import Manifest, fetch_shard, open_shard, read_manifest, shard_url
+from lightning_patterns.data.shards.blocks import merge_ranges
+from lightning_patterns.data.shards.manifest import Manifest, open_shard, read_manifest, shard_url
 from lightning_patterns.data.shards.reader import ShardReader, read_column
-from lightning_patterns.data.streaming.batches import BatchPositions, PlanIndices, ShardUse, only_shard, shard_use_of
+from lightning_patterns.data.streaming.batches import BatchPositions, PlanIndices, ShardUse, shard_use_of
 from lightning_patterns.data.streaming.class_order import ClassOrder, recorded_histograms
 from lightning_patterns.data.streaming.cursor import StreamCursor
-from lightning_patterns.data.streaming.metrics import StreamCounters
+from lightning_patterns.data.streaming.fetcher import PriorityPool, ShardFetcher
+from lightning_patterns.data.streaming.gather import gather_indices, gather_runs, run_batches
+from lightning_patterns.data.streaming.metrics import StreamCounters, StreamRecorder
 from lightning_patterns.data.streaming.options import ClassBalance, ReadAhead
 from lightning_patterns.data.streaming.pipeline import ReadAheadPipeline
+from lightning_patterns.data.streaming.random_access import SampleReader
 from lightning_patterns.data.streaming.resume import (
     ResumePoint,
     delivered,
@@ -149,6 +153,7 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         self._cursor = StreamCursor()
         # Units yielded since an iteration began from the cursor; None until one begins.
         self._yielded: int | None = None
+        self._samples: SampleReader | None = None
 
     def _read_manifest(self) -> Manifest:
         # Through the reader, so a transient fault on the manifest is retried like one on a shard; bounded in
@@ -387,6 +392,7 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         self.reset(state)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        started = time.perf_counter()
         if self._yielded is not None:
             # An iteration already began from this cursor: this one reads the following epoch.
             self.reset(self._cursor.next_epoch())
@@ -395,27 +401,82 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         worker_plan = plan(self._plan_config, topology, cursor.epoch, cursor.stream)
         self._yielded = 0
         slot = topology.worker_id + 1 if topology.num_workers else 0
-        return self._generate(worker_plan, cursor, cursor.delivered_by(topology.worker_id), slot)
+        return self._generate(worker_plan, cursor, cursor.delivered_by(topology.worker_id), slot, started)
+
+    # ------------------------------------------------------------------ random access
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Sample ``index`` of the whole dataset (manifest order, ``0 <= index < manifest.num_samples``).
+
+        Only the blocks that hold the sample are fetched (the shard's head once, then one block or two per
+        field), each verified against the shard's block table; shards written without a block table are
+        fetched whole (and the last one kept). Independent of the rank, the epoch and the cache.
+
+        Raises:
+            IndexError: ``index`` is out of range.
+        """
+        return self.sample_reader.read(index)
+
+    @property
+    def sample_reader(self) -> SampleReader:
+        """The random-access reader behind ``dataset[i]``; ``sample_reader.as_map_dataset()`` is a map-style view."""
+        if self._samples is None:
+            self._samples = SampleReader(self._reader, self.manifest, verify=self.verify_checksums)
+        return self._samples
 
     # ------------------------------------------------------------------ reading
 
     def _describe(self, shard: int) -> str:
         return shard_url(self.url, self.manifest.shards[shard].path)
 
-    def _fetch(self, shard: int, deadline: Deadline | None) -> memoryview:
-        info = self.manifest.shards[shard]
-        return fetch_shard(self._reader, info, verify=self.verify_checksums, deadline=deadline)
+    def _worker_rows(self, worker_plan: WorkerPlan) -> dict[int, list[tuple[int, int]]]:
+        """Per shard, the rows this worker reads of it (merged ranges)."""
+        rows: dict[int, list[tuple[int, int]]] = {}
+        for shard, start, stop in worker_plan.spans:
+            rows.setdefault(shard, []).append((start, stop))
+        return {shard: merge_ranges(ranges) for shard, ranges in rows.items()}
 
-    def _load(self, shard: int, deadline: Deadline | None = None) -> ShardReader:
-        if self.cache is None:
-            data: Any = self._fetch(shard, deadline)
-        else:
-            data = self.cache.get_or_fetch(shard, lambda: self._fetch(shard, deadline))
-        # The header is checked against the manifest entry before any sample of the shard is decoded.
-        return open_shard(data, self.manifest.shards[shard], self.manifest.schema, self._describe(shard))
+    def _partial_rows(self, worker_plan: WorkerPlan) -> dict[int, list[tuple[int, int]]]:
+        """The shards this worker reads only part of, and can (a block table, no cache): only those rows are fetched.
+
+        With a cache the whole shard is fetched (once per rank, or machine) to be kept for later epochs.
+        """
+        if self.cache is not None or worker_plan.class_sorted:  # class-sorted spans count positions, not rows
+            return {}
+        shards = self.manifest.shards
+        return {
+            shard: ranges
+            for shard, ranges in self._worker_rows(worker_plan).items()
+            if shards[shard].has_blocks and ranges != [(0, shards[shard].num_samples)]
+        }
+
+    def _loader(
+        self, fetcher: ShardFetcher, partial: dict[int, list[tuple[int, int]]], on_wait: Callable[[float], None]
+    ) -> Any:
+        """The pipeline's ``load(shard, deadline, priority)``: a part of the shard, the cache, or the whole shard.
+
+        Without a cache, a shard with a block table is opened while it arrives: its first batch waits for its own
+        rows only (``on_wait`` is told how long reads wait for the rest).
+        """
+        shards, schema = self.manifest.shards, self.manifest.schema
+
+        def load(shard: int, deadline: Deadline, priority: int) -> ShardReader:
+            rows = partial.get(shard)
+            if rows is not None:
+                return fetcher.fetch_rows(shard, rows, priority, deadline, None)
+            if self.cache is None and shards[shard].has_blocks:
+                return fetcher.open_arriving(shard, priority, deadline, on_wait)
+            if self.cache is None:
+                data: Any = fetcher.fetch_whole(shard, None, priority, deadline)
+            else:
+                data = self.cache.get_or_fill(shard, lambda into: fetcher.fetch_whole(shard, into, priority, deadline))
+            # The header is checked against the manifest entry before any sample of the shard is decoded.
+            return open_shard(data, shards[shard], schema, self._describe(shard))
+
+        return load
 
     def _generate(
-        self, worker_plan: WorkerPlan, cursor: StreamCursor, skip_units: int, slot: int
+        self, worker_plan: WorkerPlan, cursor: StreamCursor, skip_units: int, slot: int, started: float
     ) -> Iterator[dict[str, Any]]:
         if worker_plan.num_samples == 0:
             return
@@ -432,19 +493,36 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         pending, last_position, schedule = shard_use_of(
             worker_plan, len(self.manifest.shards), self._offsets, positions.first_needed
         )
-        # Snapshot the counters before the read-ahead threads start, so their first fetches are counted.
-        fetched = self._reader.stats.snapshot()
-        cache_seen = self.cache.stats() if self.cache is not None else (0, 0)
+        # The counters' baseline is taken before the read-ahead threads start, so their first fetches are counted.
+        arriving_waits: list[float] = []  # seconds reads waited for shards still arriving
+        recorder = StreamRecorder(
+            self.counters,
+            slot,
+            self._reader.stats.snapshot,
+            lambda: pipeline.wait_seconds + sum(arriving_waits),
+            None if self.cache is None else self.cache.stats,
+        )
         read_ahead = self.read_ahead
+        partial = self._partial_rows(worker_plan)
+        infos = self.manifest.shards
+        load_bytes = [info.num_bytes for info in infos]
+        for shard, ranges in partial.items():
+            rows = sum(stop - start for start, stop in ranges)
+            load_bytes[shard] = -(-infos[shard].num_bytes * rows // max(infos[shard].num_samples, 1))
+        pool = PriorityPool(read_ahead.threads)
+        fetcher = ShardFetcher(
+            self._reader, self.manifest, pool, chunk_bytes=self._reader.chunk_size, verify=self.verify_checksums
+        )
         pipeline = ReadAheadPipeline(
             schedule,
-            [shard.num_bytes for shard in self.manifest.shards],
-            self._load,
-            read_ahead=read_ahead.shards,
-            read_ahead_bytes=read_ahead.max_bytes,
-            threads=read_ahead.threads,
+            load_bytes,
+            self._loader(fetcher, partial, arriving_waits.append),
+            max_bytes=read_ahead.max_bytes,
+            max_shards=read_ahead.shards,
+            loaders=read_ahead.threads + 1,
             timeout=read_ahead.timeout,
             describe=self._describe,
+            on_close=pool.shutdown,
         )
         class_order = self._class_order() if worker_plan.class_sorted else None
 
@@ -454,6 +532,55 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
                 class_order.forget(shard)
 
         use = ShardUse(pending, last_position, balanced, release)
+        if self._balancer is None and worker_plan.shuffle_window <= 1 and class_order is None:
+            batches = self._run_batches(worker_plan, positions, pipeline, use)
+        else:
+            batches = self._index_batches(indices, positions, pipeline, use, class_order)
+        first = True
+        try:
+            for batch, size in batches:
+                if first:
+                    first = False
+                    self.counters.set_first_batch(slot, time.perf_counter() - started)
+                recorder.add(size)
+                if self.batch_size:
+                    self._count_yielded(cursor)
+                    yield batch
+                else:
+                    for row in range(size):
+                        self._count_yielded(cursor)
+                        yield {name: value[row] for name, value in batch.items()}
+        finally:
+            recorder.flush()
+            pipeline.close()
+
+    def _class_order(self) -> ClassOrder:
+        histograms = self._plan_config.class_counts
+        assert histograms is not None  # a class-sorted plan is made from them
+        return ClassOrder(self._label_field, histograms, self._describe)
+
+    def _run_batches(
+        self, worker_plan: WorkerPlan, positions: BatchPositions, pipeline: ReadAheadPipeline, use: ShardUse
+    ) -> Iterator[tuple[dict[str, Any], int]]:
+        """``(batch, size)`` of an unshuffled plan: each batch one slice per field (two where it crosses shards)."""
+        get, gathered = pipeline.get, use.gathered_rows
+        for runs in run_batches(worker_plan, positions.step, positions.first_position):
+            batch = gather_runs(get, runs)
+            size = 0
+            for shard, start, stop in runs:
+                gathered(shard, stop - start)
+                size += stop - start
+            yield batch, size
+
+    def _index_batches(
+        self,
+        indices: PlanIndices,
+        positions: BatchPositions,
+        pipeline: ReadAheadPipeline,
+        use: ShardUse,
+        class_order: ClassOrder | None,
+    ) -> Iterator[tuple[dict[str, Any], int]]:
+        """``(batch, size)`` of any plan (a window shuffle, class balancing), through per-sample indices."""
 
         def locate(global_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             shards, local = self._locate(global_indices)
@@ -464,31 +591,13 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         def read_labels(begin: int, end: int) -> np.ndarray:
             return self._read_labels(pipeline, *locate(indices.between(begin, end)))
 
-        waited = 0.0
-        try:
-            for batch_positions, skipped in positions.batches(read_labels, use.labels_read):
-                shards, local = locate(indices.at(batch_positions))
-                if skipped:
-                    use.gathered(shards)
-                    continue
-                batch = self._gather(pipeline, shards, local)
-                use.gathered(shards)
-                fetched, waited = self._record(slot, fetched, waited, pipeline.wait_seconds, batch_positions.size)
-                cache_seen = self._record_cache(slot, cache_seen)
-                if self.batch_size:
-                    self._count_yielded(cursor)
-                    yield batch
-                else:
-                    for row in range(batch_positions.size):
-                        self._count_yielded(cursor)
-                        yield {name: value[row] for name, value in batch.items()}
-        finally:
-            pipeline.close()
-
-    def _class_order(self) -> ClassOrder:
-        histograms = self._plan_config.class_counts
-        assert histograms is not None  # a class-sorted plan is made from them
-        return ClassOrder(self._label_field, histograms, self._describe)
+        for batch_positions, skipped in positions.batches(read_labels, use.labels_read):
+            shards, local = locate(indices.at(batch_positions))
+            if not skipped:
+                batch = gather_indices(pipeline.get, shards, local)
+            use.gathered(shards)
+            if not skipped:
+                yield batch, batch_positions.size
 
     def _count_yielded(self, cursor: StreamCursor) -> None:
         # Only the iteration that began from the current cursor moves it on; one abandoned before a reset does not.
@@ -507,44 +616,12 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
             labels[mask] = pipeline.get(shard).read_field(self._label_field, local[mask]).reshape(-1)
         return labels
 
-    def _record(
-        self, slot: int, fetched: FetchStatsSnapshot, waited: float, wait_total: float, samples: int
-    ) -> tuple[FetchStatsSnapshot, float]:
-        now = self._reader.stats.snapshot()
-        self.counters.add_fetches(slot, now - fetched, samples=samples, read_wait_seconds=wait_total - waited)
-        return now, wait_total
-
-    def _record_cache(self, slot: int, seen: tuple[int, int]) -> tuple[int, int]:
-        return self.counters.add_cache(slot, self.cache, seen)
-
-    def _gather(self, pipeline: ReadAheadPipeline, shards: np.ndarray, local: np.ndarray) -> dict[str, Any]:
-        first = only_shard(shards)
-        if first is not None:
-            reader = pipeline.get(first)
-            start = int(local[0])
-            if int(local[-1]) - start == local.size - 1 and bool(np.all(np.diff(local) == 1)):
-                return reader.read_range(start, start + local.size)
-            return reader.read_batch(local)
-        # The batch spans several shards: gather each shard's part, then restore the batch order.
-        by_shard = np.argsort(shards, kind="stable")
-        parts = []
-        sorted_shards = shards[by_shard]
-        bounds = np.flatnonzero(np.diff(sorted_shards)) + 1
-        for group in np.split(by_shard, bounds):
-            parts.append(pipeline.get(int(shards[group[0]])).read_batch(local[group]))
-        inverse = torch.from_numpy(np.argsort(by_shard, kind="stable"))
-        out: dict[str, Any] = {}
-        for name in parts[0]:
-            values = [part[name] for part in parts]
-            if isinstance(values[0], torch.Tensor):
-                out[name] = torch.cat(values)[inverse]
-            else:
-                flat = [item for value in values for item in value]
-                out[name] = [flat[i] for i in inverse.tolist()]
-        return out
-
     def metrics(self) -> dict[str, float]:
-        """Counters summed over this rank's workers: samples, remote bytes and requests, retries, waits."""
+        """Counters summed over this rank's workers: samples, remote bytes and requests, retries, waits.
+
+        ``first_batch_seconds`` is the time from the start of the latest iteration to its first batch (the
+        slowest worker's, each counted from when it started iterating).
+        """
         return self.counters.totals()
 
     def __repr__(self) -> str:

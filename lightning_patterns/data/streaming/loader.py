@@ -9,6 +9,7 @@ world size or number of workers yields each remaining sample of the epoch once.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -67,6 +68,9 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
         # When a trainer reports the batches it consumed, the state counts those, not the ones prefetched.
         self._batches_consumed: int | None = None
         self.wait_seconds = 0.0
+        # Seconds from the start of the latest iteration (workers starting included) to its first batch.
+        self.first_batch_seconds = 0.0
+        self._iter_started = 0.0
 
     @property
     def epoch(self) -> int:
@@ -80,6 +84,7 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
         self._pending = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._iter_started = time.perf_counter()
         dataset: StreamingDataset = self.dataset
         self._batches_yielded = 0
         if self._pending is not None:
@@ -119,7 +124,11 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
             self._batches_consumed = min(self._batches_consumed + 1, self._batches_yielded)
 
     def _counted(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        first = True
         for batch in timed(batches, self._waited):
+            if first:
+                first = False
+                self.first_batch_seconds = time.perf_counter() - self._iter_started
             self._batches_yielded += 1
             yield batch
 
@@ -190,6 +199,14 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
         self._epoch = point.epoch
 
     def metrics(self) -> dict[str, float]:
-        """Counters of this rank: samples, remote bytes and requests, retries, and seconds waited for data."""
+        """Counters of this rank: samples, remote bytes and requests, retries, and seconds waited for data.
+
+        ``first_batch_seconds`` is the time from the start of the latest iteration (worker processes starting
+        included) to its first batch, as this loader saw it.
+        """
         dataset: StreamingDataset = self.dataset
-        return {**dataset.metrics(), "loader_wait_seconds": self.wait_seconds}
+        return {
+            **dataset.metrics(),
+            "loader_wait_seconds": self.wait_seconds,
+            "first_batch_seconds": self.first_batch_seconds,
+        }

@@ -28,30 +28,45 @@ __all__ = ["ClassBalance", "ReadAhead"]
 class ReadAhead:
     """How far ahead shards are fetched, by how many threads, and how long one may take.
 
+    The budget is in bytes: shards are fetched ahead of the one in use while the bytes they take (a worker's
+    part of a shard it shares with another worker counts as that part) stay within ``max_bytes``, and one shard
+    ahead is always allowed, so a shard larger than the budget never stalls the stream. The threads fetch
+    range requests most urgent first: every one of them works on the shard needed next until all of its
+    requests are under way, so the link is filled in the order the shards are used.
+
     Args:
-        shards: shards to fetch ahead of the one in use, ``>= 0``.
-        max_bytes: bytes to fetch ahead at most, ``>= 1``; ``None``: only ``shards`` bounds it.
-        threads: background threads that fetch shards (per DataLoader worker), ``>= 1``.
+        shards: also fetch at most this many shards ahead of the one in use, ``>= 0`` (``0``: only the shard
+            in use); ``None``: only ``max_bytes`` bounds it.
+        max_bytes: bytes to fetch ahead at most, ``>= 1``; ``None``: only ``shards`` bounds it. The default, 32 MiB,
+            is one shard of the writer's default size: enough to keep the link busy whenever batches are used
+            faster than they arrive (each shard's requests go to the link before the next shard's).
+        threads: background threads that send range requests (per DataLoader worker), ``>= 1``.
         timeout: seconds one read may take, retries included, before failing; ``> 0``: the manifest, each shard (its
             download is cancelled then, so no thread outlives it), and the wait for a shard in use.
 
     Raises:
-        ValueError: a value out of range; the message names it and says what is expected.
+        ValueError: a value out of range, or neither bound given; the message names it and says what is expected.
 
     Example:
-        >>> ReadAhead(shards=4, threads=8)
-        ReadAhead(shards=4, max_bytes=268435456, threads=8, timeout=600.0)
+        >>> ReadAhead(max_bytes=128 * 2**20, threads=8)
+        ReadAhead(shards=None, max_bytes=134217728, threads=8, timeout=600.0)
     """
 
-    shards: int = 2
-    max_bytes: int | None = 256 * 2**20
+    shards: int | None = None
+    max_bytes: int | None = 32 * 2**20
     threads: int = 4
     timeout: float = 600.0
 
     def __post_init__(self) -> None:
-        _check_int("ReadAhead", "shards", self.shards, 0, "use 0 to fetch only the shard in use")
+        if self.shards is not None:
+            _check_int("ReadAhead", "shards", self.shards, 0, "use 0 to fetch only the shard in use")
         if self.max_bytes is not None:
             _check_int("ReadAhead", "max_bytes", self.max_bytes, 1, "use None to bound by `shards` alone")
+        if self.shards is None and self.max_bytes is None:
+            raise ValueError(
+                "ReadAhead(shards=None, max_bytes=None) would fetch the whole dataset ahead; bound it in bytes (e.g. "
+                "max_bytes=64 * 2**20) or in shards (e.g. shards=2)."
+            )
         _check_int("ReadAhead", "threads", self.threads, 1, "e.g. threads=4")
         if not self.timeout > 0:
             raise ValueError(

@@ -118,7 +118,7 @@ def _s3_site(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Site]:
     server, bucket, fs = request.getfixturevalue("s3_service").get()
     prefix = f"{bucket}/{uuid.uuid4().hex}"
     yield Site(
-        "range", f"s3://{prefix}", lambda name, data: fs.pipe_file(f"{prefix}/{name}", data), server.storage_options
+        "s3", f"s3://{prefix}", lambda name, data: fs.pipe_file(f"{prefix}/{name}", data), server.storage_options
     )
 
 
@@ -139,7 +139,7 @@ SITES: dict[str, SiteKind] = {
     "http": SiteKind("http", _http_site),
     "local": SiteKind("local", _local_site),
     "memory": SiteKind("range", _memory_site),
-    "s3": SiteKind("range", _s3_site),
+    "s3": SiteKind("s3", _s3_site),
 }
 """The sites every backend we claim is tested on, by name."""
 

@@ -2,7 +2,9 @@
 
 - ``"http"`` (:class:`HTTPTransport`): HTTP(S), each attempt one streamed ``GET`` resumed with ``Range``.
 - ``"local"`` (:class:`LocalTransport`): local files, plain reads.
-- ``"range"`` (:class:`RangeTransport`): any other fsspec filesystem (S3, GCS, ``memory://``, ...), in
+- ``"s3"`` (:class:`S3Transport`): S3 through s3fs, each chunk one ranged ``GetObject`` whose body is streamed
+  into the reader's buffer (no copy of the chunk is held).
+- ``"range"`` (:class:`RangeTransport`): any other fsspec filesystem (GCS, ``memory://``, ...), in
   ``cat_file(path, start, end)`` chunks; the fallback for every protocol no transport claims.
 
 :func:`transport_for` picks one per filesystem, by the filesystem's protocols. Third parties register more
@@ -19,11 +21,20 @@ from lightning_patterns.data.remote.transports.base import Transport
 from lightning_patterns.data.remote.transports.http import HTTPTransport
 from lightning_patterns.data.remote.transports.local import LocalTransport
 from lightning_patterns.data.remote.transports.ranged import RangeTransport
+from lightning_patterns.data.remote.transports.s3 import S3Transport
 
-__all__ = ["HTTPTransport", "LocalTransport", "RangeTransport", "TRANSPORTS", "Transport", "transport_for"]
+__all__ = [
+    "HTTPTransport",
+    "LocalTransport",
+    "RangeTransport",
+    "S3Transport",
+    "TRANSPORTS",
+    "Transport",
+    "transport_for",
+]
 
 TRANSPORTS: Registry[type[Transport]] = Registry("transport", entry_point_group="lightning_patterns.transports")
-for _cls in (HTTPTransport, LocalTransport, RangeTransport):
+for _cls in (HTTPTransport, LocalTransport, S3Transport, RangeTransport):
     TRANSPORTS.register(_cls.name, _cls)
 del _cls
 

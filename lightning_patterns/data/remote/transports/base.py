@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from lightning_patterns.data.remote.deadline import Deadline
 
-__all__ = ["Transport"]
+__all__ = ["ByteSink", "Transport"]
+
+
+class ByteSink(Protocol):
+    """Where a transport puts the bytes it receives: a ``bytearray``, or a fixed window of a larger buffer.
+
+    Transports only append (``sink += data``) and ask how much arrived (``len(sink)``), so a reader can hand
+    them a view of the memory the bytes are finally meant for (a shard's buffer, a cache's region) and no
+    second copy is made. A sink of fixed size may also offer ``tail()`` (the writable memory not filled yet)
+    and ``advance(n)`` (``n`` more bytes were written there), for transports that can read into memory.
+    """
+
+    def __len__(self) -> int:
+        """Bytes appended so far."""
+        ...
+
+    def __iadd__(self, data: bytes | bytearray | memoryview, /) -> ByteSink:
+        """Append ``data``."""
+        ...
 
 
 class Transport(ABC):
@@ -47,7 +65,7 @@ class Transport(ABC):
 
     @abstractmethod
     def read_into(
-        self, path: str, start: int, end: int | None, buf: bytearray, *, deadline: Deadline | None = None
+        self, path: str, start: int, end: int | None, buf: ByteSink, *, deadline: Deadline | None = None
     ) -> bool:
         """Append bytes of the object from ``start`` on to ``buf``, in one request.
 

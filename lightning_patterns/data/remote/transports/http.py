@@ -6,7 +6,7 @@ import errno
 from typing import Any
 
 from lightning_patterns.data.remote.deadline import Deadline, run_bounded
-from lightning_patterns.data.remote.transports.base import Transport
+from lightning_patterns.data.remote.transports.base import ByteSink, Transport
 
 __all__ = ["HTTPTransport"]
 
@@ -37,7 +37,7 @@ class HTTPTransport(Transport):
         return url
 
     def read_into(
-        self, path: str, start: int, end: int | None, buf: bytearray, *, deadline: Deadline | None = None
+        self, path: str, start: int, end: int | None, buf: ByteSink, *, deadline: Deadline | None = None
     ) -> bool:
         """Stream ``path[start:end]`` into ``buf``; ``True`` once the body ended (short or complete)."""
         run_bounded(self.fs.loop, _get_into(self.fs, path, start, end, buf, self.timeout), deadline, path)
@@ -55,7 +55,7 @@ class HTTPTransport(Transport):
             self.fs._session = None
 
 
-async def _get_into(fs: Any, url: str, start: int, end: int | None, buf: bytearray, timeout: float | None) -> None:
+async def _get_into(fs: Any, url: str, start: int, end: int | None, buf: ByteSink, timeout: float | None) -> None:
     import aiohttp
 
     session = await fs.set_session()

@@ -7,7 +7,7 @@ import os
 import stat
 from typing import TYPE_CHECKING
 
-from lightning_patterns.data.remote.transports.base import Transport
+from lightning_patterns.data.remote.transports.base import ByteSink, Transport
 
 if TYPE_CHECKING:
     from lightning_patterns.data.remote.deadline import Deadline
@@ -28,7 +28,7 @@ class LocalTransport(Transport):
     reads_to_end = True
 
     def read_into(
-        self, path: str, start: int, end: int | None, buf: bytearray, *, deadline: Deadline | None = None
+        self, path: str, start: int, end: int | None, buf: ByteSink, *, deadline: Deadline | None = None
     ) -> bool:
         """Append ``path[start:end]`` to ``buf``; ``True`` if the file ended before ``end``."""
         # O_NONBLOCK: opening a FIFO must not wait for a writer before it can be refused.
@@ -40,6 +40,12 @@ class LocalTransport(Transport):
             if not stat.S_ISREG(mode):
                 raise OSError(errno.EINVAL, "Not a regular file (a FIFO, device or folder is never read)", path)
             f.seek(start)
+            tail = getattr(buf, "tail", None)
+            if end is not None and tail is not None:
+                # Straight into the reader's memory: no intermediate copy of the range.
+                got = f.readinto(tail()[: end - start])
+                buf.advance(got)  # type: ignore[attr-defined]
+                return start + got < end
             data = f.read() if end is None else f.read(end - start)
         buf += data
         return end is None or start + len(data) < end

@@ -9,7 +9,7 @@ from typing import TypeVar
 import fsspec.asyn
 
 from lightning_patterns.data.remote.deadline import Deadline, run_bounded
-from lightning_patterns.data.remote.transports.base import Transport
+from lightning_patterns.data.remote.transports.base import ByteSink, Transport
 
 __all__ = ["RangeTransport"]
 
@@ -29,7 +29,7 @@ class RangeTransport(Transport):
     name = "range"
 
     def read_into(
-        self, path: str, start: int, end: int | None, buf: bytearray, *, deadline: Deadline | None = None
+        self, path: str, start: int, end: int | None, buf: ByteSink, *, deadline: Deadline | None = None
     ) -> bool:
         """Append at most ``chunk_size`` bytes from ``start``; ``True`` once the object has no more."""
         stop = end if end is None else min(end, start + self.chunk_size)

@@ -10,6 +10,7 @@ import pickle
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -194,3 +195,42 @@ def test_an_unwritable_cache_dir_is_explained(source: CountingSource, tmp_path: 
     blocker.write_text("a file, not a folder")
     with pytest.raises(OSError, match=r"cannot create its folder in cache_dir=.*Pass a writable local folder"):
         DiskEpochCache(blocker).bind(source.manifest)
+
+
+def test_get_or_fill_stores_in_the_background_holding_the_entry_lock(source: CountingSource, tmp_path: Path) -> None:
+    cache = DiskEpochCache(tmp_path / "cache", min_free_bytes=0)
+    cache.bind(source.manifest)
+    store, writing = cache._store, threading.Event()
+
+    def slow_store(shard: int, data: Any) -> None:  # holds the background write until the test lets it go
+        assert writing.wait(10)
+        store(shard, data)
+
+    cache._store = slow_store  # type: ignore[method-assign]
+    fill_calls: list[int] = []
+
+    def fill(into: memoryview | None) -> bytes:
+        assert into is None  # a disk cache offers no memory
+        fill_calls.append(0)
+        return source.fetcher(0)()
+
+    data = cache.get_or_fill(0, fill)  # returns before the entry is written
+    assert bytes(data) == source.expected(0)
+    entries = tmp_path / "cache" / "lightning_patterns_cache_v1" / "entries"
+    assert not any(entries.glob("*.lps"))
+    # Another reader of the same shard waits for the entry instead of fetching it again.
+    other: list[Any] = []
+    waiter = threading.Thread(target=lambda: other.append(cache.get_or_fill(0, fill)))
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive()
+    writing.set()
+    waiter.join(10)
+    cache.flush()
+    assert bytes(other[0]) == source.expected(0)
+    assert fill_calls == [0]
+    assert cache.stats() == (1, 1)
+    assert len(list(entries.glob("*.lps"))) == 1
+    fresh = DiskEpochCache(tmp_path / "cache", min_free_bytes=0)
+    fresh.bind(source.manifest)
+    assert bytes(fresh.get_or_fill(0, lambda into: pytest.fail("the entry was stored"))) == source.expected(0)

@@ -89,3 +89,36 @@ def test_binding_another_dataset_is_refused(source: CountingSource, tmp_path: An
     cache.bind(source.manifest)  # the same dataset again: fine
     with pytest.raises(ValueError, match="already bound to another dataset"):
         cache.bind(write_small_dataset(tmp_path / "other", num_samples=50))
+
+
+def test_reading_before_bind_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match=r"before bind\(manifest\)"):
+        MemoryEpochCache().get_or_fetch(0, lambda: b"")
+
+
+def test_filling_reuses_the_region_the_shard_is_received_into(source: CountingSource) -> None:
+    cache = MemoryEpochCache()
+    cache.bind(source.manifest)
+    offered: list[memoryview | None] = []
+
+    def fill(into: memoryview | None) -> Any:
+        offered.append(into)
+        assert into is not None
+        into[:] = source.expected(0)  # the fetch writes straight into the cache's region
+        return into
+
+    first = cache.get_or_fill(0, fill)
+    into = offered[0]
+    assert into is not None
+    assert not into.readonly
+    assert len(into) == source.manifest.shards[0].num_bytes
+    assert bytes(first) == source.expected(0)
+    # The hit is the very memory that was filled: no second copy was made.
+    into[0] ^= 0xFF
+    hit = cache.get_or_fill(0, lambda into: pytest.fail("a hit must not fetch"))
+    assert memoryview(hit)[0] == into[0] != source.expected(0)[0]
+    assert memoryview(hit).readonly
+    # A fill that keeps its own memory is copied in once; a plugin's plain get_or_fetch works the same.
+    second = cache.get_or_fill(1, lambda into: source.fetcher(1)())
+    assert bytes(second) == source.expected(1)
+    assert cache.stats() == (1, 2)

@@ -1,0 +1,166 @@
+"""A shard read while it arrives: its pieces land in the order batches need them, each verified on landing.
+
+A shard with a block table (see :mod:`~lightning_patterns.data.shards.blocks`) need not be complete to be
+read: once its head is verified, every block can be verified alone. :func:`progressive_pieces` cuts the body
+into range requests in the order the rows are read (the first rows of every field first), and a
+:class:`ShardArrival` records which blocks have landed and been verified, so a
+:class:`~lightning_patterns.data.shards.ShardReader` opened on the buffer waits (through its ``ready`` hook)
+only for the blocks of the rows it decodes. The first batch of a shard then waits for its own rows, not for
+the whole shard: about a shard's transfer time less.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lightning_patterns.data.remote import Deadline
+from lightning_patterns.data.remote.checksum import checksum_mismatch
+from lightning_patterns.data.shards.blocks import BlockTable
+from lightning_patterns.data.shards.manifest import ShardInfo
+from lightning_patterns.data.shards.reader import ShardHeader
+from lightning_patterns.exceptions import ChecksumMismatchError
+
+__all__ = ["ShardArrival", "progressive_pieces"]
+
+
+def progressive_pieces(header: ShardHeader, table: BlockTable, landed: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """The range requests that bring the body after byte ``landed``, whole blocks each, in the order rows need them.
+
+    Variable-length fields come first (a reader checks them whole when it opens); then pieces of every
+    fixed-size column by the position of their first row in it, so the first rows of every field arrive
+    before the later rows of any. Each block is in one piece; a piece has at most ``chunk_bytes``.
+    """
+    claimed = set(table.blocks_of(table.start, landed))
+    ranked: list[tuple[float, int, int]] = []
+    n = header.num_samples
+    for extent in header.columns.values():
+        if extent.index_offset is not None:
+            regions = [(extent.index_offset, extent.index_offset + 8 * (n + 1), True)]
+            regions.append((extent.offset, extent.offset + extent.nbytes, True))
+        else:
+            regions = [(extent.offset, extent.offset + extent.nbytes, False)]
+        for start, stop, at_open in regions:
+            blocks = [block for block in table.blocks_of(start, stop) if block not in claimed]
+            claimed.update(blocks)
+            for first, last in _pieces(blocks, table, chunk_bytes):
+                need = -1.0 if at_open else max(0, first - start) / max(stop - start, 1)
+                ranked.append((need, first, last))
+    return [(first, last) for _, first, last in sorted(ranked)]
+
+
+def _pieces(blocks: list[int], table: BlockTable, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Byte ranges of runs of consecutive ``blocks``, cut to at most ``chunk_bytes`` (at least one block)."""
+    pieces: list[tuple[int, int]] = []
+    for block in blocks:
+        start, stop = table.bounds(block)
+        if pieces and pieces[-1][1] == start and stop - pieces[-1][0] <= chunk_bytes:
+            pieces[-1] = (pieces[-1][0], stop)
+        else:
+            pieces.append((start, stop))
+    return pieces
+
+
+class ShardArrival:
+    """Which blocks of a shard's buffer have landed and been verified; readers wait for the ones they need.
+
+    Args:
+        info: the shard's manifest entry.
+        url: its URL, named in errors.
+        buffer: the memory the shard arrives in.
+        table: its block table's layout.
+        digests: its block table.
+        pieces: how many pieces are still to land.
+        deadline: how long a reader may wait (the load's deadline).
+        on_wait: told the seconds each wait took (time spent waiting for data); set it once the reader is open,
+            so that only the consumer's waits are counted (the waits of opening are the load's).
+    """
+
+    def __init__(
+        self,
+        info: ShardInfo,
+        url: str,
+        buffer: memoryview,
+        table: BlockTable,
+        digests: memoryview,
+        *,
+        pieces: int,
+        deadline: Deadline,
+        on_wait: Callable[[float], None] | None = None,
+    ) -> None:
+        self.info = info
+        self.url = url
+        self.buffer = buffer
+        self.table = table
+        self.digests = digests
+        self._verified = bytearray(table.count)
+        self._pending = pieces
+        self._failed: list[tuple[int, str, str]] = []
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._deadline = deadline
+        self.on_wait = on_wait
+
+    def mark(self, start: int, stop: int) -> None:
+        """Blocks ``[start, stop)`` (whole ones) landed and were verified, or the check was not asked for."""
+        with self._cond:
+            for block in self.table.blocks_of(start, stop):
+                self._verified[block] = 1
+            self._cond.notify_all()
+
+    def mismatch(self, block: int, expected: str, actual: str) -> None:
+        """``block`` did not match the table even when fetched again: an error once every piece has landed."""
+        with self._cond:
+            self._failed.append((block, expected, actual))
+
+    def piece_done(self) -> None:
+        """One more piece landed (verified or not); after the last, mismatches become the error readers see."""
+        with self._cond:
+            self._pending -= 1
+            if self._pending > 0 or not self._failed or self._error is not None:
+                return
+            block, expected, actual = min(self._failed)
+            detail = self.table.describe_mismatch(block, expected, actual)
+            info = self.info
+            self._error = checksum_mismatch(
+                self.buffer, info.checksum, self.url, expected_size=info.num_bytes, fetches=2, detail=detail
+            ) or ChecksumMismatchError(f"Shard {self.url!r}: {detail}.")
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        """The shard will not arrive whole: readers waiting, and those to come, raise ``error``."""
+        with self._cond:
+            if self._error is None:
+                self._error = error
+            self._cond.notify_all()
+
+    def ready(self, start: int, stop: int) -> None:
+        """Return once bytes ``[start, stop)`` of the body are verified; raise why they never will be."""
+        blocks = self.table.blocks_of(max(start, self.table.start), stop)
+        verified = self._verified
+        if all(verified[block] for block in blocks):
+            return
+        started = time.perf_counter()
+        try:
+            with self._cond:
+                while not all(verified[block] for block in blocks):
+                    if self._error is not None:
+                        raise self._error
+                    if self._deadline.expired():
+                        raise self._deadline.error(self.url)
+                    remaining = self._deadline.remaining()
+                    self._cond.wait(0.05 if remaining is None else min(remaining, 0.05))
+        finally:
+            if self.on_wait is not None:
+                self.on_wait(time.perf_counter() - started)
+
+    def track(self, future: Any) -> None:
+        """Fail the arrival if ``future`` (a piece's request) is cancelled before it runs (the pool shut down)."""
+
+        def check(done: Any) -> None:
+            if done.cancelled():
+                self.fail(self._deadline.error(self.url))
+
+        future.add_done_callback(check)
