@@ -95,6 +95,11 @@ class Kind(enum.IntEnum):
     EXIT = 9
     ATTACH = 10
     COMMIT = 11
+    SPARSE_INIT = 12
+    SPARSE_PULL = 13
+    SPARSE_PUSH = 14
+    SPARSE_SAVE = 15
+    SPARSE_LOAD = 16
     # server -> worker
     ACK = 20
     PARAMS = 21
@@ -102,6 +107,7 @@ class Kind(enum.IntEnum):
     STATE = 23
     ABORT = 24
     REGIONS = 25
+    SPARSE_ROWS = 26
 
 
 class PushFlags(enum.IntFlag):

@@ -33,6 +33,7 @@ import queue
 import threading
 import time
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -73,6 +74,7 @@ from lightning_patterns.strategies.parameter_server.placement import (
     ServerOptimizer,
 )
 from lightning_patterns.strategies.parameter_server.shm import Region, shared_memory_available
+from lightning_patterns.strategies.parameter_server.sparse.serving import SPARSE_MESSAGES, SparseServing
 
 __all__ = ["JOIN_TIMEOUT_S", "ParameterServer", "is_sync", "join_timeout"]
 
@@ -126,6 +128,7 @@ class _Fit:
         self.done: set[int] = set()
         self.rounds = 0
         self.sends: list[Pending] = []
+        self.sparse: SparseServing | None = None  # the fit's sparse tables, from its SPARSE_INIT
 
     def expected(self) -> list[int]:
         """Workers that owe the server a message: training, not finished, and not waiting for its reply."""
@@ -281,7 +284,12 @@ class ParameterServer:
         if fit is None:
             raise ProtocolError(f"Rank {worker} sent {message.kind.name} while no fit was running.")
         placement = fit.placement
-        if isinstance(message, Push):
+        if isinstance(message, SPARSE_MESSAGES):
+            if fit.sparse is None:
+                post = partial(self._post, fit)
+                fit.sparse = SparseServing(self.rank - self.num_workers, self.num_workers, fit.spec.sync, post)
+            fit.sparse.handle(worker, message, payloads)
+        elif isinstance(message, Push):
             self._push(fit, worker, message, payloads)
         elif isinstance(message, Commit) and isinstance(placement, ServerOptimizer):
             self._commit(fit, worker, message, payloads)

@@ -30,6 +30,7 @@ import signal
 from collections.abc import Callable, Generator, Mapping
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import torch
@@ -61,6 +62,7 @@ from lightning_patterns.strategies.parameter_server.placement import PLACEMENTS
 from lightning_patterns.strategies.parameter_server.planner import Plan, choose_servers, format_plan
 from lightning_patterns.strategies.parameter_server.server import is_sync, join_timeout
 from lightning_patterns.strategies.parameter_server.shm import HostCard
+from lightning_patterns.strategies.parameter_server.sparse.wiring import SparseWiring
 from lightning_patterns.strategies.parameter_server.telemetry import ParameterServerTelemetry
 
 if TYPE_CHECKING:
@@ -134,6 +136,17 @@ class _ParameterServerStrategy(WorkerCollectives):
             the order the next forward needs them.
         broadcast_buffers: broadcast rank 0's buffers (BatchNorm running statistics) to the other workers before
             each synchronizing forward, as ``DDPStrategy(broadcast_buffers=True)`` does.
+        sparse_modules: qualified names of ``nn.Embedding`` / ``nn.EmbeddingBag`` modules whose tables live only on
+            the servers, row-sharded (``["user_embedding", "item_embedding"]``); ``None``: detect them by
+            ``sparse_min_rows``. A worker pulls the unique rows of each batch and pushes only their gradients; the
+            servers update them with the optimizer of the tables' param group (SGD and Adagrad exactly as dense
+            training; Adam and AdamW lazily, as ``torch.optim.SparseAdam``). See
+            :mod:`lightning_patterns.strategies.parameter_server.sparse`.
+        sparse_min_rows: without ``sparse_modules``, embeddings of at least this many rows are sparse (``None``:
+            none are).
+        sparse_gather_bytes: after a fit, sparse tables of at most this many bytes in all are pulled back into the
+            module (so it tests, predicts and saves in one process), and checkpoints hold them whole too (so a plain
+            single-process Trainer loads them). Larger ones live in the checkpoints' ``.sparse`` folders only.
         process_group_backend: backend of the workers' group: ``"gloo"`` (default on CPU) or ``"nccl"`` (default
             on GPU). Parameter-server messages always travel on gloo, from CPU buffers.
         start_method: how Lightning starts the workers on one machine, as for ``DDPStrategy``.
@@ -159,6 +172,9 @@ class _ParameterServerStrategy(WorkerCollectives):
         transport: Literal["auto", "shm", "tcp"] = "auto",
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         broadcast_buffers: bool = True,
+        sparse_modules: list[str] | None = None,
+        sparse_min_rows: int | None = 100_000,
+        sparse_gather_bytes: int = 64 * 2**20,
         process_group_backend: str | None = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         accelerator: pl.accelerators.Accelerator | None = None,
@@ -205,6 +221,24 @@ class _ParameterServerStrategy(WorkerCollectives):
             )
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ValueError(f"`bucket_bytes` must be an integer >= 1, got bucket_bytes={bucket_bytes!r}.")
+        if sparse_modules is not None and (
+            isinstance(sparse_modules, str) or not all(isinstance(name, str) and name for name in sparse_modules)
+        ):
+            raise ValueError(
+                f"`sparse_modules` must be a list of qualified module names, got sparse_modules={sparse_modules!r}; "
+                "e.g. sparse_modules=['user_embedding', 'tables.1']."
+            )
+        if sparse_min_rows is not None and (
+            isinstance(sparse_min_rows, bool) or not isinstance(sparse_min_rows, int) or sparse_min_rows < 1
+        ):
+            raise ValueError(
+                f"`sparse_min_rows` must be None or an integer >= 1, got sparse_min_rows={sparse_min_rows!r}. Use "
+                "None to keep every embedding dense."
+            )
+        if isinstance(sparse_gather_bytes, bool) or not isinstance(sparse_gather_bytes, int) or sparse_gather_bytes < 0:
+            raise ValueError(
+                f"`sparse_gather_bytes` must be an integer >= 0, got sparse_gather_bytes={sparse_gather_bytes!r}."
+            )
         if start_method not in _START_METHODS:
             raise ValueError(f"`start_method` must be one of {_START_METHODS}, got start_method={start_method!r}.")
         #: Servers of the job (``0`` until ``num_servers="auto"`` is decided, at the first fit).
@@ -231,6 +265,9 @@ class _ParameterServerStrategy(WorkerCollectives):
         self._mean_loss: float | None = None  # "worker": the workers' mean loss of the last round
         self._clip_request: tuple[float, bool] | None = None  # "server", sync: this step's (value, by norm)
         self._hooks: list[Any] = []  # gradient hooks that push buckets as backward produces them
+        self._sparse = SparseWiring(
+            list(sparse_modules) if sparse_modules is not None else None, sparse_min_rows, sparse_gather_bytes
+        )
 
     # -- topology ----------------------------------------------------------------------------------------------------
     @property
@@ -279,6 +316,23 @@ class _ParameterServerStrategy(WorkerCollectives):
         if self._client is not None and not self._client.finished:
             self._client.settle()  # the last round counts once its replies are in
         return self._telemetry
+
+    @property
+    def sparse_telemetry(self) -> Any:
+        """This worker's sparse counters (``ps/sparse_rows``, ``ps/sparse_bytes``) of the current or last fit."""
+        return self._sparse.last_telemetry
+
+    @contextmanager
+    @override
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        """Around ``configure_model`` of a fit: embeddings that will be sparse are built on the meta device."""
+        module = self.lightning_module
+        fitting = module is not None and module._trainer is not None and module.trainer.state.fn == "fit"
+        if not fitting:
+            yield
+            return
+        with self._sparse.building(module):
+            yield
 
     @property
     def _sync(self) -> bool:
@@ -410,10 +464,16 @@ class _ParameterServerStrategy(WorkerCollectives):
                     "before each step, as under DDP."
                 )
             self.model = layer_sync.apply(self.model)
+        if fitting:
+            assert self.lightning_module is not None
+            self._sparse.prepare(self.lightning_module, max(self.num_servers, 1), self.global_rank)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if fitting:
-            self.setup_optimizers(trainer)
+            with self._sparse.building_optimizer():
+                self.setup_optimizers(trainer)
+            if len(self.optimizers) == 1:
+                self._sparse.take_from_optimizer(self._unwrap(self.optimizers[0]))
         self.setup_precision_plugin()
         if not fitting:
             self._broadcast_module_state()  # as DDP's `_sync_module_states` when it does not wrap the module
@@ -446,6 +506,12 @@ class _ParameterServerStrategy(WorkerCollectives):
             raise RuntimeError("ParameterServerStrategy: fitting needs servers, but none joined the process group.")
         if self.transport == "shm":
             self._check_one_host(self._session.link.cards)
+        if self._sparse.active and self._grad_scaler() is not None:
+            raise ValueError(
+                "ParameterServerStrategy cannot scale the gradients of sparse tables with a GradScaler (mixed "
+                "precision with float16): the servers update their rows without an inf check. Use "
+                "precision='bf16-mixed' or '32-true', or keep the embeddings dense (sparse_min_rows=None)."
+            )
 
     def _check_one_host(self, cards: Mapping[int, HostCard]) -> None:
         """``transport="shm"``: every worker and server must share this worker's host (decided alike everywhere)."""
@@ -477,6 +543,8 @@ class _ParameterServerStrategy(WorkerCollectives):
         )
         self._telemetry = self._client.telemetry
         self._client.start()
+        self._sparse.connect(self._session.link, self.world_size, self.num_servers, self.timeout, self.root_device)
+        self._sparse.set_before_pull(self._client.settle)
         # Like DDP when it wraps the module: every worker starts from rank 0's parameters and buffers.
         self._broadcast_module_state()
         self._client.attach()
@@ -593,11 +661,19 @@ class _ParameterServerStrategy(WorkerCollectives):
         model = model or self.lightning_module
         assert isinstance(model, self._lp_tree.pl.LightningModule)
         optimizer = self._unwrap(optimizer)
+        if self._sparse.active:
+            closure = partial(self._closure_then_push_rows, closure, optimizer)
         if self.update_on == "worker":
             result = super().optimizer_step(optimizer, partial(self._closure_with_mean_loss, closure), model, **kwargs)
         else:
             result = self._step_on_servers(optimizer, closure, model)
         self._log_telemetry()
+        return result
+
+    def _closure_then_push_rows(self, closure: Callable[[], Any], optimizer: Optimizer) -> Any:
+        """Run the step's closure; then push the sparse tables' row gradients of the step (micro-batches summed)."""
+        result = closure()
+        self._sparse.push(optimizer)
         return result
 
     def _closure_with_mean_loss(self, closure: Callable[[], Any]) -> Any:
@@ -681,6 +757,8 @@ class _ParameterServerStrategy(WorkerCollectives):
         if self._telemetry.steps % every != 0:
             return
         metrics = self._telemetry.metrics()
+        if self._sparse.client is not None:
+            metrics.update(self._sparse.client.telemetry.metrics())
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -704,6 +782,44 @@ class _ParameterServerStrategy(WorkerCollectives):
                 self._client.load_state(state_dict)
         # No worker may push before the servers hold the restored state (async servers apply pushes at once).
         self.barrier("parameter_server_load_optimizer_state")
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any | None = None
+    ) -> None:
+        """Sparse tables: every server writes its rows under ``<filepath>.sparse``; then Lightning's save."""
+        if self._sparse.client is not None:
+            assert self._client is not None
+            self._client.settle()
+            self._sparse.save(checkpoint, filepath, self.global_rank)
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def remove_checkpoint(self, filepath: str | Path) -> None:
+        super().remove_checkpoint(filepath)
+        if self.is_global_zero:
+            self._sparse.remove(filepath)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self._sparse.checkpoint_path = Path(checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, *args, **kwargs)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        """A checkpoint with sparse tables: load the rest; the servers load the tables' rows when the fit starts."""
+        if "parameter_server_sparse" not in checkpoint or self.lightning_module is None:
+            super().load_model_state_dict(checkpoint, strict=strict)
+            return
+        state = self._sparse.strip(checkpoint)
+        missing, unexpected = self.lightning_module.load_state_dict(state, strict=False)
+        tables = {f"{name}.weight" for name in checkpoint["parameter_server_sparse"]["tables"]}
+        if strict and (set(missing) - tables or unexpected):
+            raise RuntimeError(
+                f"Error loading the checkpoint's state_dict: missing keys {sorted(set(missing) - tables)}, "
+                f"unexpected keys {sorted(unexpected)}."
+            )
 
     # -- lifecycle ---------------------------------------------------------------------------------------------------
     @override
@@ -732,6 +848,8 @@ class _ParameterServerStrategy(WorkerCollectives):
         if self.update_on == "server" and not self._sync:
             # Async workers may hold slightly different parameters: end on the servers' values.
             self._client.pull()
+        self._client.settle()
+        self._sparse.finish(gather=True)
         self._client.end()
 
     @override
@@ -752,6 +870,7 @@ class _ParameterServerStrategy(WorkerCollectives):
             self.on_exception(RuntimeError("the fit stopped before it finished"))
         vars(self.precision_plugin).pop("clip_gradients", None)  # the recorder of `_connect`
         self._remove_gradient_hooks()
+        self._sparse.finish(gather=False)
         if self._client is not None:
             self._client.close()
         module = self.lightning_module

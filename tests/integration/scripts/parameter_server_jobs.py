@@ -14,6 +14,9 @@ Jobs:
 - ``kill_worker`` / ``kill_server``: at step 3, rank 1 or server 0 is killed with SIGKILL.
 - ``start_failure``: the server cannot import torch (an environment difference on its side).
 - ``two_nodes``: one worker per node, under two torchrun agents.
+- ``sparse``: sparse tables on the servers (``sparse_modules``): SGD and Adagrad with 1 and 2 servers (compared with
+  single-process training by the test), telemetry, a checkpoint written with 2 servers resumed with 1, and
+  ``EmbeddingCTR`` with tables built on the meta device.
 """
 
 from __future__ import annotations
@@ -415,6 +418,138 @@ def run_suite(out: Path) -> None:
     run_async(out / "async_s1", 1, 1)
 
 
+# -- sparse tables ---------------------------------------------------------------------------------------------------
+SPARSE_STEPS = 4
+SPARSE_BATCH = 256
+SPARSE_ROWS = (300, 500)
+
+
+class SparseNet(nn.Module):
+    """Two tables (an ``nn.Embedding`` with a padding row, a summing ``nn.EmbeddingBag``) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.users = nn.Embedding(SPARSE_ROWS[0], 16, padding_idx=0)
+        self.items = nn.EmbeddingBag(SPARSE_ROWS[1], 16, mode="sum")
+        self.head = nn.Linear(32, 1)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.users(users), self.items(items)], dim=1)).squeeze(1)  # type: ignore[no-any-return]
+
+
+def sparse_data(samples: int = SPARSE_STEPS * SPARSE_BATCH * WORKERS) -> TensorDataset:
+    """Zipf-like ids (repeats within a batch), three items per sample, a regression target."""
+    generator = torch.Generator().manual_seed(3)
+    users = (torch.rand(samples, generator=generator) ** 3 * SPARSE_ROWS[0]).long()
+    items = (torch.rand(samples, 3, generator=generator) ** 3 * SPARSE_ROWS[1]).long()
+    return TensorDataset(users, items, torch.randn(samples, generator=generator))
+
+
+def sparse_optimizer(net: SparseNet, name: str) -> torch.optim.Optimizer:
+    tables = [net.users.weight, net.items.weight]
+    groups = [{"params": tables, "lr": 0.5}, {"params": list(net.head.parameters()), "lr": 0.05}]
+    return torch.optim.SGD(groups) if name == "sgd" else torch.optim.Adagrad(groups)
+
+
+class SparseModule(pl.LightningModule):  # type: ignore[misc]
+    def __init__(self, optimizer: str) -> None:
+        super().__init__()
+        self.net = SparseNet()
+        self.optimizer_name = optimizer
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        users, items, target = batch
+        return F.mse_loss(self.net(users, items), target)
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        data = sparse_data()
+        sampler: DistributedSampler[Any] = DistributedSampler(
+            data, num_replicas=self.trainer.world_size, rank=self.global_rank, shuffle=False
+        )
+        return DataLoader(data, batch_size=SPARSE_BATCH, sampler=sampler)
+
+    def configure_optimizers(self) -> Any:
+        return sparse_optimizer(self.net, self.optimizer_name)
+
+
+def _sparse_ps(servers: int, **kwargs: Any) -> Any:
+    return _ps(servers, "worker", sparse_modules=["net.users", "net.items"], **kwargs)
+
+
+def _save_sparse_run(module: Any, trainer: Any, path: Path) -> None:
+    telemetry = trainer.strategy.sparse_telemetry
+    record = {
+        "state_dict": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "history": list(telemetry.history) if telemetry is not None else None,
+        "rank": trainer.global_rank,
+    }
+    torch.save(record, path.with_name(f"{path.name}_rank{trainer.global_rank}.pt"))
+
+
+class _SaveAt(pl.Callback):  # type: ignore[misc]
+    """Save a checkpoint during the fit (the servers then hold the tables) at the end of the epoch of ``step``."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step = step
+        self.path = path
+
+    def on_train_epoch_end(self, trainer: Any, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def run_sparse(out: Path) -> None:
+    """SGD and Adagrad with 1 and 2 servers; a checkpoint at step 2 with 2 servers, resumed with 1; EmbeddingCTR."""
+    for servers in SERVERS:
+        for optimizer in ("sgd", "adagrad"):
+            module = SparseModule(optimizer)
+            trainer = _trainer(_sparse_ps(servers), max_steps=SPARSE_STEPS)
+            trainer.fit(module)
+            _save_sparse_run(module, trainer, out / f"sparse_{optimizer}_s{servers}")
+    # A checkpoint written by 2 servers (end of an epoch of 2 steps), resumed by 1 for a second such epoch.
+    checkpoints = out / "sparse_ckpt"
+    module = SparseModule("adagrad")
+    callback = _SaveAt(2, checkpoints / "step2.ckpt")
+    trainer = _trainer(_sparse_ps(2), max_epochs=1, limit_train_batches=2, callbacks=[callback])
+    trainer.fit(module)
+    module = SparseModule("adagrad")
+    trainer = _trainer(_sparse_ps(1), max_epochs=2, limit_train_batches=2, default_root_dir=str(checkpoints))
+    trainer.fit(module, ckpt_path=str(checkpoints / "step2.ckpt"))
+    _save_sparse_run(module, trainer, out / "sparse_resumed")
+    # Tables built in `configure_model`, on the meta device: the servers create rows with the module's init.
+    run_sparse_ctr(out)
+
+
+def run_sparse_ctr(out: Path) -> None:
+    generator = torch.Generator().manual_seed(5)
+    samples = 384
+    users = torch.randint(0, 200, (samples,), generator=generator)
+    items = torch.randint(0, 5000, (samples,), generator=generator)
+    dense = torch.randn(samples, 4, generator=generator)
+    data = TensorDataset(
+        torch.stack([users, items], dim=1), dense, torch.randint(0, 2, (samples,), generator=generator)
+    )
+
+    class Ctr(classes.EmbeddingCTR):  # type: ignore[misc,name-defined]
+        def train_dataloader(self) -> DataLoader[Any]:
+            sampler: DistributedSampler[Any] = DistributedSampler(
+                data, num_replicas=self.trainer.world_size, rank=self.global_rank, shuffle=False
+            )
+            return DataLoader(data, batch_size=64, sampler=sampler)
+
+    module = Ctr(num_embeddings=[200, 5000], embedding_dim=8, optimizer="adam", sparse_gradients=False)
+    trainer = _trainer(_ps(2, "server", sparse_min_rows=1000, sparse_gather_bytes=0), max_steps=3)
+    trainer.fit(module)
+    tables = module.tables
+    record = {
+        "users_is_meta": tables[0].weight.is_meta,
+        "items_is_meta": tables[1].weight.is_meta,
+        "history": list(trainer.strategy.sparse_telemetry.history),
+    }
+    torch.save(record, out / f"sparse_ctr_rank{trainer.global_rank}.pt")
+
+
 # -- failures --------------------------------------------------------------------------------------------------------
 class RaisingModule(classes.TinyRegressor):  # type: ignore[misc]
     """Rank 1 raises in ``training_step`` at step 3; with ``sync_dist`` every rank logs the loss with ``sync_dist``."""
@@ -522,6 +657,8 @@ def main() -> None:
         run_suite(out)
     elif args.job in ("raise", "kill_worker", "kill_server"):
         run_failure(args)
+    elif args.job == "sparse":
+        run_sparse(out)
     elif args.job == "start_failure":
         run_start_failure(out)
     elif args.job == "two_nodes":  # one worker per node, under torchrun
