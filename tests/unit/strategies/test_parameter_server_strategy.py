@@ -79,6 +79,10 @@ def test_spawn_start_method_uses_the_multiprocessing_launcher(lightning_package:
         ({"start_method": "thread"}, "start_method"),
         ({"transport": "rdma"}, r"`transport` must be one of \('auto', 'shm', 'tcp'\), got transport='rdma'"),
         ({"bucket_bytes": 0}, "bucket_bytes"),
+        ({"sparse_modules": "tables.0"}, r"`sparse_modules` must be a list of qualified module names"),
+        ({"sparse_modules": ["ok", ""]}, r"`sparse_modules` must be a list"),
+        ({"sparse_min_rows": 0}, r"`sparse_min_rows` must be None or an integer >= 1, got sparse_min_rows=0"),
+        ({"sparse_gather_bytes": -1}, r"`sparse_gather_bytes` must be an integer >= 0"),
     ],
 )
 def test_invalid_arguments(kwargs: dict[str, Any], match: str) -> None:
