@@ -162,6 +162,6 @@ def test_sparse_messages_before_init_or_from_the_wrong_rank_are_refused() -> Non
     with pytest.raises(ProtocolError, match="SPARSE_PULL before SPARSE_INIT"):
         serving.handle(1, SparsePull(0, 0), {})
     serving, _ = _serving()
+    request: Any = encode_json({"directory": "x"})
     with pytest.raises(ProtocolError, match="only worker rank 0 saves"):
-        request: Any = encode_json({"directory": "x"})
         serving.handle(1, SparseSave(request.numel()), {"json": request})
