@@ -4,8 +4,9 @@
 2. the data benchmark (``data_loading.py``, 200,000 samples) → ``results/data_loading.json``;
 3. the memory-scaling benchmark (``memory_scaling.py``, 1× = the data benchmark's size, 4× = four times it;
    MosaicML Streaming at a capped size) → ``results/memory_scaling.json``;
-4. the parameter-server benchmark (``parameter_server.py``, its own processes) → ``results/parameter_server.json``;
-   a failure is reported, not fatal;
+4. the parameter-server benchmark (``parameter_server.py``, its own processes) → ``results/parameter_server.json``,
+   and the sparse-embeddings one (``sparse_embeddings.py``: 1M and 10M rows × 64 beside DDP) →
+   ``results/sparse_embeddings.json``; a failure is reported, not fatal;
 5. ``report.py`` → ``results/REPORT.md``, PNG plots, and the "Performance" section of ``benchmarks/README.md``.
 
 It prints how long each phase took. ``--quick`` runs a smoke check (20,000 samples, 1 run each; memory scaling
@@ -33,8 +34,10 @@ import report  # noqa: E402
 
 # Benchmarks that run in their own processes; each takes ``--out PATH`` (JSON with a ``markdown`` key for the
 # report) and ``--quick``.
-OTHER_BENCHMARKS = ("parameter_server.py",)
+OTHER_BENCHMARKS = ("parameter_server.py", "sparse_embeddings.py")
 OTHER_TIMEOUT_S = 300
+#: Benchmarks that may take longer than ``OTHER_TIMEOUT_S`` (sparse_embeddings.py: four launches, a 10M table).
+OTHER_TIMEOUTS_S = {"sparse_embeddings.py": 600}
 
 
 def run_other(script: Path, *, quick: bool) -> None:
@@ -44,10 +47,11 @@ def run_other(script: Path, *, quick: bool) -> None:
     cmd = [sys.executable, str(script), "--out", str(out), *(["--quick"] if quick else [])]
     print(f"[run_all] {shlex.join(cmd)}", flush=True)
     try:
-        proc = subprocess.run(cmd, timeout=OTHER_TIMEOUT_S, cwd=HERE.parent)
+        timeout = OTHER_TIMEOUTS_S.get(script.name, OTHER_TIMEOUT_S)
+        proc = subprocess.run(cmd, timeout=timeout, cwd=HERE.parent)
         status = f"exit {proc.returncode}"
     except subprocess.TimeoutExpired:
-        status = f"timed out after {OTHER_TIMEOUT_S} s"
+        status = f"timed out after {timeout} s"
     print(f"[run_all] {script.name}: {status}", flush=True)
 
 

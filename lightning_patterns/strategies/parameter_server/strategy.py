@@ -809,11 +809,14 @@ class _ParameterServerStrategy(WorkerCollectives):
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         """A checkpoint with sparse tables: load the rest; the servers load the tables' rows when the fit starts."""
-        if "parameter_server_sparse" not in checkpoint or self.lightning_module is None:
+        module = self.lightning_module
+        fitting = module is not None and module._trainer is not None and module.trainer.state.fn == "fit"
+        if "parameter_server_sparse" not in checkpoint or module is None or not fitting:
+            # Evaluation runs on the workers alone: tables small enough are in the state_dict whole.
             super().load_model_state_dict(checkpoint, strict=strict)
             return
         state = self._sparse.strip(checkpoint)
-        missing, unexpected = self.lightning_module.load_state_dict(state, strict=False)
+        missing, unexpected = module.load_state_dict(state, strict=False)
         tables = {f"{name}.weight" for name in checkpoint["parameter_server_sparse"]["tables"]}
         if strict and (set(missing) - tables or unexpected):
             raise RuntimeError(
