@@ -1,7 +1,8 @@
-"""Sparse embedding tables on the parameter servers: the server side, and how the strategy will use it.
+"""Sparse embedding tables on the parameter servers (``ParameterServerStrategy(sparse_modules=...)``).
 
-**Status** (issue #14, in progress): the modules of this package are complete and tested on their own; the
-strategy does not use them yet. What exists:
+**Status** (issue #14): the strategy uses them (:mod:`.wiring`, :mod:`.embeddings`, :mod:`.client`,
+:mod:`.serving`, :mod:`.protocol`), in sync and async modes (async: each push is applied on arrival; the dense
+part's ``max_staleness`` bounds how far a worker runs ahead, the sparse part has no bound of its own). Modules:
 
 - :mod:`.sharding`: which server holds which row (``"hash"``: SplitMix64 of the row id with a per-table salt,
   the default; ``"range"``: contiguous ranges);
@@ -14,7 +15,11 @@ strategy does not use them yet. What exists:
 - :mod:`.wire`: pull and push as raw tensors with a fixed header;
 - :mod:`.checkpoint`: each server saves its rows, a manifest ties them, loading re-shards.
 
-**Design of the strategy's side** (the next step):
+**Design of the strategy's side** (implemented; differences: the threshold is ``sparse_min_rows``, ``None``
+turns detection off; ``scale_grad_by_freq`` and ``EmbeddingBag(mode="max")`` are accepted, since the compact
+table's autograd computes what a dense table's would on the worker's batch, as under DDP; sparse messages are
+headers of :mod:`..messages` with ``ids``/``rows`` payloads, :mod:`.protocol`, rather than :mod:`.wire`'s
+headers; the tables' step pushes go at the end of each optimizer step's closure, not from a gradient hook):
 
 (a) *Which modules.* ``ParameterServerStrategy(sparse_modules=[...])`` names modules by qualified name
 (``["user_embedding", "item_embedding"]``); by default every ``nn.Embedding`` and ``nn.EmbeddingBag`` whose
