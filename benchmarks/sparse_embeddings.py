@@ -4,8 +4,8 @@ The module is an ``nn.Embedding(rows, 64)`` built in ``configure_model`` (4 id c
 1,024 per worker) and a linear head, trained with SGD by 2 workers. For each table size it reports steps per
 second, bytes per step per worker (sent plus received) and each worker's peak RSS:
 
-- parameter server (2 servers, the table sparse: ``sparse_min_rows`` detects it): bytes are measured, the dense
-  head's protocol plus ``ps/sparse_bytes``;
+- parameter server (1 server, ``LP_SPARSE_BENCH_SERVERS=2`` for more; the table is sparse, detected by
+  ``sparse_min_rows``): bytes are measured, the dense head's protocol plus ``ps/sparse_bytes``;
 - DDP: bytes are the ring all-reduce's theory, ``2 × 2 (W - 1) / W × gradient bytes`` (DDP does not count them).
   Where 2 workers cannot hold the dense table (parameters, gradients and DDP's bucket, ``3 × rows × 64 × 4``
   bytes each) in half this machine's available memory, DDP is not started, and that is its result.
@@ -40,18 +40,21 @@ DIM = 64
 COLUMNS = 4
 BATCH = 1024
 WORKERS = 2
-SERVERS = 2
+SERVERS = int(os.environ.get("LP_SPARSE_BENCH_SERVERS", "1"))
 WARMUP = 3
 TITLE = "Sparse embeddings on the parameter server beside DDP"
 
 
-class _Ids(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Power-law ids (``rows × u⁴``: a few rows very popular, most rarely seen) and a click label, per sample."""
+class _Batches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Batches of power-law ids (``rows × u⁴``: a few rows very popular, most rarely seen) and click labels.
 
-    def __init__(self, rows: int, samples: int) -> None:
+    An item is a whole batch, so that no per-sample collation (the same for both strategies) blurs the step time.
+    """
+
+    def __init__(self, rows: int, batches: int) -> None:
         generator = torch.Generator().manual_seed(0)
-        self.ids = (torch.rand(samples, COLUMNS, generator=generator) ** 4 * rows).long().clamp_(max=rows - 1)
-        self.labels = torch.randint(0, 2, (samples,), generator=generator).float()
+        self.ids = (torch.rand(batches, BATCH, COLUMNS, generator=generator) ** 4 * rows).long().clamp_(max=rows - 1)
+        self.labels = torch.randint(0, 2, (batches, BATCH), generator=generator).float()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -82,11 +85,11 @@ def _module_class() -> Any:
             return F.binary_cross_entropy_with_logits(logits, labels)
 
         def train_dataloader(self) -> DataLoader[Any]:
-            data = _Ids(self.rows, BATCH * WORKERS * self.steps)
+            data = _Batches(self.rows, WORKERS * self.steps)
             sampler = torch.utils.data.DistributedSampler(
                 data, num_replicas=self.trainer.world_size, rank=self.global_rank, shuffle=False
             )
-            return DataLoader(data, batch_size=BATCH, sampler=sampler)
+            return DataLoader(data, batch_size=None, sampler=sampler)
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     started = time.time()
     sizes = [100_000, 1_000_000] if args.quick else [100_000, 1_000_000, 10_000_000]
-    ps_steps, ddp_steps = (15, 6) if args.quick else (40, 8)
+    ps_steps, ddp_steps = (15, 6) if args.quick else (60, 12)
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"sparse_embeddings_{os.getpid()}"
     scratch.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -221,24 +221,6 @@ class _ParameterServerStrategy(WorkerCollectives):
             )
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ValueError(f"`bucket_bytes` must be an integer >= 1, got bucket_bytes={bucket_bytes!r}.")
-        if sparse_modules is not None and (
-            isinstance(sparse_modules, str) or not all(isinstance(name, str) and name for name in sparse_modules)
-        ):
-            raise ValueError(
-                f"`sparse_modules` must be a list of qualified module names, got sparse_modules={sparse_modules!r}; "
-                "e.g. sparse_modules=['user_embedding', 'tables.1']."
-            )
-        if sparse_min_rows is not None and (
-            isinstance(sparse_min_rows, bool) or not isinstance(sparse_min_rows, int) or sparse_min_rows < 1
-        ):
-            raise ValueError(
-                f"`sparse_min_rows` must be None or an integer >= 1, got sparse_min_rows={sparse_min_rows!r}. Use "
-                "None to keep every embedding dense."
-            )
-        if isinstance(sparse_gather_bytes, bool) or not isinstance(sparse_gather_bytes, int) or sparse_gather_bytes < 0:
-            raise ValueError(
-                f"`sparse_gather_bytes` must be an integer >= 0, got sparse_gather_bytes={sparse_gather_bytes!r}."
-            )
         if start_method not in _START_METHODS:
             raise ValueError(f"`start_method` must be one of {_START_METHODS}, got start_method={start_method!r}.")
         #: Servers of the job (``0`` until ``num_servers="auto"`` is decided, at the first fit).
@@ -265,9 +247,7 @@ class _ParameterServerStrategy(WorkerCollectives):
         self._mean_loss: float | None = None  # "worker": the workers' mean loss of the last round
         self._clip_request: tuple[float, bool] | None = None  # "server", sync: this step's (value, by norm)
         self._hooks: list[Any] = []  # gradient hooks that push buckets as backward produces them
-        self._sparse = SparseWiring(
-            list(sparse_modules) if sparse_modules is not None else None, sparse_min_rows, sparse_gather_bytes
-        )
+        self._sparse = SparseWiring(sparse_modules, sparse_min_rows, sparse_gather_bytes)
 
     # -- topology ----------------------------------------------------------------------------------------------------
     @property
@@ -811,18 +791,9 @@ class _ParameterServerStrategy(WorkerCollectives):
         """A checkpoint with sparse tables: load the rest; the servers load the tables' rows when the fit starts."""
         module = self.lightning_module
         fitting = module is not None and module._trainer is not None and module.trainer.state.fn == "fit"
-        if "parameter_server_sparse" not in checkpoint or module is None or not fitting:
-            # Evaluation runs on the workers alone: tables small enough are in the state_dict whole.
+        # Evaluation runs on the workers alone: tables small enough are in the state_dict whole.
+        if module is None or not fitting or not self._sparse.load_state(module, checkpoint, strict):
             super().load_model_state_dict(checkpoint, strict=strict)
-            return
-        state = self._sparse.strip(checkpoint)
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        tables = {f"{name}.weight" for name in checkpoint["parameter_server_sparse"]["tables"]}
-        if strict and (set(missing) - tables or unexpected):
-            raise RuntimeError(
-                f"Error loading the checkpoint's state_dict: missing keys {sorted(set(missing) - tables)}, "
-                f"unexpected keys {sorted(unexpected)}."
-            )
 
     # -- lifecycle ---------------------------------------------------------------------------------------------------
     @override

@@ -61,7 +61,25 @@ class SparseWiring:
     """
 
     def __init__(self, sparse_modules: list[str] | None, sparse_min_rows: int | None, sparse_gather_bytes: int) -> None:
-        self.names = sparse_modules
+        if sparse_modules is not None and (
+            isinstance(sparse_modules, str) or not all(isinstance(name, str) and name for name in sparse_modules)
+        ):
+            raise ValueError(
+                f"`sparse_modules` must be a list of qualified module names, got sparse_modules={sparse_modules!r}; "
+                "e.g. sparse_modules=['user_embedding', 'tables.1']."
+            )
+        if sparse_min_rows is not None and (
+            isinstance(sparse_min_rows, bool) or not isinstance(sparse_min_rows, int) or sparse_min_rows < 1
+        ):
+            raise ValueError(
+                f"`sparse_min_rows` must be None or an integer >= 1, got sparse_min_rows={sparse_min_rows!r}. Use "
+                "None to keep every embedding dense."
+            )
+        if isinstance(sparse_gather_bytes, bool) or not isinstance(sparse_gather_bytes, int) or sparse_gather_bytes < 0:
+            raise ValueError(
+                f"`sparse_gather_bytes` must be an integer >= 0, got sparse_gather_bytes={sparse_gather_bytes!r}."
+            )
+        self.names = list(sparse_modules) if sparse_modules is not None else None
         self.min_rows = sparse_min_rows
         self.gather_bytes = sparse_gather_bytes
         self.initializers: dict[int, RowInitializer] = {}
@@ -189,6 +207,22 @@ class SparseWiring:
         directory = sparse_directory(filepath)
         if directory.is_dir():
             shutil.rmtree(directory)
+
+    def load_state(self, module: nn.Module, checkpoint: Mapping[str, Any], strict: bool) -> bool:
+        """Load a checkpoint with sparse tables into ``module`` but the tables (the servers load their rows).
+
+        Returns ``False`` for a checkpoint without sparse tables (load it as usual).
+        """
+        if CHECKPOINT_KEY not in checkpoint:
+            return False
+        missing, unexpected = module.load_state_dict(self.strip(checkpoint), strict=False)
+        tables = {f"{name}.weight" for name in checkpoint[CHECKPOINT_KEY]["tables"]}
+        if strict and (set(missing) - tables or unexpected):
+            raise RuntimeError(
+                f"Error loading the checkpoint's state_dict: missing keys {sorted(set(missing) - tables)}, "
+                f"unexpected keys {sorted(unexpected)}."
+            )
+        return True
 
     def strip(self, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
         """The checkpoint's ``state_dict`` without the sparse tables, remembering where their rows are."""
