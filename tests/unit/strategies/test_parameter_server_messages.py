@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lightning_patterns.strategies.parameter_server import messages
+from lightning_patterns.strategies.parameter_server.sparse import protocol
 from lightning_patterns.strategies.parameter_server.messages import (
     HEADER_FIELDS,
     Abort,
@@ -47,6 +48,13 @@ _EXAMPLES: list[Message] = [
     messages.Regions(json_bytes=200),
     messages.State(json_bytes=9, data_bytes=64),
     Abort(lost=1, json_bytes=30),
+    # The sparse tables' messages (`sparse/protocol.py`).
+    protocol.SparseInit(json_bytes=300),
+    protocol.SparsePull(table=1, num_ids=17),
+    protocol.SparsePush(1, 4, 17, 64, dtype_code(torch.float32), 0, 0.05),
+    protocol.SparseRows(1, 17, 64, dtype_code(torch.bfloat16)),
+    protocol.SparseSave(json_bytes=20),
+    protocol.SparseLoad(json_bytes=20),
 ]
 
 
