@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from lightning_patterns.strategies.parameter_server import messages
-from lightning_patterns.strategies.parameter_server.sparse import protocol
 from lightning_patterns.strategies.parameter_server.messages import (
     HEADER_FIELDS,
     Abort,
@@ -29,6 +28,7 @@ from lightning_patterns.strategies.parameter_server.messages import (
     pack_tensors,
     unpack_tensors,
 )
+from lightning_patterns.strategies.parameter_server.sparse import protocol
 
 _EXAMPLES: list[Message] = [
     Init(json_bytes=120, values_numel=58, values_dtype=dtype_code(torch.float32)),
