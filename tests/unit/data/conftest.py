@@ -1,4 +1,4 @@
-"""Fixtures for shard tests (``memory_url`` is suite-wide, in tests/conftest.py)."""
+"""Fixtures for the data tests (``memory_url`` is suite-wide, in tests/conftest.py)."""
 
 from __future__ import annotations
 
