@@ -1,12 +1,12 @@
 """The README's snippets run as written, and every command it names exists.
 
-Each ```python block is saved as a script and run, in README order, against real test servers on 127.0.0.1: the
-S3 snippets reach a moto server through ``AWS_ENDPOINT_URL`` (what the README tells a user with a local
-S3-compatible server to set), and the one HTTP snippet's public base URL is replaced by the project's HTTP test
-server serving IDX files of the same names. To keep the suite fast, the snippets of the data path alone (no
-Lightning) run one after another in one interpreter (each as ``__main__`` in a fresh namespace), the ``pytest``
-files in one ``pytest`` run, and each snippet that uses Lightning in a process of its own, as a user runs it: which
-Lightning package our classes take is decided by what the process imported.
+Each ```python block is saved as a script and run against real test servers on 127.0.0.1: the S3 snippets reach a
+moto server through ``AWS_ENDPOINT_URL`` (what the README tells a user with a local S3-compatible server to set),
+and the one HTTP snippet's public base URL is replaced by the project's HTTP test server serving IDX files of the
+same names. To keep the suite fast, the snippets of the data path alone (no Lightning) run in README order in one
+interpreter (each as ``__main__`` in a fresh namespace; the Streaming one reads what the Sharding one wrote, as a
+reader's would), the ``pytest`` files in one ``pytest`` run, and each snippet that uses Lightning in a process of
+its own, as a user runs it: which Lightning package our classes take is decided by what the process imported.
 """
 
 from __future__ import annotations
@@ -72,9 +72,10 @@ def _fashion_like(n: int, seed: int) -> list[dict[str, np.ndarray]]:
     return [{"image": images[i], "label": np.int64(i % 10)} for i in range(n)]
 
 
-def _run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> None:
+def _run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> str:
     done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert done.returncode == 0, f"{shlex.join(argv)} exited with {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
 
 
 # Runs each script given as ``__main__`` in a fresh namespace, in order; the first failure fails the run.
@@ -133,8 +134,9 @@ def test_every_python_snippet_runs_as_written(servers: Servers, tmp_path: Path) 
                 assert f"import {module} as {alias}" in source, f"README block {snippet.index} uses {alias}. unimported"
 
     data_path = [s.name() for s in snippets if not s.is_test_file and not s.uses_lightning]
-    _run([sys.executable, "-c", _RUN_IN_ORDER, *data_path], tmp_path, servers.env, timeout=300)
+    out = _run([sys.executable, "-c", _RUN_IN_ORDER, *data_path], tmp_path, servers.env, timeout=300)
     assert (tmp_path / "lp_cache").is_dir(), "the caching snippet's disk cache was not written in the folder it names"
+    assert "epoch 1: 0 bytes from the remote" in out, f"the caching snippet's second epoch read the remote:\n{out}"
 
     tests = [s.name() for s in snippets if s.is_test_file]
     assert tests, "the README's test files (Property-testing your data) were not found"
@@ -142,7 +144,9 @@ def test_every_python_snippet_runs_as_written(servers: Servers, tmp_path: Path) 
     _run(pytest_argv, tmp_path, servers.env, timeout=300)
 
     for snippet in (s for s in snippets if s.uses_lightning):
-        _run([sys.executable, snippet.name()], tmp_path, servers.env, timeout=300)
+        out = _run([sys.executable, snippet.name()], tmp_path, servers.env, timeout=300)
+        if snippet is idx:
+            assert "torch.Size([256, 28, 28])" in out, f"the IDX snippet printed another shape than it says:\n{out}"
 
 
 def test_processes_are_started_only_under_the_main_guard() -> None:
