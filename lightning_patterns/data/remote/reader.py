@@ -168,7 +168,12 @@ class RemoteReader:
         """
         if "://" in url or url.startswith("/"):
             return url
-        return self.url.rstrip("/") + "/" + url
+        root = self.url.rstrip("/")
+        if url.startswith(root + "/"):
+            # Already under a root that is itself a relative local path ("data/train"): URLs built from it, such
+            # as ``shard_url(reader.url, path)``, are relative too, and must not get the root twice.
+            return url
+        return root + "/" + url
 
     # ------------------------------------------------------------------ public reads
 

@@ -298,3 +298,15 @@ def test_a_stream_of_unknown_size_ends_without_retries(block: int) -> None:
         stats = reader.stats.snapshot()
     assert stats.retries == 0
     assert stats.bytes_read == len(data)
+
+
+def test_a_relative_local_root_reads_urls_built_from_it_and_paths_relative_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``StreamingDataset("data/train")`` builds shard URLs as ``data/train/<shard>``: no root added twice."""
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "a.bin").write_bytes(b"payload")
+    monkeypatch.chdir(tmp_path)
+    reader = RemoteReader("data/train")
+    assert reader.fetch("data/train/a.bin") == b"payload"  # built from the root, as shard_url does
+    assert reader.fetch("a.bin") == b"payload"  # relative to the root
