@@ -384,7 +384,8 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
         self.decisions: list[dict[str, float]] = []
         self._timings: dict[tuple[int, int], list[float]] = {}  # (m, K) -> [seconds summed, steps]
         self._restored: tuple[int, int] | None = None
-        self._pending_change: tuple[int, int] | None = None
+        # A decided configuration not in use yet: (m, K, at_batch), at_batch None for "from the next epoch".
+        self._pending_change: tuple[int, int, int | None] | None = None
         self._saved_reload: int | None = None
         self._datamodule: BatchSizeAdjustable | None = None
         self._last_step_end: float | None = None
@@ -420,6 +421,9 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
             if self.accumulation < self._min_accumulation:
                 self._split_first_batch()
         datamodule.set_batch_size(self.micro_batch_size, at_batch=None)
+        if self._pending_change is not None and self._pending_change[2] is not None:
+            # Saved between a mid-epoch decision and its batch: the resumed epoch switches at the same batch.
+            datamodule.set_batch_size(self._pending_change[0], at_batch=self._pending_change[2])
         trainer.accumulate_grad_batches = self.accumulation
         super().on_fit_start(trainer, pl_module)  # after the accumulation is restored: it picks the source
         for optimizer in trainer.optimizers:
@@ -483,12 +487,27 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
         """Adopt a configuration decided in the last epoch: the loader was just rebuilt with it."""
         self._last_step_end = None  # the first step of an epoch waits for a new loader
         if self._pending_change is not None:
-            self.micro_batch_size, self.accumulation = self._pending_change
-            trainer.accumulate_grad_batches = self.accumulation
+            micro, accumulation, at_batch = self._pending_change
             self._pending_change = None
+            if at_batch is None:
+                self.micro_batch_size, self.accumulation = micro, accumulation
+                trainer.accumulate_grad_batches = self.accumulation
+            else:  # the epoch ended before its batch (the loader drops the change too)
+                self._datamodule.set_batch_size(self.micro_batch_size, at_batch=None)  # type: ignore[union-attr]
         if self._saved_reload is not None:
             trainer.reload_dataloaders_every_n_epochs = self._saved_reload  # type: ignore[attr-defined]
             self._saved_reload = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Adopt a mid-epoch change at its batch: the loader switched its batch size there."""
+        pending = self._pending_change
+        if pending is not None and pending[2] == batch_idx:
+            self.micro_batch_size, self.accumulation = pending[0], pending[1]
+            trainer.accumulate_grad_batches = self.accumulation
+            self._pending_change = None
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Validation is not part of the next step's time."""
@@ -510,7 +529,7 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
         if self.scale_schedulers:
             self._advance_schedulers(trainer)
         if trainer.global_step % self.adapt_every_n_steps == 0:
-            self._adapt(trainer)
+            self._adapt(trainer, batch_idx)
         self._last_step_end = time.perf_counter()  # our own work above belongs to this step
 
     def _time_step(self) -> None:
@@ -544,7 +563,17 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
             weights=[self._timings[key][1] for key in keys],
         )
 
-    def _adapt(self, trainer: pl.Trainer) -> None:
+    def _switch_batch(self, batch_idx: int, accumulation: int) -> int:
+        """The first batch a mid-epoch change can take effect at, the same on every rank.
+
+        Lightning has fetched batch ``batch_idx + 1`` already, so the earliest is ``batch_idx + 2``; and the
+        change lands on a step boundary of both accumulations (Lightning steps when the epoch's batch count is a
+        multiple of ``K``), so no step mixes the two configurations.
+        """
+        period = math.lcm(self.accumulation, accumulation)
+        return -(-(batch_idx + 2) // period) * period
+
+    def _adapt(self, trainer: pl.Trainer, batch_idx: int) -> None:
         decision: tuple[int, int, float] | None = None
         if self._pending_change is None:
             self._read_back(trainer)
@@ -554,11 +583,18 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
             return
         micro, accumulation, goodput = decision
         assert self._datamodule is not None  # checked in on_fit_start
-        self._datamodule.set_batch_size(micro, at_batch=None)
-        self._pending_change = (micro, accumulation)
-        if self._saved_reload is None:
-            self._saved_reload = trainer.reload_dataloaders_every_n_epochs  # type: ignore[attr-defined]
-        trainer.reload_dataloaders_every_n_epochs = 1  # type: ignore[attr-defined]
+        at_batch: int | None = self._switch_batch(batch_idx, accumulation)
+        try:
+            # Every rank gets the same batch (same batch_idx, same broadcast decision), so all switch together.
+            self._datamodule.set_batch_size(micro, at_batch=at_batch)
+        except ValueError as error:
+            log.debug("AdaptiveBatchSize: no change within this epoch (%s); from the next one instead", error)
+            at_batch = None
+            self._datamodule.set_batch_size(micro, at_batch=None)
+            if self._saved_reload is None:
+                self._saved_reload = trainer.reload_dataloaders_every_n_epochs  # type: ignore[attr-defined]
+            trainer.reload_dataloaders_every_n_epochs = 1  # type: ignore[attr-defined]
+        self._pending_change = (micro, accumulation, at_batch)
         batch_size = micro * accumulation * self._world_size
         self.decisions.append(
             {
@@ -571,12 +607,13 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
             }
         )
         log.info(
-            "AdaptiveBatchSize: batch %d per rank × %d accumulated × %d ranks = %d from the next epoch "
+            "AdaptiveBatchSize: batch %d per rank × %d accumulated × %d ranks = %d from %s "
             "(noise scale %.1f, predicted goodput %.1f samples/s)",
             micro,
             accumulation,
             self._world_size,
             batch_size,
+            "the next epoch" if at_batch is None else f"batch {at_batch} of this epoch",
             self.ema.noise_scale or math.nan,
             goodput,
         )
@@ -619,8 +656,12 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
     # -- checkpoints -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The noise-scale state, the configuration, ``M₀``, the step times and the progress."""
-        current = self._pending_change or (self.micro_batch_size, self.accumulation)
+        pending = self._pending_change
+        current = (
+            pending[:2] if pending is not None and pending[2] is None else (self.micro_batch_size, self.accumulation)
+        )
         return {
+            "switch": list(pending) if pending is not None and pending[2] is not None else None,
             **super().state_dict(),
             "base_batch_size": self.base_batch_size,
             "micro_batch_size": current[0],
@@ -636,6 +677,8 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
         super().load_state_dict(state_dict)
         self.base_batch_size = state_dict["base_batch_size"]
         self._restored = (int(state_dict["micro_batch_size"]), int(state_dict["accumulation"]))
+        switch = state_dict.get("switch")
+        self._pending_change = None if switch is None else (int(switch[0]), int(switch[1]), int(switch[2]))
         self.progress = float(state_dict["progress"])
         self._scheduler_steps_added = int(state_dict["scheduler_steps_added"])
         self._timings = {(int(m), int(k)): [float(s), float(n)] for m, k, s, n in state_dict["timings"]}
