@@ -58,7 +58,8 @@ class RegressionData(pl.LightningDataModule):
         self.batch_size = batch_size
 
     def set_batch_size(self, batch_size: int, at_batch: int | None = None) -> None:
-        assert at_batch is None
+        if at_batch is not None:  # as the protocol asks: the callback then changes it from the next epoch
+            raise ValueError(f"RegressionData changes its batch size between epochs only, got at_batch={at_batch}.")
         self.batch_size = batch_size
 
     def train_dataloader(self) -> DataLoader[Any]:
