@@ -77,6 +77,8 @@ class _GradientNoiseScale(_Callback):
         log_every_n_steps: read the measurements back and log them every this many optimizer steps (default: the
             Trainer's ``log_every_n_steps``). Between reads nothing waits for the device.
         prefix: prefix of the logged names.
+        measure_every_n_steps: measure one optimizer step in this many (consecutive steps: one pair of steps in
+            this many), to bound the cost; the others run untouched. The moving averages then count measured steps.
         plot: write a PNG of batch size, noise scale and learning rate over the steps at the end of ``fit``,
             to this path (relative paths: under the Trainer's ``log_dir``); ``None``: no plot. Needs matplotlib.
     """
@@ -87,7 +89,13 @@ class _GradientNoiseScale(_Callback):
         log_every_n_steps: int | None = None,
         prefix: str = "gns/",
         plot: str | None = None,
+        measure_every_n_steps: int = 1,
     ) -> None:
+        if measure_every_n_steps < 1:
+            raise ValueError(
+                f"`measure_every_n_steps` must be at least 1, got {measure_every_n_steps=}. "
+                "Use 1 to measure every step."
+            )
         if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(
                 f"`log_every_n_steps` must be at least 1 (or None for the Trainer's), got {log_every_n_steps=}."
@@ -104,6 +112,8 @@ class _GradientNoiseScale(_Callback):
         self.log_every_n_steps = log_every_n_steps
         self.prefix = prefix
         self.plot = plot
+        self.measure_every_n_steps = measure_every_n_steps
+        self._measuring = True  # whether the step under way is measured
         #: One row per read-back: step, global batch size, noise scale, |G|², tr(Σ), learning rate.
         self.history: list[dict[str, float]] = []
         self.source_name = ""
@@ -168,10 +178,19 @@ class _GradientNoiseScale(_Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """Note the micro-batch's size."""
-        if not self._step_batches and isinstance(self._source, (ConsecutiveSteps, MicroBatches)):
-            self._one_process_source(trainer, pl_module)
+        """Note the micro-batch's size, and at a step's first one whether the step is measured."""
+        if not self._step_batches:
+            if isinstance(self._source, (ConsecutiveSteps, MicroBatches)):
+                self._one_process_source(trainer, pl_module)
+            self._measuring = self._measures(trainer.global_step)
         self._step_batches.append(_batch_len(batch))
+
+    def _measures(self, step: int) -> bool:
+        """Whether the step after ``step`` steps is measured: one in ``n`` (consecutive steps: a pair in ``2n``)."""
+        n = self.measure_every_n_steps
+        if isinstance(self._source, ConsecutiveSteps):
+            return n == 1 or step % (2 * n) < 2
+        return step % n == 0
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -179,7 +198,10 @@ class _GradientNoiseScale(_Callback):
         """Take the step's two norms (gradients are complete, unscaled and not yet clipped)."""
         source, step, parameters = self._source, trainer.global_step, self._parameters
         pending: PendingSample | None = None
-        if isinstance(source, ConsecutiveSteps):
+        if not self._measuring:
+            if isinstance(source, (ConsecutiveSteps, MicroBatches, DDPCommHook)):
+                source.reset()
+        elif isinstance(source, ConsecutiveSteps):
             pending = source.measure(step, parameters, sum(self._step_batches))
         elif isinstance(source, MicroBatches):
             pending = source.measure(step, parameters, self._step_batches[-1], len(self._step_batches))
@@ -193,7 +215,7 @@ class _GradientNoiseScale(_Callback):
     ) -> None:
         """After an optimizer step: take the strategy's report, and read back and log every few steps."""
         if trainer.global_step == self._steps_seen:  # accumulating: no step taken yet
-            if isinstance(self._source, MicroBatches):
+            if isinstance(self._source, MicroBatches) and self._measuring:
                 self._source.end_micro_batch(self._parameters, self._step_batches[-1])
             return
         self._steps_seen = trainer.global_step
@@ -329,6 +351,7 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
         log_every_n_steps: see :class:`GradientNoiseScale`.
         prefix: see :class:`GradientNoiseScale`.
         plot: see :class:`GradientNoiseScale` (e.g. ``"gns.png"``).
+        measure_every_n_steps: see :class:`GradientNoiseScale`.
     """
 
     def __init__(
@@ -345,8 +368,15 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
         log_every_n_steps: int | None = None,
         prefix: str = "gns/",
         plot: str | None = None,
+        measure_every_n_steps: int = 1,
     ) -> None:
-        super().__init__(smoothing=smoothing, log_every_n_steps=log_every_n_steps, prefix=prefix, plot=plot)
+        super().__init__(
+            smoothing=smoothing,
+            log_every_n_steps=log_every_n_steps,
+            prefix=prefix,
+            plot=plot,
+            measure_every_n_steps=measure_every_n_steps,
+        )
         for name, value in (
             ("max_batch_size", max_batch_size),
             ("min_batch_size", min_batch_size),
