@@ -209,7 +209,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", type=float, default=0.85, help="validation accuracy to reach")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024])
-    parser.add_argument("--base-lr", type=float, default=0.02, help="SGD learning rate of the smallest batch size")
+    parser.add_argument("--base-lr", type=float, default=0.005, help="SGD learning rate of the smallest batch size")
     parser.add_argument("--train-samples", type=int, default=60_000)
     parser.add_argument("--val-samples", type=int, default=10_000)
     parser.add_argument("--val-every", type=int, default=15_000, help="training samples between validations")
