@@ -230,13 +230,8 @@ class DiskEpochCache(EpochCache):
     def _entry_path(self, digest: str) -> Path:
         return self.root / "entries" / f"{digest}.lps"
 
-    def get_or_fetch(self, shard: int, fetch: Callable[[], bytes | memoryview]) -> Any:
-        """The shard's entry, memory-mapped read-only; on a miss ``fetch()`` it (once per machine) and store it.
-
-        Raises:
-            RuntimeError: :meth:`bind` was not called.
-            CacheLockTimeoutError: another process held the entry's lock for longer than ``lock_timeout``.
-        """
+    def _unlocked_hit(self, shard: int) -> tuple[str, Any]:
+        """The entry's digest, and the entry if it is stored and verifies (counted as a hit), without the lock."""
         if self._manifest is None:
             raise RuntimeError(
                 "DiskEpochCache.get_or_fetch() before bind(manifest): bind the cache to a dataset first."
@@ -245,6 +240,18 @@ class DiskEpochCache(EpochCache):
         found = self._open_verified(shard, locked=False)
         if found is not None and found is not _CORRUPT:
             self._count(hit=True)
+            return digest, found
+        return digest, None
+
+    def get_or_fetch(self, shard: int, fetch: Callable[[], bytes | memoryview]) -> Any:
+        """The shard's entry, memory-mapped read-only; on a miss ``fetch()`` it (once per machine) and store it.
+
+        Raises:
+            RuntimeError: :meth:`bind` was not called.
+            CacheLockTimeoutError: another process held the entry's lock for longer than ``lock_timeout``.
+        """
+        digest, found = self._unlocked_hit(shard)
+        if found is not None:
             return found
         lock_path = str(self._lock_path(digest))
         with file_lock(lock_path, timeout=self.lock_timeout, what=f"disk cache entry {digest[:16]}… (shard {shard})"):
@@ -268,14 +275,8 @@ class DiskEpochCache(EpochCache):
             RuntimeError: :meth:`bind` was not called.
             CacheLockTimeoutError: another process held the entry's lock for longer than ``lock_timeout``.
         """
-        if self._manifest is None:
-            raise RuntimeError(
-                "DiskEpochCache.get_or_fetch() before bind(manifest): bind the cache to a dataset first."
-            )
-        digest = self._digests[shard]
-        found = self._open_verified(shard, locked=False)
-        if found is not None and found is not _CORRUPT:
-            self._count(hit=True)
+        digest, found = self._unlocked_hit(shard)
+        if found is not None:
             return found
         lock = acquire_file_lock(
             str(self._lock_path(digest)),

@@ -150,6 +150,9 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         if self.cache is not None:
             self.cache.bind(self.manifest)
         self.counters = StreamCounters()
+        # The recorder of an iteration running in this process. Lightning stops asking for batches once it has
+        # ``len(loader)`` of them, leaving the generator (and its final flush) suspended: ``metrics()`` flushes it.
+        self._recorder: StreamRecorder | None = None
         self._cursor = StreamCursor()
         # Units yielded since an iteration began from the cursor; None until one begins.
         self._yielded: int | None = None
@@ -556,6 +559,7 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
             if class_order is not None:
                 class_order.forget(shard)
 
+        self._recorder = recorder
         use = ShardUse(pending, last_position, balanced, release)
         if self._balancer is None and worker_plan.shuffle_window <= 1 and class_order is None:
             batches = self._run_batches(worker_plan, positions, pipeline, use)
@@ -577,6 +581,8 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
                         yield {name: value[row] for name, value in batch.items()}
         finally:
             recorder.flush()
+            if self._recorder is recorder:
+                self._recorder = None
             pipeline.close()
 
     def _class_order(self) -> ClassOrder:
@@ -641,12 +647,19 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
             labels[mask] = pipeline.get(shard).read_field(self._label_field, local[mask]).reshape(-1)
         return labels
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers get the dataset without this process's iteration (its recorder holds closures).
+        return {**self.__dict__, "_recorder": None}
+
     def metrics(self) -> dict[str, float]:
         """Counters summed over this rank's workers: samples, remote bytes and requests, retries, waits.
 
         ``first_batch_seconds`` is the time from the start of the latest iteration to its first batch (the
         slowest worker's, each counted from when it started iterating).
         """
+        recorder = self._recorder
+        if recorder is not None:
+            recorder.flush()
         return self.counters.totals()
 
     def __repr__(self) -> str:

@@ -183,6 +183,38 @@ class EpochCacheContract:
         assert memoryview(again).readonly
         assert bytes(again) == source.expected(0)
 
+    def test_filling_into_offered_memory_reads_the_same_bytes(
+        self, make_cache: Callable[..., EpochCache], source: CountingSource
+    ) -> None:
+        """``get_or_fill``: a fill writes into the memory the cache offers (or its own); later reads hit, read-only."""
+        cache = self._bound(make_cache, source)
+        n = len(source.manifest.shards)
+        offered: list[bool] = []
+
+        def fill_for(shard: int) -> Callable[[memoryview | None], bytes | memoryview]:
+            def fill(into: memoryview | None) -> bytes | memoryview:
+                offered.append(into is not None)
+                data = source.fetcher(shard)()
+                if into is None:
+                    return data
+                assert not into.readonly, "the offered memory must be writable"
+                assert len(into) == len(data), "the offered memory must have the shard's size"
+                into[:] = data
+                return into
+
+            return fill
+
+        for shard in range(n):
+            assert bytes(cache.get_or_fill(shard, fill_for(shard))) == source.expected(shard)
+        cache.flush()
+        for shard in range(n):
+            hit = cache.get_or_fill(shard, lambda into: pytest.fail("a cached shard must not be fetched again"))
+            assert memoryview(hit).readonly
+            assert bytes(hit) == source.expected(shard)
+        assert source.calls == list(range(n))
+        assert len(offered) == n
+        assert cache.stats() == (n, n)
+
     def test_a_limit_bounds_what_later_epochs_fetch(
         self, make_cache: Callable[..., EpochCache], source: CountingSource
     ) -> None:

@@ -89,6 +89,19 @@ def test_metrics_count_remote_bytes_and_samples(make_dataset: Callable[..., str]
     assert metrics["loader_wait_seconds"] > 0
 
 
+def test_metrics_count_an_epoch_whose_last_batch_was_taken_but_not_past(make_dataset: Callable[..., str]) -> None:
+    # Lightning takes len(loader) batches and never asks for one more, so the generator is left suspended.
+    url = make_dataset(300)
+    dataset = StreamingDataset(url, batch_size=32)
+    loader = StreamingDataLoader(dataset, num_workers=0)
+    batches = iter(loader)
+    for _ in range(len(loader)):
+        next(batches)
+    metrics = loader.metrics()
+    assert metrics["samples"] == 300
+    assert metrics["remote_bytes"] == load_manifest(url).num_bytes
+
+
 def test_metrics_are_summed_over_worker_processes(make_dataset: Callable[..., str]) -> None:
     url = make_dataset(300)
     dataset = StreamingDataset(url, batch_size=32)
