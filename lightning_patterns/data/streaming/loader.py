@@ -152,7 +152,8 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be at least 1, got batch_size={batch_size!r}.")
         if dataset.batch_size is None or dataset.min_per_class is not None:
-            dataset.set_batch_size(batch_size)  # raises the dataset's own explanation
+            dataset.set_batch_size(batch_size)  # raises the dataset's own explanation, unless the size is the same
+            return
         reading = self._started and self._position < len(self)
         if at_batch is None:
             self._switch = None
