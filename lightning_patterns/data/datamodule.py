@@ -235,7 +235,12 @@ class _ShardedStreamingDataModule(_LightningDataModule):
                 if self._pending_switch is not None:
                     batch_size, at_batch = self._pending_switch
                     self._pending_switch = None
-                    loader.set_batch_size(batch_size, at_batch=at_batch)
+                    try:
+                        loader.set_batch_size(batch_size, at_batch=at_batch)
+                    except ValueError as error:
+                        # Resumed on another topology, the epoch may end before that batch: change at the next one.
+                        log.warning("Batch size %d from the next epoch instead: %s", batch_size, error)
+                        loader.set_batch_size(batch_size)
             self.loaders[split] = loader
         return self.loaders[split]
 
