@@ -325,9 +325,12 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
     ``M₀ = 2 · (b // 2)``. A new configuration is adopted when its predicted goodput beats the current one's by
     ``min_improvement``; rank zero decides and every rank follows.
 
-    The DataModule must implement :class:`~lightning_patterns.adaptive.BatchSizeAdjustable`; a DataModule that
-    changes batch size only between epochs (``InMemoryDataModule``) gets the new size from the next epoch on, the
-    Trainer being told to rebuild its loaders then.
+    The DataModule must implement :class:`~lightning_patterns.adaptive.BatchSizeAdjustable`. One that changes
+    batch size within an epoch (``ShardedStreamingDataModule``) is asked for the change at the first batch past
+    the one Lightning has prefetched that is a step boundary of both the old and the new accumulation, the same
+    batch on every rank; one that changes it only between epochs (``InMemoryDataModule``, which raises
+    ``ValueError`` for ``at_batch``) gets the new size from the next epoch on, the Trainer being told to rebuild
+    its loaders then.
 
     Each optimizer step multiplies the learning rate of every parameter group by AdaScale's gain
     ``S (B + M₀) / (B + S M₀)`` (``S = M / M₀``) raised to ``lr_gain_power``, for the step only: schedulers and
