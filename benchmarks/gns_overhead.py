@@ -17,6 +17,7 @@ that fraction is the overhead. Configurations:
     python benchmarks/gns_overhead.py --accelerator gpu     # on a CUDA GPU
     python benchmarks/gns_overhead.py --quick               # smoke check
     python benchmarks/gns_overhead.py --out PATH            # also write a JSON result
+    python benchmarks/gns_overhead.py --measure-every 1     # measure every step (default: one in 4)
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ class SelfTime:
         return timed
 
 
-def timed_callback(clock: SelfTime, warmup: int) -> pl.Callback:
-    callback = GradientNoiseScale()
+def timed_callback(clock: SelfTime, warmup: int, measure_every: int) -> pl.Callback:
+    callback = GradientNoiseScale(measure_every_n_steps=measure_every)
     for hook in ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"):
         setattr(callback, hook, clock.wrap(getattr(callback, hook)))
     original_end = callback.on_train_batch_end
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace, with_gns: bool, accumulation: int) -> tuple[fl
     callbacks: list[pl.Callback] = [timer]
     clock = SelfTime()
     if with_gns:
-        callbacks.append(timed_callback(clock, args.warmup))
+        callbacks.append(timed_callback(clock, args.warmup, args.measure_every))
     micro = args.batch_size // accumulation
     steps = args.warmup + args.steps
     data = InMemoryDataModule(train_samples=steps * args.batch_size, val_samples=256, batch_size=micro)
@@ -161,7 +162,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
 def markdown_table(rows: list[dict[str, Any]], args: argparse.Namespace, device: str) -> str:
     lines = [
         f"GradientNoiseScale overhead: MLPClassifier, batch {args.batch_size}, one process, {device}, "
-        f"median of {args.repeats} runs × {args.steps} steps",
+        f"median of {args.repeats} runs × {args.steps} steps, measuring one step in {args.measure_every}",
         "",
         "| accumulation | measured from | step without (ms) | step with (ms) | A/B, medians | A/B, fastest runs "
         "| callback's own time | goal ≤ 5% (own time) |",
@@ -185,6 +186,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="runs per configuration")
     parser.add_argument("--accumulation", type=int, default=2, help="also measure K micro-batches (1: skip)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
+    parser.add_argument(
+        "--measure-every", type=int, default=4, help="GradientNoiseScale(measure_every_n_steps=N): one step in N"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke check: 2 runs of 50 steps")
     parser.add_argument("--out", default=None, help="also write the result as JSON to this path")
     args = parser.parse_args(argv)

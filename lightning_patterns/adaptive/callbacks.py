@@ -77,6 +77,8 @@ class _GradientNoiseScale(_Callback):
         log_every_n_steps: read the measurements back and log them every this many optimizer steps (default: the
             Trainer's ``log_every_n_steps``). Between reads nothing waits for the device.
         prefix: prefix of the logged names.
+        measure_every_n_steps: measure one optimizer step in this many (consecutive steps: one pair of steps in
+            this many), to bound the cost; the others run untouched. The moving averages then count measured steps.
         plot: write a PNG of batch size, noise scale and learning rate over the steps at the end of ``fit``,
             to this path (relative paths: under the Trainer's ``log_dir``); ``None``: no plot. Needs matplotlib.
     """
@@ -87,7 +89,13 @@ class _GradientNoiseScale(_Callback):
         log_every_n_steps: int | None = None,
         prefix: str = "gns/",
         plot: str | None = None,
+        measure_every_n_steps: int = 1,
     ) -> None:
+        if measure_every_n_steps < 1:
+            raise ValueError(
+                f"`measure_every_n_steps` must be at least 1, got {measure_every_n_steps=}. "
+                "Use 1 to measure every step."
+            )
         if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(
                 f"`log_every_n_steps` must be at least 1 (or None for the Trainer's), got {log_every_n_steps=}."
@@ -104,6 +112,8 @@ class _GradientNoiseScale(_Callback):
         self.log_every_n_steps = log_every_n_steps
         self.prefix = prefix
         self.plot = plot
+        self.measure_every_n_steps = measure_every_n_steps
+        self._measuring = True  # whether the step under way is measured
         #: One row per read-back: step, global batch size, noise scale, |G|², tr(Σ), learning rate.
         self.history: list[dict[str, float]] = []
         self.source_name = ""
@@ -168,10 +178,19 @@ class _GradientNoiseScale(_Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """Note the micro-batch's size."""
-        if not self._step_batches and isinstance(self._source, (ConsecutiveSteps, MicroBatches)):
-            self._one_process_source(trainer, pl_module)
+        """Note the micro-batch's size, and at a step's first one whether the step is measured."""
+        if not self._step_batches:
+            if isinstance(self._source, (ConsecutiveSteps, MicroBatches)):
+                self._one_process_source(trainer, pl_module)
+            self._measuring = self._measures(trainer.global_step)
         self._step_batches.append(_batch_len(batch))
+
+    def _measures(self, step: int) -> bool:
+        """Whether the step after ``step`` steps is measured: one in ``n`` (consecutive steps: a pair in ``2n``)."""
+        n = self.measure_every_n_steps
+        if isinstance(self._source, ConsecutiveSteps):
+            return n == 1 or step % (2 * n) < 2
+        return step % n == 0
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -179,7 +198,10 @@ class _GradientNoiseScale(_Callback):
         """Take the step's two norms (gradients are complete, unscaled and not yet clipped)."""
         source, step, parameters = self._source, trainer.global_step, self._parameters
         pending: PendingSample | None = None
-        if isinstance(source, ConsecutiveSteps):
+        if not self._measuring:
+            if isinstance(source, (ConsecutiveSteps, MicroBatches, DDPCommHook)):
+                source.reset()
+        elif isinstance(source, ConsecutiveSteps):
             pending = source.measure(step, parameters, sum(self._step_batches))
         elif isinstance(source, MicroBatches):
             pending = source.measure(step, parameters, self._step_batches[-1], len(self._step_batches))
@@ -193,7 +215,7 @@ class _GradientNoiseScale(_Callback):
     ) -> None:
         """After an optimizer step: take the strategy's report, and read back and log every few steps."""
         if trainer.global_step == self._steps_seen:  # accumulating: no step taken yet
-            if isinstance(self._source, MicroBatches):
+            if isinstance(self._source, MicroBatches) and self._measuring:
                 self._source.end_micro_batch(self._parameters, self._step_batches[-1])
             return
         self._steps_seen = trainer.global_step
@@ -303,9 +325,12 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
     ``M₀ = 2 · (b // 2)``. A new configuration is adopted when its predicted goodput beats the current one's by
     ``min_improvement``; rank zero decides and every rank follows.
 
-    The DataModule must implement :class:`~lightning_patterns.adaptive.BatchSizeAdjustable`; a DataModule that
-    changes batch size only between epochs (``InMemoryDataModule``) gets the new size from the next epoch on, the
-    Trainer being told to rebuild its loaders then.
+    The DataModule must implement :class:`~lightning_patterns.adaptive.BatchSizeAdjustable`. One that changes
+    batch size within an epoch (``ShardedStreamingDataModule``) is asked for the change at the first batch past
+    the one Lightning has prefetched that is a step boundary of both the old and the new accumulation, the same
+    batch on every rank; one that changes it only between epochs (``InMemoryDataModule``, which raises
+    ``ValueError`` for ``at_batch``) gets the new size from the next epoch on, the Trainer being told to rebuild
+    its loaders then.
 
     Each optimizer step multiplies the learning rate of every parameter group by AdaScale's gain
     ``S (B + M₀) / (B + S M₀)`` (``S = M / M₀``) raised to ``lr_gain_power``, for the step only: schedulers and
@@ -329,6 +354,7 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
         log_every_n_steps: see :class:`GradientNoiseScale`.
         prefix: see :class:`GradientNoiseScale`.
         plot: see :class:`GradientNoiseScale` (e.g. ``"gns.png"``).
+        measure_every_n_steps: see :class:`GradientNoiseScale`.
     """
 
     def __init__(
@@ -345,8 +371,15 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
         log_every_n_steps: int | None = None,
         prefix: str = "gns/",
         plot: str | None = None,
+        measure_every_n_steps: int = 1,
     ) -> None:
-        super().__init__(smoothing=smoothing, log_every_n_steps=log_every_n_steps, prefix=prefix, plot=plot)
+        super().__init__(
+            smoothing=smoothing,
+            log_every_n_steps=log_every_n_steps,
+            prefix=prefix,
+            plot=plot,
+            measure_every_n_steps=measure_every_n_steps,
+        )
         for name, value in (
             ("max_batch_size", max_batch_size),
             ("min_batch_size", min_batch_size),
@@ -384,7 +417,8 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
         self.decisions: list[dict[str, float]] = []
         self._timings: dict[tuple[int, int], list[float]] = {}  # (m, K) -> [seconds summed, steps]
         self._restored: tuple[int, int] | None = None
-        self._pending_change: tuple[int, int] | None = None
+        # A decided configuration not in use yet: (m, K, at_batch), at_batch None for "from the next epoch".
+        self._pending_change: tuple[int, int, int | None] | None = None
         self._saved_reload: int | None = None
         self._datamodule: BatchSizeAdjustable | None = None
         self._last_step_end: float | None = None
@@ -420,6 +454,9 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
             if self.accumulation < self._min_accumulation:
                 self._split_first_batch()
         datamodule.set_batch_size(self.micro_batch_size, at_batch=None)
+        if self._pending_change is not None and self._pending_change[2] is not None:
+            # Saved between a mid-epoch decision and its batch: the resumed epoch switches at the same batch.
+            datamodule.set_batch_size(self._pending_change[0], at_batch=self._pending_change[2])
         trainer.accumulate_grad_batches = self.accumulation
         super().on_fit_start(trainer, pl_module)  # after the accumulation is restored: it picks the source
         for optimizer in trainer.optimizers:
@@ -483,12 +520,27 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
         """Adopt a configuration decided in the last epoch: the loader was just rebuilt with it."""
         self._last_step_end = None  # the first step of an epoch waits for a new loader
         if self._pending_change is not None:
-            self.micro_batch_size, self.accumulation = self._pending_change
-            trainer.accumulate_grad_batches = self.accumulation
+            micro, accumulation, at_batch = self._pending_change
             self._pending_change = None
+            if at_batch is None:
+                self.micro_batch_size, self.accumulation = micro, accumulation
+                trainer.accumulate_grad_batches = self.accumulation
+            else:  # the epoch ended before its batch (the loader drops the change too)
+                self._datamodule.set_batch_size(self.micro_batch_size, at_batch=None)  # type: ignore[union-attr]
         if self._saved_reload is not None:
             trainer.reload_dataloaders_every_n_epochs = self._saved_reload  # type: ignore[attr-defined]
             self._saved_reload = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Adopt a mid-epoch change at its batch: the loader switched its batch size there."""
+        pending = self._pending_change
+        if pending is not None and pending[2] == batch_idx:
+            self.micro_batch_size, self.accumulation = pending[0], pending[1]
+            trainer.accumulate_grad_batches = self.accumulation
+            self._pending_change = None
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Validation is not part of the next step's time."""
@@ -510,7 +562,7 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
         if self.scale_schedulers:
             self._advance_schedulers(trainer)
         if trainer.global_step % self.adapt_every_n_steps == 0:
-            self._adapt(trainer)
+            self._adapt(trainer, batch_idx)
         self._last_step_end = time.perf_counter()  # our own work above belongs to this step
 
     def _time_step(self) -> None:
@@ -544,7 +596,17 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
             weights=[self._timings[key][1] for key in keys],
         )
 
-    def _adapt(self, trainer: pl.Trainer) -> None:
+    def _switch_batch(self, batch_idx: int, accumulation: int) -> int:
+        """The first batch a mid-epoch change can take effect at, the same on every rank.
+
+        Lightning has fetched batch ``batch_idx + 1`` already, so the earliest is ``batch_idx + 2``; and the
+        change lands on a step boundary of both accumulations (Lightning steps when the epoch's batch count is a
+        multiple of ``K``), so no step mixes the two configurations.
+        """
+        period = math.lcm(self.accumulation, accumulation)
+        return -(-(batch_idx + 2) // period) * period
+
+    def _adapt(self, trainer: pl.Trainer, batch_idx: int) -> None:
         decision: tuple[int, int, float] | None = None
         if self._pending_change is None:
             self._read_back(trainer)
@@ -554,11 +616,18 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
             return
         micro, accumulation, goodput = decision
         assert self._datamodule is not None  # checked in on_fit_start
-        self._datamodule.set_batch_size(micro, at_batch=None)
-        self._pending_change = (micro, accumulation)
-        if self._saved_reload is None:
-            self._saved_reload = trainer.reload_dataloaders_every_n_epochs  # type: ignore[attr-defined]
-        trainer.reload_dataloaders_every_n_epochs = 1  # type: ignore[attr-defined]
+        at_batch: int | None = self._switch_batch(batch_idx, accumulation)
+        try:
+            # Every rank gets the same batch (same batch_idx, same broadcast decision), so all switch together.
+            self._datamodule.set_batch_size(micro, at_batch=at_batch)
+        except ValueError as error:
+            log.debug("AdaptiveBatchSize: no change within this epoch (%s); from the next one instead", error)
+            at_batch = None
+            self._datamodule.set_batch_size(micro, at_batch=None)
+            if self._saved_reload is None:
+                self._saved_reload = trainer.reload_dataloaders_every_n_epochs  # type: ignore[attr-defined]
+            trainer.reload_dataloaders_every_n_epochs = 1  # type: ignore[attr-defined]
+        self._pending_change = (micro, accumulation, at_batch)
         batch_size = micro * accumulation * self._world_size
         self.decisions.append(
             {
@@ -571,12 +640,13 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
             }
         )
         log.info(
-            "AdaptiveBatchSize: batch %d per rank × %d accumulated × %d ranks = %d from the next epoch "
+            "AdaptiveBatchSize: batch %d per rank × %d accumulated × %d ranks = %d from %s "
             "(noise scale %.1f, predicted goodput %.1f samples/s)",
             micro,
             accumulation,
             self._world_size,
             batch_size,
+            "the next epoch" if at_batch is None else f"batch {at_batch} of this epoch",
             self.ema.noise_scale or math.nan,
             goodput,
         )
@@ -619,8 +689,12 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
     # -- checkpoints -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The noise-scale state, the configuration, ``M₀``, the step times and the progress."""
-        current = self._pending_change or (self.micro_batch_size, self.accumulation)
+        pending = self._pending_change
+        current = (
+            pending[:2] if pending is not None and pending[2] is None else (self.micro_batch_size, self.accumulation)
+        )
         return {
+            "switch": list(pending) if pending is not None and pending[2] is not None else None,
             **super().state_dict(),
             "base_batch_size": self.base_batch_size,
             "micro_batch_size": current[0],
@@ -636,6 +710,8 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
         super().load_state_dict(state_dict)
         self.base_batch_size = state_dict["base_batch_size"]
         self._restored = (int(state_dict["micro_batch_size"]), int(state_dict["accumulation"]))
+        switch = state_dict.get("switch")
+        self._pending_change = None if switch is None else (int(switch[0]), int(switch[1]), int(switch[2]))
         self.progress = float(state_dict["progress"])
         self._scheduler_steps_added = int(state_dict["scheduler_steps_added"])
         self._timings = {(int(m), int(k)): [float(s), float(n)] for m, k, s, n in state_dict["timings"]}

@@ -218,6 +218,10 @@ class DDPCommHook:
                 "GradientNoiseScale/AdaptiveBatchSize callback."
             ) from error
 
+    def reset(self) -> None:
+        """Drop the bucket norms of a step that is not measured."""
+        self._local = []
+
     def add_local(self, norm: torch.Tensor) -> None:
         """Note one bucket's local norm (called by the hook during the backward pass)."""
         self._local.append(norm)

@@ -5,6 +5,11 @@ serves them to any ``Trainer``: one process, DDP, or the parameter-server strate
 ``distributed_sampler_kwargs`` name the workers only, so data never goes to servers). Every rank yields
 the same number of batches, and the train loader's position is saved in Lightning checkpoints, so
 ``trainer.fit(ckpt_path=...)`` resumes mid-epoch exactly, even on another number of devices.
+
+Its training batch size can change in the middle of an epoch (``set_batch_size(b, at_batch=n)``, the
+:class:`~lightning_patterns.adaptive.BatchSizeAdjustable` seam that ``AdaptiveBatchSize`` uses): the stream
+re-plans the samples not yet delivered at the new size, so none is lost or repeated, and the Trainer's count of
+the epoch's batches follows. The batch size is saved in checkpoints with the stream's position.
 """
 
 from __future__ import annotations
@@ -146,6 +151,8 @@ class _ShardedStreamingDataModule(_LightningDataModule):
         self.datasets: dict[str, StreamingDataset] = {}
         self.loaders: dict[str, StreamingDataLoader] = {}
         self._train_state: dict[str, Any] | None = None
+        # A mid-epoch change asked for before the training loader exists (a resumed run): (batch_size, at_batch).
+        self._pending_switch: tuple[int, int] | None = None
 
     def rank_and_world_size(self) -> tuple[int, int]:
         """``(rank, world_size)`` of the data-parallel replicas: from the Trainer's strategy when attached."""
@@ -223,6 +230,17 @@ class _ShardedStreamingDataModule(_LightningDataModule):
                     # Before Lightning measures the epoch (len), so a resumed epoch has its true length.
                     loader.load_state_dict(self._train_state)
                     self._train_state = None
+                if self.datasets[split].batch_size != self.batch_size:
+                    loader.set_batch_size(self.batch_size)  # the resumed epoch ends at its own size, then this
+                if self._pending_switch is not None:
+                    batch_size, at_batch = self._pending_switch
+                    self._pending_switch = None
+                    try:
+                        loader.set_batch_size(batch_size, at_batch=at_batch)
+                    except ValueError as error:
+                        # Resumed on another topology, the epoch may end before that batch: change at the next one.
+                        log.warning("Batch size %d from the next epoch instead: %s", batch_size, error)
+                        loader.set_batch_size(batch_size)
             self.loaders[split] = loader
         return self.loaders[split]
 
@@ -242,12 +260,57 @@ class _ShardedStreamingDataModule(_LightningDataModule):
         """The prediction stream of this rank."""
         return self._loader("predict")
 
+    def set_batch_size(self, batch_size: int, at_batch: int | None = None) -> None:
+        """Change the training batch size per rank (:class:`~lightning_patterns.adaptive.BatchSizeAdjustable`).
+
+        Args:
+            batch_size: samples per training batch on each rank, at least 1.
+            at_batch: ``None``: from the next epoch. An integer: from batch ``at_batch`` (0-based ``batch_idx``)
+                of the epoch being trained on; every rank must be given the same one. The samples not yet
+                delivered are re-planned at the new size, so none is lost or repeated.
+
+        Raises:
+            ValueError: ``batch_size < 1``; ``at_batch`` already delivered (Lightning fetches one batch ahead, so
+                the earliest is ``batch_idx + 2`` in ``on_train_batch_end``) or past the epoch's last batch;
+                class-balanced batches (``min_per_class``), which keep their batch size.
+        """
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be at least 1, got batch_size={batch_size!r}.")
+        if self.min_per_class is not None or self.class_balance is not None:
+            raise ValueError(
+                f"Class-balanced batches keep the batch size they were built with ({self.batch_size}), got "
+                f"batch_size={batch_size!r}. Drop `min_per_class`/`class_balance` to change it while training."
+            )
+        loader = self.loaders.get("train")
+        if loader is not None:
+            loader.set_batch_size(batch_size, at_batch=at_batch)
+        elif at_batch is not None:
+            self._pending_switch = (batch_size, at_batch)  # checked when the loader exists
+        else:
+            self._pending_switch = None
+            if "train" in self.datasets:
+                self.datasets["train"].set_batch_size(batch_size)
+        self.batch_size = batch_size
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count the training batches that reach the model, so checkpoints resume after exactly those."""
         trainer = self.trainer
         if trainer is not None and trainer.training and "train" in self.loaders:
-            self.loaders["train"].mark_consumed()
+            loader = self.loaders["train"]
+            loader.mark_consumed()
+            self._follow_epoch_length(trainer, len(loader))
         return batch
+
+    @staticmethod
+    def _follow_epoch_length(trainer: Any, length: int) -> None:
+        """After a mid-epoch batch-size change, tell the Trainer how many batches the epoch now has."""
+        fit_loop = trainer.fit_loop
+        if fit_loop.max_batches == length or trainer.limit_train_batches != 1.0:
+            return
+        fit_loop.max_batches = length
+        interval = trainer.val_check_interval
+        if isinstance(interval, float) and trainer.val_check_batch not in (None, float("inf")):
+            trainer.val_check_batch = max(1, int(length * interval))
 
     def teardown(self, stage: str) -> None:
         """Stop the embedded server, once every rank is done reading from it."""
@@ -264,7 +327,8 @@ class _ShardedStreamingDataModule(_LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """The training stream's position, saved in Lightning checkpoints with the datamodule."""
         loader = self.loaders.get("train")
-        return {"train": loader.state_dict()} if loader is not None else {}
+        state: dict[str, Any] = {"batch_size": self.batch_size}
+        return {**state, "train": loader.state_dict()} if loader is not None else state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the training stream's position when its loader is created.
@@ -274,6 +338,7 @@ class _ShardedStreamingDataModule(_LightningDataModule):
         right when the run resumes on another world size.
         """
         self._train_state = state_dict.get("train")
+        self.batch_size = int(state_dict.get("batch_size", self.batch_size))
 
     def metrics(self) -> dict[str, dict[str, float]]:
         """This rank's streaming counters for every split that was read."""

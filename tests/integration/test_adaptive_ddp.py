@@ -7,19 +7,33 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from lightning_patterns.data.shards import write_dataset
 from lightning_patterns.testing.launch import free_port, launch_env, torchrun_command
 
 SCRIPT = Path(__file__).parent / "scripts" / "adaptive_ddp.py"
+N = 640
+
+
+class _Samples:
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        image = (np.random.default_rng(i).normal(size=(4, 4)) + i % 4).astype(np.float32)
+        return {"index": np.int64(i), "image": image, "label": np.int64(i % 4)}
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_noise_scale_and_batch_size_under_ddp(tmp_path: Path) -> None:
+    url = str(tmp_path / "data")
+    write_dataset(_Samples(), url, num_shards=3, progress=False)
     port = free_port()
     result = subprocess.run(
-        [*torchrun_command(port, nproc=2), str(SCRIPT), str(tmp_path)],
+        [*torchrun_command(port, nproc=2), str(SCRIPT), str(tmp_path), url],
         env=launch_env(port),
         capture_output=True,
         text=True,
@@ -49,3 +63,27 @@ def test_noise_scale_and_batch_size_under_ddp(tmp_path: Path) -> None:
     by_epoch = Counter((epoch, size, k) for epoch, size, k in ranks[0]["steps"])
     assert by_epoch[(0, 16, 1)] == 4096 // 32
     assert all((size, k) == (micro, accumulation) for epoch, size, k in ranks[0]["steps"] if epoch >= 1)
+
+    # Streamed: the batch size changed in the middle of the first epoch, at the same batch on both ranks.
+    streamed = [record["streamed"] for record in ranks]
+    decision = streamed[0]["decisions"][0]
+    micro = decision["micro_batch_size"]
+    assert (micro, decision["accumulation"]) == (32, 1)  # 2 ranks × 32 = 64
+    switches = [next(row[1] for row in record["rows"] if row[2] != 16) for record in streamed]
+    assert switches[0] == switches[1]
+    per_rank_epoch = [[row for row in record["rows"] if row[0] == 0] for record in streamed]
+    assert 0 < switches[0] < len(per_rank_epoch[0]) - 1
+    assert len(per_rank_epoch[0]) == len(per_rank_epoch[1])
+    assert all(row[2] == micro for rows in per_rank_epoch for row in rows[switches[0] : -1])
+    for epoch in (0, 1):
+        seen = Counter(i for record in streamed for row in record["rows"] if row[0] == epoch for i in row[4])
+        assert seen == Counter(range(N)), f"epoch {epoch}: each sample once across both ranks"
+    # Resumed from a checkpoint after the change: the new batch size, and the rest of the epoch, each sample once.
+    saved_at = streamed[0]["saved_at"]
+    done = [i for record in streamed for row in record["before"] if row[1] <= saved_at for i in row[4]]
+    rest = [i for record in streamed for row in record["resumed"] for i in row[4]]
+    assert Counter(done + rest) == Counter(range(N))
+    for record in streamed:
+        assert record["resumed_config"] == [micro, 1]
+        assert record["resumed"][0][1] == saved_at + 1
+        assert all(row[2] == micro for row in record["resumed"][:-1])

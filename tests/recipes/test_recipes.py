@@ -62,6 +62,12 @@ def test_recipe_runs_shortened(name: str, tmp_path: Path) -> None:
     best = tmp_path / best_checkpoint(name)
     assert best.is_file()
     assert (best.parent / "last.ckpt").is_file()
+    plots = [c for c in config["trainer"]["callbacks"] if c.get("init_args", {}).get("plot")]
+    for callback in plots:
+        # The noise-scale callbacks write their plot at the end of fit, under the logger's folder.
+        written = list(tmp_path.rglob(callback["init_args"]["plot"]))
+        assert written, f"{callback['class_path']} wrote no {callback['init_args']['plot']}"
+        assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if "Data pipeline" in result.stdout:
         # The closing line and the table come from the same counters, reduced over the ranks; counts are integers.
         closing = result.stdout.split("fit finished: ")[1]

@@ -259,6 +259,31 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
         if self._balancer is not None:
             self._check_class_coverage()
 
+    def set_batch_size(self, batch_size: int) -> None:
+        """Yield batches of ``batch_size`` from the next iteration on (the loader re-plans what remains of an epoch).
+
+        Raises:
+            ValueError: ``batch_size < 1``, a dataset that yields single samples, or class-balanced batches (their
+                balancer and replayed resume are built for one batch size).
+        """
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be at least 1, got batch_size={batch_size!r}.")
+        if self.batch_size is None:
+            raise ValueError(
+                "This StreamingDataset yields single samples (batch_size=None), so it has no batch size to change: "
+                "construct it with `batch_size=N`, or change the DataLoader's batch size instead."
+            )
+        if batch_size == self.batch_size:
+            return
+        if self._balancer is not None:
+            raise ValueError(
+                f"Class-balanced batches (min_per_class={self.min_per_class}) keep the batch size they were built "
+                f"with ({self.batch_size}), got batch_size={batch_size!r}. Drop `min_per_class`/`class_balance` to "
+                "change the batch size while training."
+            )
+        self.batch_size = batch_size
+        self._plan_config = replace(self._plan_config, batch_size=batch_size)
+
     @property
     def rank_and_world_size(self) -> tuple[int, int]:
         """``(rank, world_size)`` this dataset shards for."""

@@ -5,12 +5,18 @@ It saves one small :class:`~lightning_patterns.data.streaming.resume.ResumePoint
 the epoch and the number of batches this rank delivered. Since every rank delivers the same number of
 batches, that is enough to rebuild what every rank still has to yield, and a job restarted with another
 world size or number of workers yields each remaining sample of the epoch once.
+
+The batch size can change in the middle of an epoch (:meth:`StreamingDataLoader.set_batch_size` with
+``at_batch``): at that batch the loader takes the resume point of what it delivered, re-plans the remaining
+spans at the new batch size (the elastic-resume path, on the same topology) and goes on reading, so no sample
+is lost or repeated. Every rank given the same ``at_batch`` still yields the same number of batches.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -65,8 +71,15 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
         self._batches_before = 0
         self._pending: ResumePoint | None = None
         self._pending_stream: list[Span] = []
-        # When a trainer reports the batches it consumed, the state counts those, not the ones prefetched.
-        self._batches_consumed: int | None = None
+        # When a trainer reports the batches it consumed, the state counts those, not the ones prefetched: the
+        # epoch's batch index (counted from its start) of the first batch not consumed yet.
+        self._consumed_position: int | None = None
+        # A batch-size change due in this epoch: (epoch, batch_size, at_batch); and the point where the latest one
+        # happened, so a checkpoint of a batch consumed before it (Lightning prefetches) still resumes exactly.
+        self._switch: tuple[int, int, int] | None = None
+        self._previous_segment: ResumePoint | None = None
+        # The batch size of the next epoch, when changed while an epoch is being read.
+        self._next_batch_size: int | None = None
         self.wait_seconds = 0.0
         # Seconds from the start of the latest iteration (workers starting included) to its first batch.
         self.first_batch_seconds = 0.0
@@ -87,6 +100,10 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
         self._iter_started = time.perf_counter()
         dataset: StreamingDataset = self.dataset
         self._batches_yielded = 0
+        self._previous_segment = None
+        if self._next_batch_size is not None and self._pending is None:
+            dataset.set_batch_size(self._next_batch_size)
+            self._next_batch_size = None
         if self._pending is not None:
             point, self._pending = self._pending, None
             dataset.reset(dataset.cursor_at(point, self._pending_stream))
@@ -106,9 +123,76 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
             self._stream = None
             self._batches_before = 0
         self._started = True
-        if self._batches_consumed is not None:
-            self._batches_consumed = self._batches_yielded
+        if self._switch is not None and self._switch[0] != self._epoch:
+            self._switch = None  # asked for during an epoch that ended before its batch
+        if self._consumed_position is not None:
+            self._consumed_position = self._position
         return self._counted(super().__iter__())
+
+    @property
+    def _position(self) -> int:
+        """The epoch's batch index of the next batch this loader delivers."""
+        return self._batches_before + self._batches_yielded
+
+    def set_batch_size(self, batch_size: int, at_batch: int | None = None) -> None:
+        """Change the batch size of the stream.
+
+        Args:
+            batch_size: samples per batch from the change on, at least 1.
+            at_batch: ``None``: from the next epoch (at once when no epoch is being read). An integer: from batch
+                ``at_batch`` (0-based, counted from the epoch's start) of the epoch being read, or of the epoch
+                the next ``iter()`` reads when none is; the remaining samples are re-planned at the new size, so
+                none is lost or repeated. Give every rank the same ``at_batch``.
+
+        Raises:
+            ValueError: ``batch_size < 1``; a class-balanced or single-sample dataset; ``at_batch`` already
+                delivered, or not before the end of the epoch (use ``at_batch=None`` then).
+        """
+        dataset: StreamingDataset = self.dataset
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be at least 1, got batch_size={batch_size!r}.")
+        if dataset.batch_size is None or dataset.min_per_class is not None:
+            dataset.set_batch_size(batch_size)  # raises the dataset's own explanation, unless the size is the same
+            return
+        reading = self._started and self._position < len(self)
+        if at_batch is None:
+            self._switch = None
+            if reading or self._pending is not None:
+                self._next_batch_size = batch_size
+            else:
+                dataset.set_batch_size(batch_size)
+            return
+        position = self._pending.batches_done if self._pending is not None else self._position if reading else 0
+        length = len(self)
+        if not position <= at_batch < length:
+            raise ValueError(
+                f"Cannot change the batch size at batch at_batch={at_batch!r} of epoch {self._epoch}: this loader "
+                f"has delivered {position} of its {length} batches, so at_batch must lie in [{position}, {length}). "
+                "Pass a later batch, or at_batch=None to change it from the next epoch."
+            )
+        if not reading and self._pending is None and self._started:
+            # The epoch was read to its end: `at_batch` counts in the next one.
+            self._epoch += 1
+            self._started = False
+        self._next_batch_size = None
+        self._switch = (self._epoch, batch_size, at_batch)
+
+    def _switched(self, old: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Stop reading ``old`` and go on with what remains of the epoch at the new batch size."""
+        assert self._switch is not None
+        _, batch_size, _ = self._switch
+        self._switch = None
+        dataset: StreamingDataset = self.dataset
+        point = self.resume_point(self._batches_yielded)
+        stream = remaining_stream(point)
+        _close(old)
+        dataset.set_batch_size(batch_size)
+        dataset.reset(StreamCursor(point.epoch, tuple(stream)))
+        self._previous_segment = point
+        self._stream = tuple(stream)
+        self._batches_before = point.batches_done
+        self._batches_yielded = 0
+        return iter(super().__iter__())
 
     def track_consumption(self) -> None:
         """Save the batches reported through :meth:`mark_consumed` instead of the batches delivered.
@@ -116,16 +200,25 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
         Lightning fetches one batch ahead of the one it trains on; a checkpoint taken mid-epoch must
         resume at the first batch not trained on, not after the prefetched one.
         """
-        self._batches_consumed = 0
+        self._consumed_position = self._position
 
     def mark_consumed(self) -> None:
         """One more delivered batch went into training (see :meth:`track_consumption`)."""
-        if self._batches_consumed is not None:
-            self._batches_consumed = min(self._batches_consumed + 1, self._batches_yielded)
+        if self._consumed_position is not None:
+            self._consumed_position = min(self._consumed_position + 1, self._position)
 
     def _counted(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         first = True
-        for batch in timed(batches, self._waited):
+        source = timed(batches, self._waited)
+        while True:
+            switch = self._switch
+            if switch is not None and switch[0] == self._epoch and switch[2] == self._position:
+                batches = self._switched(batches)
+                source = timed(batches, self._waited)
+            try:
+                batch = next(source)
+            except StopIteration:
+                return
             if first:
                 first = False
                 self.first_batch_seconds = time.perf_counter() - self._iter_started
@@ -136,10 +229,19 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
         self.wait_seconds += seconds
 
     def resume_point(self, batches_consumed: int | None = None) -> ResumePoint:
-        """Where this rank stands: ``batches_consumed`` (default: all delivered) batches into the epoch."""
+        """Where this rank stands: ``batches_consumed`` (default: all delivered) batches into the epoch.
+
+        ``batches_consumed`` counts from where the current plan began (the start of the epoch, of a resumed part
+        of it, or of the latest batch-size change). By default the point is the consumed position of
+        :meth:`track_consumption`, which may lie just before the latest batch-size change.
+        """
         dataset: StreamingDataset = self.dataset
         if batches_consumed is None:
-            batches_consumed = self._batches_yielded if self._batches_consumed is None else self._batches_consumed
+            position = self._position if self._consumed_position is None else self._consumed_position
+            previous = self._previous_segment
+            if position < self._batches_before and previous is not None and position >= previous.batches_before:
+                return replace(previous, batches_yielded=position - previous.batches_before)
+            batches_consumed = position - self._batches_before
         consumed = batches_consumed
         if not 0 <= consumed <= self._batches_yielded:
             raise ValueError(
@@ -185,6 +287,10 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
             )
         point = ResumePoint.from_state(state_dict[_STATE_KEY])
         dataset: StreamingDataset = self.dataset
+        if point.config.batch_size != dataset.plan_config.batch_size and dataset.batch_size is not None:
+            # Saved after a batch-size change: the epoch goes on at the batch size it had then.
+            dataset.set_batch_size(point.config.batch_size)
+        self._previous_segment = None  # a change asked for stays: Lightning loads the state again after the DataModule
         if dataset.min_per_class is not None:
             # Balanced batches resume by replaying the plan on the same topology (see StreamingDataset.cursor_at).
             self._pending, self._pending_stream, self._epoch = point, [], point.epoch
@@ -210,3 +316,15 @@ class StreamingDataLoader(StatefulDataLoader):  # type: ignore[misc]
             "loader_wait_seconds": self.wait_seconds,
             "first_batch_seconds": self.first_batch_seconds,
         }
+
+
+def _close(batches: Iterator[Any]) -> None:
+    """Stop a DataLoader iterator now: its worker processes, or its generator's read-ahead threads."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
+    fetcher = getattr(batches, "_dataset_fetcher", None)
+    generator = getattr(fetcher, "dataset_iter", None)
+    close = getattr(generator, "close", None)
+    if callable(close):
+        close()

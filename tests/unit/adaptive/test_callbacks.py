@@ -273,6 +273,7 @@ def test_adaptive_batch_size_in_one_process_needs_room_for_two_micro_batches(
     [
         ("GradientNoiseScale", {"smoothing": 1.0}, "`smoothing` must be in"),
         ("GradientNoiseScale", {"log_every_n_steps": 0}, "`log_every_n_steps` must be at least 1"),
+        ("GradientNoiseScale", {"measure_every_n_steps": 0}, "`measure_every_n_steps` must be at least 1"),
         ("AdaptiveBatchSize", {"max_batch_size": 0}, "`max_batch_size` must be at least 1"),
         ("AdaptiveBatchSize", {"min_batch_size": 64, "max_batch_size": 32}, "Cannot have max_batch_size=32"),
         ("AdaptiveBatchSize", {"max_accumulation": 0}, "`max_accumulation` and `adapt_every_n_steps`"),
@@ -285,6 +286,28 @@ def test_invalid_callback_arguments(name: str, kwargs: dict[str, Any], message: 
 
     with pytest.raises(ValueError, match=message):
         getattr(callbacks, name)(**kwargs)
+
+
+@pytest.mark.parametrize(("accumulation", "source"), [(1, "consecutive_steps"), (2, "micro_batches")])
+def test_measuring_every_n_steps_measures_exactly_those(
+    lightning_package: LightningPackage, accumulation: int, source: str
+) -> None:
+    """measure_every_n_steps=3: one step in 3 (a pair of steps in 6), the same estimate over exactly those steps."""
+    callback = lightning_package.classes.GradientNoiseScale(smoothing=0.9, measure_every_n_steps=3)
+    model = _regression(lightning_package)
+    trainer = lightning_package.pl.Trainer(
+        max_steps=60, accumulate_grad_batches=accumulation, callbacks=[callback], logger=False, **QUIET
+    )
+    trainer.fit(model, _loader(16))
+    assert callback.source_name == source
+    steps = [model.micro_batches[i : i + accumulation] for i in range(0, 60 * accumulation, accumulation)]
+    measured = [i for i in range(60) if (i % 6 < 2 if accumulation == 1 else i % 3 == 0)]
+    assert callback.ema.count == (len(measured) // 2 if accumulation == 1 else len(measured))
+    offline = _offline_ema([b for i in measured for b in steps[i]], accumulation, smoothing=0.9).stats
+    assert offline is not None
+    assert callback.stats is not None
+    assert callback.stats.grad_sqr == pytest.approx(offline.grad_sqr, rel=1e-3)
+    assert callback.stats.grad_var == pytest.approx(offline.grad_var, rel=1e-3)
 
 
 def test_in_memory_datamodule_changes_batch_size_between_epochs_only() -> None:
