@@ -33,21 +33,33 @@ def progressive_pieces(header: ShardHeader, table: BlockTable, landed: int, chun
     fixed-size column by the position of their first row in it, so the first rows of every field arrive
     before the later rows of any. Each block is in one piece; a piece has at most ``chunk_bytes``.
     """
-    claimed = set(table.blocks_of(table.start, landed))
-    ranked: list[tuple[float, int, int]] = []
+    landed_blocks = set(table.blocks_of(table.start, landed))
     n = header.num_samples
+    regions: list[tuple[int, int, bool]] = []  # (start, stop, needed when the reader opens)
     for extent in header.columns.values():
         if extent.index_offset is not None:
-            regions = [(extent.index_offset, extent.index_offset + 8 * (n + 1), True)]
+            regions.append((extent.index_offset, extent.index_offset + 8 * (n + 1), True))
             regions.append((extent.offset, extent.offset + extent.nbytes, True))
         else:
-            regions = [(extent.offset, extent.offset + extent.nbytes, False)]
-        for start, stop, at_open in regions:
-            blocks = [block for block in table.blocks_of(start, stop) if block not in claimed]
-            claimed.update(blocks)
-            for first, last in _pieces(blocks, table, chunk_bytes):
-                need = -1.0 if at_open else max(0, first - start) / max(stop - start, 1)
-                ranked.append((need, first, last))
+            regions.append((extent.offset, extent.offset + extent.nbytes, False))
+
+    def need(region: tuple[int, int, bool], at: int) -> float:
+        """How urgently the region needs byte ``at``: -1 at open, else the byte's position in it (0 to 1)."""
+        start, stop, at_open = region
+        return -1.0 if at_open else max(0, at - start) / max(stop - start, 1)
+
+    # A block two columns share (the end of one, the start of the next) comes with the column that needs it first:
+    # the first rows of a column must not wait for the last piece of the column before it.
+    owner: dict[int, tuple[float, int]] = {}
+    for index, region in enumerate(regions):
+        for block in table.blocks_of(region[0], region[1]):
+            if block not in landed_blocks:
+                owner[block] = min(owner.get(block, (2.0, index)), (need(region, table.bounds(block)[0]), index))
+    ranked: list[tuple[float, int, int]] = []
+    for index, region in enumerate(regions):
+        blocks = [block for block in table.blocks_of(region[0], region[1]) if owner.get(block, (0.0, -1))[1] == index]
+        for first, last in _pieces(blocks, table, chunk_bytes):
+            ranked.append((need(region, first), first, last))
     return [(first, last) for _, first, last in sorted(ranked)]
 
 

@@ -5,6 +5,7 @@ Every check compares with the bytes on disk, decoded by a ``ShardReader`` over t
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,40 @@ def test_two_workers_read_each_sample_once_and_the_shard_they_share_once(blocked
     remote = int(loader.metrics()["remote_bytes"])
     straddle = max(shard.head_bytes or 0 for shard in manifest.shards)
     assert manifest.num_bytes <= remote <= manifest.num_bytes + 2 * straddle + 2 * 5 * BLOCK
+
+
+def test_the_first_rows_of_every_column_come_in_the_first_pieces(tmp_path: Path) -> None:
+    # A column whose first bytes share a block with the end of the column before it must get that block early:
+    # with the block left to the earlier column's last piece, a shard's first batch waited for nearly all of it.
+    from lightning_patterns.data.streaming.arrival import progressive_pieces
+
+    url = str(tmp_path / "wide")
+    rng = np.random.default_rng(3)
+    samples = [{"image": rng.integers(0, 256, size=(28, 28), dtype=np.uint8), "label": np.int64(i)} for i in range(600)]
+    write_dataset(samples, url, shard_bytes=1 << 20, block_bytes=BLOCK, progress=False)
+    shard = load_manifest(url).shards[0]
+    data = (Path(url) / shard.path).read_bytes()
+    header = parse_header(data, len(data))
+    table = header.blocks
+    assert table is not None
+    landed = table.start + BLOCK  # as if the first request brought one block of the body
+    pieces = progressive_pieces(header, table, landed, chunk_bytes=8 * BLOCK)
+    columns = sorted(header.columns.values(), key=lambda column: column.offset)
+    assert (
+        table.bounds(table.blocks_of(columns[-1].offset, columns[-1].offset + 1)[0])[0]
+        < columns[0].offset + columns[0].nbytes
+    ), "the test needs a shared block"
+    first_need = {}
+    for column in columns:
+        first_block_start = table.bounds(table.blocks_of(column.offset, column.offset + 1)[0])[0]
+        if first_block_start < landed:
+            continue
+        first_need[column.offset] = next(
+            k for k, (start, stop) in enumerate(pieces) if start <= first_block_start < stop
+        )
+    # Every column's first block is in one of the first len(columns) pieces, and every block is fetched once.
+    assert all(k < len(columns) for k in first_need.values()), (first_need, pieces[: len(columns) + 1])
+    covered = sorted(pieces)
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(covered))
+    assert covered[0][0] == landed
+    assert covered[-1][1] == len(data)
