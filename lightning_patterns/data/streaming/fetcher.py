@@ -76,7 +76,7 @@ class PriorityPool:
         future: Future[_T] = Future()
         with self._cond:
             if self._closed:
-                future.cancel()
+                _cancel(future)
                 return future
             heapq.heappush(self._queue, (priority, next(self._order), future, fn))
             if len(self._workers) < self._threads:
@@ -111,7 +111,18 @@ class PriorityPool:
             queued, self._queue = self._queue, []
             self._cond.notify_all()
         for _, _, future, _ in queued:
-            future.cancel()
+            _cancel(future)
+
+
+def _cancel(future: Future[Any]) -> None:
+    """Cancel a future that never ran, waking ``concurrent.futures.wait`` on it.
+
+    ``Future.cancel()`` alone leaves the future in ``CANCELLED``, which ``wait()`` does not count as done: a loader
+    waiting on it would wait forever (a process that cannot exit). Notifying the cancellation, as an executor does
+    when it skips a cancelled call, moves it to ``CANCELLED_AND_NOTIFIED``.
+    """
+    if future.cancel():
+        future.set_running_or_notify_cancel()
 
 
 def anonymous_buffer(size: int) -> memoryview:

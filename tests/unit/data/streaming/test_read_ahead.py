@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +58,27 @@ def test_the_pool_runs_the_most_urgent_call_first_and_shutdown_cancels_the_rest(
     pool.shutdown()
     blocker.set()
     assert late.cancelled()
+
+
+def test_calls_cancelled_by_shutdown_wake_whoever_waits_for_them() -> None:
+    # A loader waits for its chunks with concurrent.futures.wait: a call the pool cancels (queued at shutdown, or
+    # submitted after it) must count as done there, or the loader's thread waits forever and the process cannot exit.
+    pool = PriorityPool(1)
+    release = _blocked(pool, 1)
+    queued = pool.submit((0,), lambda: None)
+    waiter_saw: list[int] = []
+    waiter = threading.Thread(
+        target=lambda: waiter_saw.append(len(concurrent.futures.wait([queued], timeout=10).not_done)), daemon=True
+    )
+    waiter.start()
+    pool.shutdown()
+    late = pool.submit((0,), lambda: None)
+    waiter.join(timeout=10)
+    release.set()
+    assert waiter_saw == [0]
+    assert queued.cancelled()
+    assert late.cancelled()
+    assert not concurrent.futures.wait([late], timeout=0).not_done
 
 
 class _Loads:
