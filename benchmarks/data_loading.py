@@ -45,6 +45,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the sibling benchmark modules, also when imported from elsewhere
+from link import stop_process  # noqa: E402
+
 RESULTS = HERE / "results"
 BATCH_SIZE = 256
 SHARD_BYTES = 32 * 2**20
@@ -104,12 +107,7 @@ class MotoServer:
 
     def __exit__(self, *exc: object) -> None:
         if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+            stop_process(self._proc)
         self._log.close()
 
 

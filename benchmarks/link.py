@@ -28,6 +28,16 @@ _PIECE = 64 * 1024
 _BURST = 1024 * 1024
 
 
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a helper process started by a benchmark; kill it if it has not exited after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class _Bucket:
     """``rate`` bytes per second, handed out first come first served; at most :data:`_BURST` at once."""
 
@@ -129,12 +139,7 @@ class LinkProxy:
 
     def __exit__(self, *exc: object) -> None:
         if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+            stop_process(self._proc)
         self._log.close()
 
 

@@ -169,6 +169,19 @@ def small_without_blocks(tmp_path: Path) -> tuple[Path, Manifest]:
     return root, manifest
 
 
+def _read_until_the_checksum_fails(root: Path, shard_path: str) -> tuple[str, list[Any], str]:
+    """Stream ``root`` over HTTP until a checksum fails: the error's message, the shard's GETs and its URL."""
+    with serve_directory(root) as server:
+        dataset = StreamingDataset(
+            server.url, batch_size=50, read_ahead=ReadAhead(shards=0, threads=1), retry=FAST_RETRY
+        )
+        with pytest.raises(ChecksumMismatchError) as info:
+            list(dataset)
+        fetches = [r for r in server.requests_for(shard_path) if r.method == "GET"]
+        url = server.url_for(shard_path)
+    return str(info.value), fetches, url
+
+
 def test_corrupt_shard_is_fetched_twice_then_named_with_both_checksums(
     small_without_blocks: tuple[Path, Manifest],
 ) -> None:
@@ -182,15 +195,7 @@ def test_corrupt_shard_is_fetched_twice_then_named_with_both_checksums(
     actual = "sha256:" + hashlib.sha256(corrupt).hexdigest()
     assert shard.checksum.startswith("sha256:")
     assert actual != shard.checksum
-    with serve_directory(root) as server:
-        dataset = StreamingDataset(
-            server.url, batch_size=50, read_ahead=ReadAhead(shards=0, threads=1), retry=FAST_RETRY
-        )
-        with pytest.raises(ChecksumMismatchError) as info:
-            list(dataset)
-        fetches = [r for r in server.requests_for(shard.path) if r.method == "GET"]
-        url = server.url_for(shard.path)
-    message = str(info.value)
+    message, fetches, url = _read_until_the_checksum_fails(root, shard.path)
     assert url in message
     assert f"expected {shard.checksum}" in message
     assert f"got {actual}" in message
@@ -215,15 +220,7 @@ def test_a_corrupt_block_is_fetched_twice_then_named_with_the_shards_and_the_blo
     assert header.blocks is not None
     block = header.blocks.blocks_of(at, at + 1)[0]
     start, stop = header.blocks.bounds(block)
-    with serve_directory(root) as server:
-        dataset = StreamingDataset(
-            server.url, batch_size=50, read_ahead=ReadAhead(shards=0, threads=1), retry=FAST_RETRY
-        )
-        with pytest.raises(ChecksumMismatchError) as info:
-            list(dataset)
-        fetches = [r for r in server.requests_for(shard.path) if r.method == "GET"]
-        url = server.url_for(shard.path)
-    message = str(info.value)
+    message, fetches, url = _read_until_the_checksum_fails(root, shard.path)
     assert url in message
     assert f"expected {shard.checksum}" in message
     assert f"got {actual}" in message
