@@ -134,7 +134,7 @@ class _GradientNoiseScale(_Callback):
         self._world_size = trainer.world_size
         self._parameters = [p for p in pl_module.parameters() if p.requires_grad]
         strategy = trainer.strategy
-        if isinstance(strategy, ReportsGradientNorms):
+        if isinstance(strategy, ReportsGradientNorms) and trainer.world_size >= 2:
             self._source = self._reporter = strategy
             self.source_name = "strategy"
         elif trainer.world_size == 1:
@@ -184,6 +184,9 @@ class _GradientNoiseScale(_Callback):
                 self._one_process_source(trainer, pl_module)
             self._measuring = self._measures(trainer.global_step)
         self._step_batches.append(_batch_len(batch))
+        if self._reporter is not None:
+            # The strategy measures the step whose last backward follows: its samples so far (on this rank).
+            self._reporter.measure_gradient_norms(sum(self._step_batches) if self._measuring else 0)
 
     def _measures(self, step: int) -> bool:
         """Whether the step after ``step`` steps is measured: one in ``n`` (consecutive steps: a pair in ``2n``)."""
@@ -445,7 +448,7 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
                 "lightning_patterns.data.InMemoryDataModule, to `trainer.fit(model, datamodule=...)`."
             )
         self._datamodule = datamodule
-        one_process = trainer.world_size == 1 and not isinstance(trainer.strategy, ReportsGradientNorms)
+        one_process = trainer.world_size == 1  # one worker: even a strategy that reports norms has one gradient
         self._min_accumulation = 2 if one_process else 1
         if self._restored is not None:
             self.micro_batch_size, self.accumulation = self._restored

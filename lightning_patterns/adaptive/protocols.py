@@ -41,7 +41,21 @@ class BatchSizeAdjustable(Protocol):
 
 @runtime_checkable
 class ReportsGradientNorms(Protocol):
-    """A strategy that sees each worker's gradient before averaging it, and can report the two norms."""
+    """A strategy that sees each worker's gradient before averaging it, and can report the two norms.
+
+    :class:`~lightning_patterns.callbacks.GradientNoiseScale` uses it with two or more workers: at the start of
+    every micro-batch it calls :meth:`measure_gradient_norms` (the same steps on every rank), and after every
+    optimizer step :meth:`gradient_norm_sample`. ``ParameterServerStrategy`` implements it: its servers measure the
+    norms as they sum the workers' pushes.
+    """
+
+    def measure_gradient_norms(self, samples: int) -> None:
+        """Measure the optimizer step under way, whose gradient on this rank averages ``samples`` samples (``0``: not).
+
+        Called before each micro-batch with the step's samples so far on this rank, so the value in force when the
+        step's last backward starts covers the whole step. A strategy that cannot measure raises ``ValueError``.
+        """
+        ...  # pragma: no cover
 
     def gradient_norm_sample(self) -> GradientNormSample | None:
         """The norms of the optimizer step just taken, the same on every rank, or ``None`` if not measured.
@@ -49,6 +63,7 @@ class ReportsGradientNorms(Protocol):
         ``small_sqr`` is the mean over workers of each pushed gradient's squared norm (each a mean over the
         worker's batch, before averaging), ``small_batch`` the harmonic mean of the workers' batch sizes,
         ``big_sqr`` the squared norm of the averaged gradient that was applied (a sum over servers of their
-        shards' squared norms), ``big_batch = workers · small_batch``.
+        shards' squared norms), ``big_batch = workers · small_batch``. Both are of the unscaled gradient (no
+        ``GradScaler`` scale), before gradient clipping, accumulated over the step's micro-batches.
         """
         ...  # pragma: no cover

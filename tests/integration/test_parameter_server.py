@@ -7,20 +7,25 @@ failure job is its own launch, several at a time.
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 
 from lightning_patterns.data.in_memory import InMemoryDataModule
+from lightning_patterns.data.shards import write_dataset
 from lightning_patterns.models import MLPClassifier
 from lightning_patterns.testing.launch import free_port, launch_env, run_nodes, torchrun_command
 from lightning_patterns.testing.tiny_job import TinyJob, single_process_reference
@@ -71,10 +76,26 @@ def _launch(
     )
 
 
+#: Samples of the dataset AdaptiveBatchSize streams in the suite.
+ADAPTIVE_SAMPLES = 640
+
+
+class _Samples:
+    """4×4 images of four classes, each with its index (to check that every sample comes once)."""
+
+    def __len__(self) -> int:
+        return ADAPTIVE_SAMPLES
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        image = (np.random.default_rng(i).normal(size=(4, 4)) + i % 4).astype(np.float32)
+        return {"index": np.int64(i), "image": image, "label": np.int64(i % 4)}
+
+
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One launch runs every training scenario in turn (starting processes dominates the cost on 2 cores)."""
     out = tmp_path_factory.mktemp("parameter_server_suite")
+    write_dataset(_Samples(), str(out / "adaptive_data"), num_shards=3, progress=False)
     result = _launch("suite", out, timeout=420)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
     return out
@@ -313,6 +334,82 @@ def test_two_nodes_under_torchrun_match_single_process_training(tmp_path: Path) 
     assert len(partition) == 2
     assert min(partition) > 0
     assert sum(partition) == 58 * 4
+
+
+# -- gradient noise scale and adaptive batch size --------------------------------------------------------------------
+NORM_RUNS = [
+    (update_on, servers, transport)
+    for update_on in ("worker", "server")
+    for servers in (1, 2)
+    for transport in TRANSPORTS
+]
+
+
+def _expected_norms(local: list[list[list[tuple[int, list[float]]]]], step: int) -> list[float]:
+    """The step's norms recomputed from each worker's micro-batch gradients: (small², b_small, big², b_big)."""
+    grads, batches = [], []
+    for worker in local:
+        micro = worker[step]
+        # Lightning divides each micro-batch's loss by the accumulation: the step's gradient is their mean.
+        grads.append(np.mean([np.asarray(g, dtype=np.float64) for _, g in micro], axis=0))
+        batches.append(sum(samples for samples, _ in micro))
+    average = np.mean(grads, axis=0)
+    harmonic = 1 / np.mean([1 / b for b in batches])
+    return [float(np.mean([g @ g for g in grads])), harmonic, float(average @ average), len(grads) * harmonic]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("update_on", "servers", "transport"), NORM_RUNS, ids=[f"{p}-s{s}-{t}" for p, s, t in NORM_RUNS]
+)
+def test_gradient_norms_are_the_workers_own_and_their_average(
+    suite: Path, update_on: str, servers: int, transport: str
+) -> None:
+    """What the strategy reports equals the norms of the workers' local gradients, on every worker alike.
+
+    Each step accumulates two micro-batches (of 4 samples on rank 0, 6 on rank 1) and clips the gradient hard; with
+    one server the fit also runs 16-bit mixed precision, whose GradScaler scales what the workers push by 2¹⁰.
+    """
+    label = f"norms_{update_on}_s{servers}_{transport}"
+    records = [json.loads((suite / f"{label}_rank{rank}.json").read_text()) for rank in range(WORKERS)]
+    assert records[0]["reported"] == records[1]["reported"]  # exactly the same floats on every worker
+    local = [record["local"] for record in records]
+    assert len(records[0]["reported"]) == 3
+    for step, reported in enumerate(records[0]["reported"]):
+        expected = _expected_norms(local, step)
+        assert reported == pytest.approx(expected, rel=1e-5), f"step {step}"
+        assert reported[1] == pytest.approx(2 / (1 / 8 + 1 / 12))  # the harmonic mean of 2 × 4 and 2 × 6 samples
+    for record in records:
+        assert record["source"] == "strategy"
+        assert record["noise_scale"] is not None
+        # update_on="server": the servers' step is the optimizer's; its step hooks run around it as on a worker.
+        assert record["hook_calls"] == [3, 3]
+    with (suite / label / "version_0" / "metrics.csv").open() as rows:
+        logged = [float(row["gns/noise_scale"]) for row in csv.DictReader(rows) if row.get("gns/noise_scale")]
+    assert logged
+    assert all(math.isfinite(value) and value >= 0 for value in logged)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_adaptive_batch_size_changes_mid_epoch_on_every_worker_with_each_sample_once(suite: Path) -> None:
+    """AdaptiveBatchSize (update_on="server") on ShardedStreamingDataModule, as under DDP (test_adaptive_ddp.py)."""
+    records = [json.loads((suite / f"adaptive_rank{rank}.json").read_text()) for rank in range(WORKERS)]
+    assert records[0]["decisions"] == records[1]["decisions"]
+    assert all(record["source"] == "strategy" for record in records)
+    decision = records[0]["decisions"][0]
+    micro = decision["micro_batch_size"]
+    assert (micro, decision["accumulation"]) == (32, 1)  # 2 workers × 32 = min_batch_size 64
+    switches = [next(row[1] for row in record["rows"] if row[2] != 16) for record in records]
+    assert switches[0] == switches[1]
+    per_rank_epoch = [[row for row in record["rows"] if row[0] == 0] for record in records]
+    assert 0 < switches[0] < len(per_rank_epoch[0]) - 1, "the switch came in the middle of the first epoch"
+    assert len(per_rank_epoch[0]) == len(per_rank_epoch[1])
+    assert all(row[2] == micro for rows in per_rank_epoch for row in rows[switches[0] : -1])
+    for epoch in (0, 1):
+        seen = Counter(i for record in records for row in record["rows"] if row[0] == epoch for i in row[4])
+        assert seen == Counter(range(ADAPTIVE_SAMPLES)), f"epoch {epoch}: each sample once across both workers"
 
 
 # -- failures --------------------------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ from lightning_patterns.strategies.parameter_server.messages import (
     pack_tensors,
     unpack_tensors,
 )
+from lightning_patterns.strategies.parameter_server.norms import BucketNorms, total_norms
 from lightning_patterns.strategies.parameter_server.optimizers import (
     HyperparameterLayout,
     describe_param_groups,
@@ -199,6 +200,11 @@ class WorkerClient:
         self.skipped = False
         self.staleness = 0
         self._mean_loss = 0.0
+        #: Samples of this worker's gradient in the open round when the servers measure its norms (``0``: not).
+        self.samples = 0
+        self.norms: dict[tuple[int, int], BucketNorms] = {}  # the open round's, by (server, bucket)
+        #: The gradient norms of the last round, summed over every bucket (``None``: not measured).
+        self.last_norms: BucketNorms | None = None
         self._sender: _Sender | None = _Sender(self) if self.copier.asynchronous else None
         # -- telemetry of the open round
         self._depth = 0
@@ -353,13 +359,16 @@ class WorkerClient:
         return None
 
     # -- one round ---------------------------------------------------------------------------------------------------
-    def begin_round(self, loss: float = 0.0, collect: bool = True) -> None:
+    def begin_round(self, loss: float = 0.0, collect: bool = True, samples: int = 0) -> None:
         """Open a round (before its backward); with ``collect``, :meth:`grad_ready` pushes buckets as they fill.
 
         The previous round's replies are all applied first: this worker's host buffers are then free to write,
-        and the servers have read everything this worker pushed.
+        and the servers have read everything this worker pushed. ``samples > 0`` asks the servers to measure the
+        round's gradient norms (:mod:`~lightning_patterns.strategies.parameter_server.norms`), this worker's
+        gradient being a mean over ``samples`` samples.
         """
         self.settle()
+        self.samples = samples
         if self.round_open:
             # A backward whose round was not committed (the closure ran twice): push its buckets again.
             self.collecting = collect
@@ -369,6 +378,8 @@ class WorkerClient:
         self.round_open = True
         self.collecting = collect
         self.loss = loss
+        self.norms = {}
+        self.last_norms = None
         self.skipped = False
         self.staleness = 0
         self.missing = {key: len(self.buckets[key[0]][key[1]].tensors) for key in self._all_buckets()}
@@ -548,6 +559,7 @@ class WorkerClient:
             flags=int(PushFlags.REPLACE if replace else PushFlags.NONE),
             loss=self.loss,
             scaled=int(divide_here),
+            samples=self.samples,
         )
         if self._first_push is None:
             self._first_push = time.perf_counter()
@@ -614,6 +626,10 @@ class WorkerClient:
             )
         self.outstanding[server].discard(message.bucket)
         bucket = self.buckets[server][message.bucket]
+        if message.inverse_batch > 0:
+            self.norms[(server, message.bucket)] = BucketNorms(
+                message.small_sqr, message.big_sqr, message.inverse_batch
+            )
         if isinstance(message, Sum):
             self._mean_loss = message.loss
             ticket = self._apply_sum(server, bucket, payloads["grad"], payloads.get("mask"))
@@ -660,6 +676,9 @@ class WorkerClient:
         self.round_open = False
         self.collecting = False
         self.rounds += 1
+        if self.samples > 0:
+            self.last_norms = total_norms(self.norms, sum(len(buckets) for buckets in self.buckets))
+        self.norms = {}
         end = time.perf_counter()
         span = end - (self._first_push if self._first_push is not None else end)
         self.telemetry.record_step(

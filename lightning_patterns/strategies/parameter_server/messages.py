@@ -254,6 +254,9 @@ class Push(Message):
         flags: :class:`PushFlags` (``REPLACE``).
         loss: the worker's loss, averaged by the servers (``"worker"`` placement).
         scaled: ``1`` when the gradient is already divided by the number of workers, ``0`` when the server must.
+        samples: the samples this worker's gradient of the round is a mean over, when the servers should measure
+            the gradient norms of the round (:mod:`~lightning_patterns.strategies.parameter_server.norms`);
+            ``0``: do not measure.
     """
 
     kind: ClassVar[Kind] = Kind.PUSH
@@ -267,6 +270,7 @@ class Push(Message):
     flags: int = 0
     loss: float = 0.0
     scaled: int = 1
+    samples: int = 0
 
     def payloads(self) -> list[PayloadSpec]:
         """The mask (when announced), then the gradient."""
@@ -398,6 +402,10 @@ class Params(Message):
         numel: elements of the payload.
         dtype: wire code of its dtype.
         flags: :attr:`PushFlags.SKIP` when the step was skipped (inf/NaN in the averaged gradient).
+        small_sqr: the bucket's gradient norms when the round was measured (``0`` otherwise): see
+            :mod:`~lightning_patterns.strategies.parameter_server.norms`.
+        big_sqr: see :mod:`~lightning_patterns.strategies.parameter_server.norms`.
+        inverse_batch: see :mod:`~lightning_patterns.strategies.parameter_server.norms` (``0``: not measured).
     """
 
     kind: ClassVar[Kind] = Kind.PARAMS
@@ -408,6 +416,9 @@ class Params(Message):
     numel: int = 0
     dtype: int = 0
     flags: int = 0
+    small_sqr: float = 0.0
+    big_sqr: float = 0.0
+    inverse_batch: float = 0.0
 
     def payloads(self) -> list[PayloadSpec]:
         """The parameter values."""
@@ -427,6 +438,10 @@ class Sum(Message):
         mask_numel: elements of the presence mask before it (``0``: every chunk of the bucket had a gradient on
             some worker).
         loss: the workers' mean loss.
+        small_sqr: the bucket's gradient norms when the round was measured (``0`` otherwise): see
+            :mod:`~lightning_patterns.strategies.parameter_server.norms`.
+        big_sqr: see :mod:`~lightning_patterns.strategies.parameter_server.norms`.
+        inverse_batch: see :mod:`~lightning_patterns.strategies.parameter_server.norms` (``0``: not measured).
     """
 
     kind: ClassVar[Kind] = Kind.SUM
@@ -437,6 +452,9 @@ class Sum(Message):
     dtype: int = 0
     mask_numel: int = 0
     loss: float = 0.0
+    small_sqr: float = 0.0
+    big_sqr: float = 0.0
+    inverse_batch: float = 0.0
 
     def payloads(self) -> list[PayloadSpec]:
         """The presence mask (when announced), then the averaged gradient."""

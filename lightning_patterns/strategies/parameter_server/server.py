@@ -65,6 +65,7 @@ from lightning_patterns.strategies.parameter_server.messages import (
     dtype_code,
     encode_json,
 )
+from lightning_patterns.strategies.parameter_server.norms import BucketNorms, measure_bucket
 from lightning_patterns.strategies.parameter_server.placement import (
     PLACEMENTS,
     FitSpec,
@@ -85,6 +86,8 @@ log = logging.getLogger(__name__)
 IDLE_BOUND_S = 7 * 24 * 3600.0
 #: Bound on joining the process groups: every process must have started (imports, spawning) by then.
 JOIN_TIMEOUT_S = 120.0
+#: The norms in the reply to a bucket that was not measured.
+_UNMEASURED = BucketNorms(0.0, 0.0, 0.0)
 
 
 def join_timeout(timeout: float) -> float:
@@ -118,6 +121,7 @@ class _Fit:
         self.complete: dict[int, int] = {}  # sync: bucket -> workers that pushed it this round
         self.summed: set[int] = set()  # "server", sync: buckets of this round already summed
         self.commits: dict[int, Commit] = {}  # "server", sync: this round's
+        self.norms: dict[int, BucketNorms] = {}  # this round's measured buckets (when the workers asked)
         initial = placement.initial_hyperparameters if isinstance(placement, ServerOptimizer) else None
         self.hyperparameters: list[torch.Tensor | None] = [initial] * num_workers  # each worker's latest
         self.clock = [0] * num_workers  # rounds per worker
@@ -469,10 +473,16 @@ class ParameterServer:
                 torch.add(views[0], views[1], out=out)
                 for view in views[2:]:
                     out.add_(view)
-            return
-        out.zero_()
-        for view, is_scaled in zip(views, scaled, strict=True):
-            out.add_(view, alpha=1.0 if is_scaled else 1.0 / self.num_workers)
+        else:
+            out.zero_()
+            for view, is_scaled in zip(views, scaled, strict=True):
+                out.add_(view, alpha=1.0 if is_scaled else 1.0 / self.num_workers)
+        samples = [fit.pushes[w][index].samples for w in workers]
+        if len(workers) == self.num_workers and min(samples) > 0:
+            # Every worker asked (a synchronous round): measure here, where the pushes and the average already are.
+            fit.norms[index] = measure_bucket(views, scaled, out, samples)
+        else:
+            fit.norms.pop(index, None)
 
     def _present(self, fit: _Fit, workers: list[int], buckets: range) -> torch.Tensor:
         """Per chunk of the server: whether any of ``workers`` had a gradient for it (in ``buckets``)."""
@@ -501,7 +511,19 @@ class ParameterServer:
         if not bool(present.all()):
             payloads["mask"] = present.to(torch.uint8)
             mask_numel = present.numel()
-        header = Sum(fit.rounds + 1, index, lo, hi - lo, dtype_code(fit.spec.dtype), mask_numel, loss)
+        norms = fit.norms.pop(index, _UNMEASURED)
+        header = Sum(
+            fit.rounds + 1,
+            index,
+            lo,
+            hi - lo,
+            dtype_code(fit.spec.dtype),
+            mask_numel,
+            loss,
+            norms.small_sqr,
+            norms.big_sqr,
+            norms.inverse_batch,
+        )
         for worker in workers:
             self._post(fit, worker, header, payloads)
         del fit.complete[index]
@@ -604,6 +626,7 @@ class ParameterServer:
         fit.commits.clear()
         fit.complete.clear()
         fit.summed.clear()
+        fit.norms.clear()
         for worker in workers:
             fit.pushes[worker].clear()
             fit.masks[worker].clear()
@@ -661,7 +684,19 @@ class ParameterServer:
         code = dtype_code(placement.flat.dtype)
         for index in buckets if buckets is not None else range(len(fit.spec.buckets)):
             lo, hi = fit.bucket_offsets[index], fit.bucket_offsets[index + 1]
-            header = Params(placement.version, staleness, index, lo, hi - lo, code, flags)
+            norms = fit.norms.get(index, _UNMEASURED)
+            header = Params(
+                placement.version,
+                staleness,
+                index,
+                lo,
+                hi - lo,
+                code,
+                flags,
+                norms.small_sqr,
+                norms.big_sqr,
+                norms.inverse_batch,
+            )
             self._post(fit, worker, header, {"values": placement.flat[lo:hi]})
 
     def _post(self, fit: _Fit, worker: int, header: Message, payloads: dict[str, torch.Tensor]) -> None:

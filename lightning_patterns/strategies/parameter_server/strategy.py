@@ -58,6 +58,7 @@ from lightning_patterns.strategies.parameter_server.launcher import (
     drop_session,
     reuse_session,
 )
+from lightning_patterns.strategies.parameter_server.norms import norm_sample
 from lightning_patterns.strategies.parameter_server.placement import PLACEMENTS
 from lightning_patterns.strategies.parameter_server.planner import Plan, choose_servers, format_plan
 from lightning_patterns.strategies.parameter_server.server import is_sync, join_timeout
@@ -69,6 +70,8 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
     from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
     from pytorch_lightning.plugins.precision import Precision
+
+    from lightning_patterns.adaptive.noise_scale import GradientNormSample
 
 __all__ = ["ParameterServerStrategy"]
 
@@ -91,6 +94,19 @@ def _grad_ready(client: WorkerClient, index: int, param: Tensor) -> None:
 def _inverse_scale(scale: float) -> float:
     """``1 / scale`` rounded as ``GradScaler.unscale_`` rounds it (a float32 reciprocal)."""
     return float(torch.tensor(scale, dtype=torch.float64).reciprocal().float())
+
+
+def _run_step_hooks(optimizer: Optimizer, post: bool) -> None:
+    """Run ``optimizer``'s step pre- or post-hooks (its own and torch's global ones) as ``optimizer.step`` would."""
+    from torch.optim import optimizer as hooks  # the module holds torch's global step hooks
+
+    chain: list[Callable[..., Any]]
+    if post:
+        chain = [*optimizer._optimizer_step_post_hooks.values(), *hooks._global_optimizer_post_hooks.values()]
+    else:
+        chain = [*hooks._global_optimizer_pre_hooks.values(), *optimizer._optimizer_step_pre_hooks.values()]
+    for hook in chain:
+        hook(optimizer, (optimizer,), {})
 
 
 def _raise_on_local_sigterm(trainer: pl.Trainer, exception: type[BaseException]) -> None:
@@ -247,6 +263,8 @@ class _ParameterServerStrategy(WorkerCollectives):
         self._mean_loss: float | None = None  # "worker": the workers' mean loss of the last round
         self._clip_request: tuple[float, bool] | None = None  # "server", sync: this step's (value, by norm)
         self._hooks: list[Any] = []  # gradient hooks that push buckets as backward produces them
+        self._norm_samples = 0  # this worker's samples in the step under way, when its norms are measured
+        self._norm_inverse_scale = 1.0  # 1 / the GradScaler's scale of the measured round's backward
         self._sparse = SparseWiring(sparse_modules, sparse_min_rows, sparse_gather_bytes)
 
     # -- topology ----------------------------------------------------------------------------------------------------
@@ -616,7 +634,11 @@ class _ParameterServerStrategy(WorkerCollectives):
         if synchronizing:
             if self.update_on == "worker":
                 loss = float(closure_loss.detach())
-            client.begin_round(loss, collect=self.update_on == "worker" or self._sync)
+            samples = self._norm_samples if self._sync else 0
+            if samples:
+                scaler = self._grad_scaler()
+                self._norm_inverse_scale = 1.0 / scaler.get_scale() if scaler is not None else 1.0
+            client.begin_round(loss, collect=self.update_on == "worker" or self._sync, samples=samples)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
         if synchronizing:
@@ -687,11 +709,35 @@ class _ParameterServerStrategy(WorkerCollectives):
         result = _lightning.wrap_closure(self._lp_tree, self.precision_plugin, model, optimizer, forward_backward)
         clip_value, clip_norm = self._clip_request or (0.0, True)
         client = self._client
+        # The servers' update is this optimizer's step: its step hooks run around it, and the hyperparameters a
+        # pre-hook sets (AdaptiveBatchSize's learning-rate gain) travel with the commit.
+        _run_step_hooks(optimizer, post=False)
+        try:
+            skipped = self._commit_on_servers(client, scaler, clip_value, clip_norm, unscaled[0])
+        finally:
+            _run_step_hooks(optimizer, post=True)
+        if scaler is not None:
+            update_grad_scaler(scaler, found_inf=skipped)
+        if not skipped:
+            # What torch's LR-scheduler wrapper of `optimizer.step` records; schedulers check it.
+            _lightning.mark_optimizer_stepped(optimizer)
+        return result
+
+    def _commit_on_servers(
+        self,
+        client: WorkerClient,
+        scaler: torch.amp.GradScaler | None,
+        clip_value: float,
+        clip_norm: bool,
+        unscaled: bool,
+    ) -> bool:
+        """Hand the round to the servers; whether they skipped the step."""
+        params = client.params
         if self._sync:
             # Backward pushed the gradients still scaled: the servers unscale the average, as GradScaler does after
             # DDP's all-reduce; this worker's own unscale (for the hooks above) is no reason to push them again.
             inverse = _inverse_scale(scaler.get_scale()) if scaler is not None else 1.0
-            client.commit(clip_value, clip_norm, scaler is not None, False, inverse, bumps=int(unscaled[0]))
+            client.commit(clip_value, clip_norm, scaler is not None, False, inverse, bumps=int(unscaled))
             if scaler is None:
                 # Go on: the parameters arrive bucket by bucket while the next step starts, and every read of one
                 # waits for its own bucket (see `overlap.PendingParameters`).
@@ -703,12 +749,7 @@ class _ParameterServerStrategy(WorkerCollectives):
             # This worker's gradients, unscaled and clipped here, are pushed now.
             skip = scaler is not None and not gradients_finite(params)
             skipped = client.step_on_servers(0.0, True, check_finite=False, skip=skip)
-        if scaler is not None:
-            update_grad_scaler(scaler, found_inf=skipped)
-        if not skipped:
-            # What torch's LR-scheduler wrapper of `optimizer.step` records; schedulers check it.
-            _lightning.mark_optimizer_stepped(optimizer)
-        return result
+        return skipped
 
     def _grad_scaler(self) -> torch.amp.GradScaler | None:
         mixed = self._lp_tree.module("plugins.precision").MixedPrecision
@@ -762,6 +803,53 @@ class _ParameterServerStrategy(WorkerCollectives):
                 self._client.load_state(state_dict)
         # No worker may push before the servers hold the restored state (async servers apply pushes at once).
         self.barrier("parameter_server_load_optimizer_state")
+
+    # -- gradient norms (lightning_patterns.adaptive.ReportsGradientNorms) ------------------------------------------
+    def measure_gradient_norms(self, samples: int) -> None:
+        """Measure the gradient norms of the optimizer step under way (``samples > 0``), or stop (``0``).
+
+        The servers measure them as they sum the workers' pushes
+        (:mod:`~lightning_patterns.strategies.parameter_server.norms`): two floats per bucket in the replies they
+        send anyway. Unmeasured steps cost nothing. Every worker must ask alike for the same steps.
+
+        Args:
+            samples: the samples this worker's gradient of the step is a mean over (all micro-batches of the
+                step, as far as they are known when the step's last backward starts); ``0``: do not measure.
+
+        Raises:
+            ValueError: for an asynchronous fit, whose pushes are never averaged over the workers.
+        """
+        if samples > 0 and not self._sync:
+            raise ValueError(
+                "ParameterServerStrategy measures the gradient noise scale from the workers' pushes of a synchronous "
+                f"step, but this fit is asynchronous (mode={self.mode!r}, max_staleness={self.max_staleness!r}): no "
+                "step averages the workers' gradients. Use mode='sync' (or max_staleness=0), or drop the "
+                "GradientNoiseScale/AdaptiveBatchSize callback."
+            )
+        self._norm_samples = max(int(samples), 0)
+
+    def gradient_norm_sample(self) -> GradientNormSample | None:
+        """The gradient norms of the optimizer step just taken, the same on every worker (``None``: not measured).
+
+        ``small_sqr`` is the mean over workers of each worker's squared gradient norm, ``big_sqr`` the squared norm
+        of their average, both of the gradient as backward accumulated it over the step's micro-batches (the loss
+        divided by the accumulation, as Lightning does), unscaled by the ``GradScaler`` and before gradient
+        clipping; ``small_batch`` is the harmonic mean of the workers' samples per step (micro-batch ×
+        accumulation), ``big_batch = world_size · small_batch``. ``None`` when the step was not measured, with one
+        worker, or when the gradient overflowed (a step the ``GradScaler`` skips). Sparse tables
+        (``sparse_modules``) are not part of the norms: only the dense parameters the servers sum.
+
+        With ``update_on="server"`` the norms come with the step's parameters, which the next forward waits for
+        anyway: reading them waits for the step's replies.
+        """
+        client = self._client
+        if client is None:
+            return None
+        if self.update_on == "server" and any(client.outstanding):
+            client.settle()
+        if client.last_norms is None:
+            return None
+        return norm_sample(client.last_norms, self.world_size, self._norm_inverse_scale)
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
     @override
@@ -854,6 +942,7 @@ class _ParameterServerStrategy(WorkerCollectives):
             self.model = layer_sync.revert(self.model)
         self._client = None
         self._session = None
+        self._norm_samples = 0
         super().teardown()
 
 

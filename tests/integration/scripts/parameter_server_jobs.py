@@ -7,8 +7,12 @@ a job exercises.
 Jobs:
 
 - ``suite``: every equivalence case for both update placements and 1 and 2 servers, each beside DDP on the same
-  module and data (computed in the same launch), plus the drop-in, checkpoint and async runs. Setup-time refusals
-  are caught and written to ``refusals.json``. One launch: the servers started for the first fit serve the others.
+  module and data (computed in the same launch), plus the drop-in, checkpoint and async runs, and the gradient
+  noise scale and adaptive batch size fits (``adaptive``, below). Setup-time refusals are caught and written to
+  ``refusals.json``. One launch: the servers started for the first fit serve the others.
+- ``adaptive``: ``GradientNoiseScale`` under each placement, transport and server count (each rank records its
+  local gradients and what the strategy reports); ``AdaptiveBatchSize`` streaming ``OUT/adaptive_data`` (which
+  the test writes) through ``ShardedStreamingDataModule``, changing the batch size in the middle of an epoch.
 - ``raise``: worker rank 1 raises in ``training_step`` at step 3 (``--sync-dist``: before its ``sync_dist`` log,
   so rank 0 waits in that all-reduce).
 - ``kill_worker`` / ``kill_server``: at step 3, rank 1 or server 0 is killed with SIGKILL.
@@ -409,13 +413,150 @@ def run_auto(out: Path) -> None:
         (out / "auto.json").write_text(json.dumps(record))
 
 
+# -- gradient noise scale and adaptive batch size --------------------------------------------------------------------
+NORM_STEPS, NORM_ACCUMULATION = 3, 2
+#: Each rank's micro-batch: unequal, so the reported batch is their harmonic mean.
+NORM_BATCHES = (4, 6)
+
+
+class NormsModule(pl.LightningModule):  # type: ignore[misc]
+    """A small regression net that records each micro-batch's local gradient (``autograd.grad`` of its own loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        #: Per optimizer step, this rank's micro-batches: (samples, flat local gradient).
+        self.local: list[list[tuple[int, list[float]]]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.mse_loss(self.net(x), y)
+        grads = torch.autograd.grad(loss, list(self.parameters()), retain_graph=True)
+        if len(self.local) <= self.trainer.global_step:
+            self.local.append([])
+        self.local[self.trainer.global_step].append((len(x), torch.cat([g.reshape(-1) for g in grads]).tolist()))
+        return loss
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        # Each rank its own data and batch size (no DistributedSampler: the Trainer is told not to add one).
+        batch = NORM_BATCHES[self.global_rank]
+        generator = torch.Generator().manual_seed(10 + self.global_rank)
+        samples = NORM_STEPS * NORM_ACCUMULATION * batch
+        data = TensorDataset(torch.randn(samples, 4, generator=generator), torch.randn(samples, 2, generator=generator))
+        return DataLoader(data, batch_size=batch)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class _NormsRecord(pl.Callback):  # type: ignore[misc]
+    """After each step: what the strategy reports; counts the optimizer's step hooks; writes it all at the end."""
+
+    def __init__(self, out: Path, gns: Any) -> None:
+        self.out, self.gns = out, gns
+        self.reported: list[list[float] | None] = []
+        self.hook_calls = [0, 0]
+        self._seen = 0
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        optimizer = trainer.optimizers[0]
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        optimizer.register_step_pre_hook(lambda *args: self._count(0))
+        optimizer.register_step_post_hook(lambda *args: self._count(1))
+
+    def _count(self, which: int) -> None:
+        self.hook_calls[which] += 1
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        if trainer.global_step == self._seen:
+            return
+        self._seen = trainer.global_step
+        sample = trainer.strategy.gradient_norm_sample()
+        self.reported.append(
+            None if sample is None else [sample.small_sqr, sample.small_batch, sample.big_sqr, sample.big_batch]
+        )
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        record = {
+            "reported": self.reported,
+            "local": pl_module.local,
+            "hook_calls": self.hook_calls,
+            "source": self.gns.source_name,
+            "noise_scale": self.gns.noise_scale,
+            "history": self.gns.history,
+        }
+        self.out.with_name(f"{self.out.name}_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def run_noise_scale(out: Path, servers: int) -> None:
+    """GradientNoiseScale under each placement and transport: accumulation, clipping (and a GradScaler for S = 1)."""
+    for update_on in PLACEMENTS:
+        for transport in TRANSPORTS:
+            label = f"norms_{update_on}_s{servers}_{transport}"
+            gns = classes.GradientNoiseScale(log_every_n_steps=1, smoothing=0.5)
+            kwargs: dict[str, Any] = {}
+            if servers == 1:
+                # Scaled gradients travel: the reported norms must be unscaled (no overflow at this scale).
+                scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+                kwargs["plugins"] = [pl.plugins.precision.MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+            trainer = _trainer(
+                _ps(servers, update_on, transport=transport),
+                max_steps=NORM_STEPS,
+                accumulate_grad_batches=NORM_ACCUMULATION,
+                gradient_clip_val=0.01,  # clips every step: the norms are the gradient's before clipping
+                use_distributed_sampler=False,
+                log_every_n_steps=1,
+                logger=pl.loggers.CSVLogger(out, name=label),
+                callbacks=[gns, _NormsRecord(out / label, gns)],
+                limit_val_batches=0,
+                num_sanity_val_steps=0,
+                **kwargs,
+            )
+            trainer.fit(NormsModule())
+
+
+class _Streamed(pl.LightningModule):  # type: ignore[misc]
+    """Classifies the streamed 4×4 images and records every batch it trains on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(16, 4)
+        self.rows: list[tuple[int, int, int, int, list[int]]] = []
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        k = self.trainer.accumulate_grad_batches
+        self.rows.append((self.current_epoch, batch_idx, len(batch["index"]), k, batch["index"].tolist()))
+        return F.cross_entropy(self.linear(batch["image"].float().flatten(1)), batch["label"])
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def run_adaptive(out: Path, url: Path) -> None:
+    """AdaptiveBatchSize streams ``url`` and changes the batch size in the middle of the first epoch."""
+    adaptive = classes.AdaptiveBatchSize(
+        adapt_every_n_steps=4, min_batch_size=64, max_batch_size=64, max_accumulation=1
+    )
+    module = _Streamed()
+    data = classes.ShardedStreamingDataModule(train_url=str(url), batch_size=16, seed=1)
+    trainer = _trainer(_ps(1, "server"), max_epochs=2, callbacks=[adaptive])
+    trainer.fit(module, datamodule=data)
+    record = {"rows": module.rows, "decisions": adaptive.decisions, "source": adaptive.source_name}
+    (out / f"adaptive_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
 def run_suite(out: Path) -> None:
     run_equivalence_suite(out)
     run_auto(out)
     run_dropin(out, servers=1)
     run_dropin(out, servers=2, resume=out / "dropin_s1_e1_ckpt" / "last.ckpt", max_epochs=2)
     run_async(out / "async_none", 2, None)
+    run_noise_scale(out, servers=2)  # the servers of the fits above serve these too
     run_async(out / "async_s1", 1, 1)
+    run_noise_scale(out, servers=1)
+    run_adaptive(out, out / "adaptive_data")
 
 
 # -- sparse tables ---------------------------------------------------------------------------------------------------
@@ -659,6 +800,10 @@ def main() -> None:
         run_failure(args)
     elif args.job == "sparse":
         run_sparse(out)
+    elif args.job == "adaptive":  # the suite's noise-scale and adaptive fits alone (OUT/adaptive_data written)
+        run_noise_scale(out, servers=2)
+        run_noise_scale(out, servers=1)
+        run_adaptive(out, out / "adaptive_data")
     elif args.job == "start_failure":
         run_start_failure(out)
     elif args.job == "two_nodes":  # one worker per node, under torchrun

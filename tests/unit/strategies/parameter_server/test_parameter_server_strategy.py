@@ -9,6 +9,7 @@ import torch
 
 import lightning_patterns.strategies as strategies
 from lightning_patterns import _lightning
+from lightning_patterns.adaptive import ReportsGradientNorms
 from lightning_patterns.strategies import ParameterServerStrategy
 from lightning_patterns.strategies.parameter_server.launcher import servers_on_node
 from lightning_patterns.strategies.parameter_server.shm import HostCard
@@ -167,3 +168,16 @@ def test_a_lone_worker_reports_a_failed_collective_as_it_is() -> None:
     strategy = ParameterServerStrategy(parallel_devices=[torch.device("cpu")])
     error = RuntimeError("No backend type associated with device type cpu")
     assert strategy._collective_failed("an all-gather", error) is error
+
+
+def test_gradient_norms_of_an_async_fit_are_refused_with_the_fix() -> None:
+    """Asynchronous pushes are never averaged over the workers: no noise scale to measure from them."""
+    strategy = ParameterServerStrategy(update_on="server", mode="async", max_staleness=None)
+    strategy.measure_gradient_norms(0)  # not measuring is fine
+    with pytest.raises(ValueError, match=r"this fit is asynchronous \(mode='async', max_staleness=None\)") as info:
+        strategy.measure_gradient_norms(32)
+    assert "Use mode='sync' (or max_staleness=0)" in str(info.value)
+    assert strategy.gradient_norm_sample() is None  # before any fit
+    synchronous = ParameterServerStrategy(update_on="server", mode="async", max_staleness=0)
+    synchronous.measure_gradient_norms(32)
+    assert isinstance(synchronous, ReportsGradientNorms)
