@@ -112,15 +112,20 @@ def _module_class() -> Any:
 def _recorder_class() -> Any:
     import pytorch_lightning as pl
 
+    from lightning_patterns.testing.memory_guard import group_cpu_seconds
+
     class Recorder(pl.Callback):  # type: ignore[misc]
         """Step times after the warm-up, bytes per step, peak RSS (before the fit's end, which gathers nothing)."""
 
         def __init__(self) -> None:
             self.times: list[float] = []
             self.bytes: list[float] = []
+            self.cpu_start = 0.0
 
         def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
             self.times.append(time.perf_counter())
+            if len(self.times) == WARMUP + 1:
+                self.cpu_start = group_cpu_seconds(os.getpgrp())
             strategy = trainer.strategy
             dense = getattr(strategy, "telemetry", None)
             sparse = getattr(strategy, "sparse_telemetry", None)
@@ -133,6 +138,11 @@ def _recorder_class() -> Any:
                 "steps_per_s": (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 1 else None,
                 "bytes_per_step": sum(self.bytes[WARMUP:]) / len(self.bytes[WARMUP:]) if self.bytes[WARMUP:] else None,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                # Every process of the launch (workers, servers): CPU per step, which load on the machine changes
+                # less than wall time (the benchmark shares 2 cores with other work).
+                "cpu_ms_per_step": 1e3 * (group_cpu_seconds(os.getpgrp()) - self.cpu_start) / (len(timed) - 1)
+                if len(timed) > 1
+                else None,
                 "rank": trainer.global_rank,
             }
             out = Path(os.environ["LP_SPARSE_BENCH_OUT"])
@@ -226,7 +236,7 @@ def run(kind: str, rows: int, steps: int, scratch: Path, limits: MemoryLimits) -
         result["outcome"] = f"failed (exit {guarded.returncode}): {guarded.stderr.strip().splitlines()[-1:]}"
         return result
     ranks = [json.loads(path.read_text()) for path in records]
-    result.update({key: ranks[0][key] for key in ("steps_per_s", "bytes_per_step")})
+    result.update({key: ranks[0][key] for key in ("steps_per_s", "bytes_per_step", "cpu_ms_per_step")})
     result["peak_rss_mb"] = max(record["peak_rss_mb"] for record in ranks)
     if kind == "ddp":
         result["bytes_per_step"] = 2 * 2 * (WORKERS - 1) / WORKERS * (rows * DIM + DIM + 1) * 4
@@ -242,21 +252,24 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     row["steps_per_s_runs"] = [run["steps_per_s"] for run in measured]
     row["load_avg_1m"] = [run["load_avg_1m"] for run in measured]
     row["steps_per_s"] = statistics.median(row["steps_per_s_runs"])
+    row["cpu_ms_per_step_runs"] = [run["cpu_ms_per_step"] for run in measured]
+    row["cpu_ms_per_step"] = statistics.median(row["cpu_ms_per_step_runs"])
     row["repeats"] = len(measured)
     return row
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| table rows × 64 | strategy | steps/s | bytes/step/worker | peak worker RSS |",
-        "|---|---|---|---|---|",
+        "| table rows × 64 | strategy | steps/s | CPU ms/step (all processes) | bytes/step/worker | peak worker RSS |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "outcome" in row:
-            lines.append(f"| {row['rows']:,} | {row['strategy']} | {row['outcome']} | | |")
+            lines.append(f"| {row['rows']:,} | {row['strategy']} | {row['outcome']} | | | |")
             continue
         lines.append(
-            f"| {row['rows']:,} | {row['strategy']} | {row['steps_per_s']:.2f} | {row['bytes_per_step']:,.0f} | "
+            f"| {row['rows']:,} | {row['strategy']} | {row['steps_per_s']:.2f} | {row['cpu_ms_per_step']:.1f} | "
+            f"{row['bytes_per_step']:,.0f} | "
             f"{row['peak_rss_mb']:,.0f} MB |"
         )
     return "\n".join(lines)

@@ -22,9 +22,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["GuardedRun", "available_memory_bytes", "group_rss_bytes", "run_with_memory_guard", "total_memory_bytes"]
+__all__ = [
+    "GuardedRun",
+    "available_memory_bytes",
+    "group_cpu_seconds",
+    "group_rss_bytes",
+    "run_with_memory_guard",
+    "total_memory_bytes",
+]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _meminfo(field: str) -> int:
@@ -44,21 +52,39 @@ def total_memory_bytes() -> int:
     return _meminfo("MemTotal")
 
 
-def group_rss_bytes(pgid: int) -> int:
-    """Resident memory summed over the processes of process group ``pgid`` (shared pages count once per process)."""
-    total = 0
+def _group_stats(pgid: int) -> list[tuple[list[str], Path]]:
+    """The ``/proc/PID/stat`` fields after the command name (``state`` first) of each process of group ``pgid``."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
-            # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so split after the last ")".
-            if int(stat[stat.rindex(")") + 2 :].split()[2]) != pgid:
-                continue
-            total += int((entry / "statm").read_text().split()[1]) * _PAGE
-        except (OSError, ValueError, IndexError):
+        except OSError:
             continue  # the process ended while we looked
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so split after the last ")".
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            found.append((fields, entry))
+    return found
+
+
+def group_rss_bytes(pgid: int) -> int:
+    """Resident memory summed over the processes of process group ``pgid`` (shared pages count once per process)."""
+    total = 0
+    for _, entry in _group_stats(pgid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int((entry / "statm").read_text().split()[1]) * _PAGE
     return total
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user and system) the live processes of process group ``pgid`` have used so far, summed.
+
+    Less sensitive to other load on the machine than wall time: the benchmarks report it per step beside steps/s.
+    """
+    ticks = sum(int(fields[11]) + int(fields[12]) for fields, _ in _group_stats(pgid))
+    return ticks / _TICKS
 
 
 @dataclass(frozen=True)

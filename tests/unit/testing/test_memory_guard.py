@@ -12,6 +12,7 @@ import pytest
 
 from lightning_patterns.testing.memory_guard import (
     available_memory_bytes,
+    group_cpu_seconds,
     run_with_memory_guard,
     total_memory_bytes,
 )
@@ -69,6 +70,7 @@ def test_a_job_within_its_limits_runs_and_a_machine_under_its_floor_stops_one() 
         [sys.executable, "-c", "print('done')"], max_rss_bytes=1 << 40, min_available_bytes=1, timeout=60
     )
     assert (ok.returncode, ok.stdout, ok.stopped) == (0, "done\n", None)
+    assert 0 < group_cpu_seconds(os.getpgrp()) < time.process_time() + 3600  # ours (pytest's group) included
     floor = total_memory_bytes() + 1  # more than the machine has: the guard must stop the job at its first look
     assert available_memory_bytes() < floor
     starved = run_with_memory_guard(
