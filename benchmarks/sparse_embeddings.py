@@ -289,6 +289,8 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 max(ps["steps_per_s_runs"]) / min(ddp["steps_per_s_runs"]),
             ]
         out["bytes_ratio_1m"] = ddp["bytes_per_step"] / ps["bytes_per_step"]
+        # The same comparison in CPU time per step (all processes), which the machine's load changes less.
+        out["cpu_ratio_1m"] = ddp["cpu_ms_per_step"] / ps["cpu_ms_per_step"]
     small, large = by.get(("parameter server", 100_000)), by.get(("parameter server", 10_000_000))
     if small and large and "outcome" not in small and "outcome" not in large:
         out["rss_ratio_10m_over_100k"] = large["peak_rss_mb"] / small["peak_rss_mb"]
