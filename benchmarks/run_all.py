@@ -36,9 +36,10 @@ import report  # noqa: E402
 # report) and ``--quick``.
 OTHER_BENCHMARKS = ("parameter_server.py", "sparse_embeddings.py", "time_to_accuracy.py")
 OTHER_TIMEOUT_S = 300
-#: Benchmarks that take longer than ``OTHER_TIMEOUT_S``: sparse_embeddings.py (four launches, a 10M table) and
-#: time_to_accuracy.py (seven trainings to a target accuracy, issue 15).
-TIMEOUTS_S = {"sparse_embeddings.py": 600, "time_to_accuracy.py": 1800}
+#: Benchmarks that take longer than ``OTHER_TIMEOUT_S``: sparse_embeddings.py (each configuration 3 times, and DDP's
+#: attempt at a 10M-row table, up to 10 minutes on its own) and time_to_accuracy.py (seven trainings to a target
+#: accuracy, issue 15).
+TIMEOUTS_S = {"sparse_embeddings.py": 1500, "time_to_accuracy.py": 1800}
 
 
 def run_other(script: Path, *, quick: bool) -> None:

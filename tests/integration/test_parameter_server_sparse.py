@@ -111,6 +111,29 @@ def test_sparse_bytes_per_step_are_the_unique_rows_pulled_and_pushed(sparse_runs
             assert nbytes <= theory + 3 * _HEADER * len(unique) * servers
 
 
+def test_async_sparse_pushes_are_each_applied_once_at_one_over_the_workers(sparse_runs: Path) -> None:
+    """Async, staleness 1, rank 1 slowed: the servers applied every row gradient each worker pushed, once, at lr / W.
+
+    SGD on rows is a sum, so whatever order the pushes arrived in, the final table is the initial one minus
+    ``lr / W`` times the sum of all pushed row gradients (the gradients themselves saw stale rows: async).
+    """
+    net = jobs.SparseNet()
+    expected = {"users": net.users.weight.detach().clone(), "items": net.items.weight.detach().clone()}
+    lr = 0.5  # the tables' param group (jobs.sparse_optimizer)
+    for rank in range(jobs.WORKERS):
+        pushed = _load(sparse_runs / f"sparse_async_rank{rank}.pt")["pushed"]
+        assert len(pushed) == jobs.SPARSE_STEPS
+        for users, users_grad, items, items_grad in pushed:
+            expected["users"].index_add_(0, users, users_grad, alpha=-lr / jobs.WORKERS)
+            expected["items"].index_add_(0, items, items_grad, alpha=-lr / jobs.WORKERS)
+    last = _load(sparse_runs / f"sparse_async_rank{jobs.WORKERS - 1}.pt")  # the slowed rank ends (gathers) last
+    for name, table in expected.items():
+        torch.testing.assert_close(last["state_dict"][f"net.{name}.weight"], table, rtol=0, atol=1e-5)
+    assert not torch.allclose(expected["items"], net.items.weight)
+    # It was asynchronous, within the bound: rank 1's dense pushes were stale, by at most (W - 1) × (1 + 1).
+    assert 1 <= last["telemetry"].max_staleness_seen <= 2
+
+
 def test_checkpoint_of_two_servers_resumes_on_one_and_equals_uninterrupted_training(sparse_runs: Path) -> None:
     folder = sparse_runs / "sparse_ckpt" / "step2.ckpt.sparse"
     tables = read_manifest(folder)

@@ -660,6 +660,39 @@ def run_sparse(out: Path) -> None:
     _save_sparse_run(module, trainer, out / "sparse_resumed")
     # Tables built in `configure_model`, on the meta device: the servers create rows with the module's init.
     run_sparse_ctr(out)
+    run_sparse_async(out)
+
+
+class _RowGradients(pl.Callback):  # type: ignore[misc]
+    """Records the row gradients each step pushes (the unique ids, the compact weight's gradient); slows rank 1."""
+
+    def __init__(self) -> None:
+        self.ids: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.pushed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_rank == 1:
+            time.sleep(0.2)  # so that rank 1 is the last to end: its table, gathered then, holds every push
+        self.ids.append((batch[0].unique(), batch[1].unique()))
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        users, items = self.ids[-1]
+        net = pl_module.net
+        self.pushed.append((users, net.users.weight.grad.clone(), items, net.items.weight.grad.clone()))
+
+
+def run_sparse_async(out: Path) -> None:
+    """Async SGD (staleness 1) on the sparse tables with rank 1 slowed: each worker records what it pushed."""
+    module, recorder = SparseModule("sgd"), _RowGradients()
+    strategy = _ps(2, "server", mode="async", max_staleness=1, sparse_modules=["net.users", "net.items"])
+    trainer = _trainer(strategy, max_steps=SPARSE_STEPS, callbacks=[recorder])
+    trainer.fit(module)
+    record = {
+        "state_dict": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "pushed": recorder.pushed,
+        "telemetry": trainer.strategy.telemetry,
+    }
+    torch.save(record, out / f"sparse_async_rank{trainer.global_rank}.pt")
 
 
 def run_sparse_ctr(out: Path) -> None:

@@ -4,9 +4,11 @@ A synchronous round of a table is complete when every worker pushed its gradient
 counts): the server then sums the pushes per row in worker order, divides by the number of workers (each
 worker's loss is the mean over its own batch, so the result is the gradient of the global batch, as in the dense
 path) and applies the row optimizer once. A pull of worker ``w`` is answered only once every round ``w`` pushed
-to is applied, so the next forward sees the step's update, as the dense path's parameters do. Asynchronous fits
-apply each push on arrival (divided by the number of workers, as the dense async path does) and answer pulls at
-once; the dense part's ``max_staleness`` bounds how far a worker runs ahead.
+to is applied, so the next forward sees the step's update, as the dense path's parameters do; the rows of a held
+pull that do not exist yet are created at once (:meth:`~.store.RowStore.prepare`), while the round waits for the
+slowest worker, rather than after it. Asynchronous fits apply each push on arrival (divided by the number of
+workers, as the dense async path does) and answer pulls at once; the dense part's ``max_staleness`` bounds how
+far a worker runs ahead.
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ class SparseServing:
             if self._caught_up(table, worker):
                 self._answer(worker, message.table, ids)
             else:
+                if ids.numel():
+                    table.store.prepare(ids)
                 table.pending.append((worker, ids))
         elif isinstance(message, SparsePush):
             self._push(worker, message, payloads)

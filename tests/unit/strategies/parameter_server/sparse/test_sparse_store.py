@@ -44,6 +44,18 @@ def test_rows_are_created_on_first_pull_with_the_tables_initial_values() -> None
     assert torch.equal(again[30:], rows[:5])
 
 
+def test_prepare_creates_missing_rows_ahead_of_the_pull_with_the_same_values() -> None:
+    store, reference = _hash_store(), _hash_store()
+    ids = _owned(store, 40)
+    store.pull(ids[:10])
+    store.prepare(torch.cat([ids[5:30], ids[20:25]]))  # some created already, some repeated
+    assert store.num_created == 30
+    assert torch.equal(store.pull(ids[:30]), reference.pull(ids[:30]))
+    assert store.num_created == 30
+    with pytest.raises(ValueError, match="got rows it does not hold"):
+        store.prepare(torch.from_numpy(store.sharding.rows_of(1)[:2]))
+
+
 def test_memory_grows_with_touched_rows_not_with_the_table() -> None:
     small, large = _hash_store(num_rows=1_000), _hash_store(num_rows=10_000_000)
     for store in (small, large):
@@ -118,6 +130,11 @@ def test_initializers_and_padding_row() -> None:
         ),
         (
             lambda s: s.apply(torch.from_numpy(s.sharding.rows_of(0)[[0, 0]]), torch.zeros(2, 4)),
+            ValueError,
+            "got repeated row ids",
+        ),
+        (
+            lambda s: s.apply(torch.from_numpy(s.sharding.rows_of(0)[[3, 1, 2, 1]]), torch.zeros(4, 4)),
             ValueError,
             "got repeated row ids",
         ),

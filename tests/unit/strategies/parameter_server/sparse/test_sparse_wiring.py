@@ -140,6 +140,8 @@ def test_a_sync_round_averages_the_workers_pushes_and_holds_pulls_until_applied(
     _push(serving, 0, [1, 2], 2.0)
     serving.handle(0, SparsePull(0, 2), {"ids": torch.tensor([1, 5])})
     assert outbox.sent == []  # worker 0's step is not applied yet: its pull waits
+    # ... but its rows not created yet are created now, off the critical path (row 1 is updated when applied).
+    assert serving.tables[0].store.num_created == 2
     _push(serving, 1, [2], 4.0)
     worker, message, payloads = outbox.sent.pop()
     assert worker == 0
