@@ -9,6 +9,7 @@ import pytest
 
 from lightning_patterns.adaptive.goodput import (
     StepTimeModel,
+    StepTimes,
     adascale_gain,
     best_batch_size,
     efficiency,
@@ -138,3 +139,34 @@ def test_invalid_optimiser_arguments(kwargs: dict[str, object], message: str) ->
 def test_invalid_fit_arguments(args: tuple[list[float], list[float], list[float]], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         fit_step_time(*args)
+
+
+def test_step_times_fit_the_medians_so_slow_steps_do_not_move_the_model() -> None:
+    """A few slow steps (another job, a collection) leave the fit at the typical step; a mean would not."""
+    true = StepTimeModel(alpha=2e-3, beta=5e-6, gamma=4e-4)
+    times = StepTimes(window=50)
+    for m in (16, 128):
+        typical = float(true.step_time(m, 2))
+        for step in range(50):
+            times.add(m, 2, typical * (20.0 if step % 10 == 0 else 1.0))  # every tenth step 20x slower
+    model = times.model()
+    assert model is not None
+    for m in (16, 128, 512):
+        assert float(model.step_time(m, 2)) == pytest.approx(float(true.step_time(m, 2)), rel=0.02)  # prior: α vs γ
+    means = fit_step_time([16, 128], [2, 2], [float(true.step_time(m, 2)) * 2.9 for m in (16, 128)])
+    assert float(means.step_time(512, 2)) > 2 * float(true.step_time(512, 2))  # what the old means gave
+
+
+def test_step_times_keep_the_recent_window_and_round_trip_checkpoints() -> None:
+    times = StepTimes(window=3)
+    assert times.model() is None
+    for seconds in (9.0, 1.0, 2.0, 3.0):
+        times.add(32, 1, seconds)
+    assert times.summary() == [(32, 1, 2.0, 3)]  # 9.0 dropped: only the 3 most recent count
+    restored = StepTimes(window=3)
+    restored.load_state_dict(times.state_dict())
+    assert restored.summary() == times.summary()
+    restored.load_state_dict([[32, 1, 10.0, 4]])  # a checkpoint of the older format: seconds summed, steps
+    assert restored.summary() == [(32, 1, 2.5, 1)]
+    with pytest.raises(ValueError, match="`window` must be at least 1"):
+        StepTimes(window=0)
