@@ -170,3 +170,29 @@ def test_step_times_keep_the_recent_window_and_round_trip_checkpoints() -> None:
     assert restored.summary() == [(32, 1, 2.5, 1)]
     with pytest.raises(ValueError, match="`window` must be at least 1"):
         StepTimes(window=0)
+
+
+def test_no_more_accumulation_than_memory_or_the_measurement_needs() -> None:
+    """A micro-batch that fits is never split: K = 1 (DDP), or exactly the 2 one process measures from."""
+    model = StepTimeModel(alpha=2e-3, beta=1.6e-5, gamma=4e-4)  # the demo model on the 2-core CPU
+    for noise_scale in (30.0, 500.0, 5000.0):
+        for replicas, least in ((2, 1), (1, 2)):
+            best = best_batch_size(
+                model, noise_scale, 32, 1024, max_accumulation=4, replicas=replicas, min_accumulation=least
+            )
+            assert best.accumulation == least, (noise_scale, replicas, best)
+    # Only a memory limit below the optimum makes more micro-batches worth it (they amortise γ).
+    limited = best_batch_size(model, math.inf, 32, 1024, max_micro_batch_size=100, max_accumulation=4)
+    assert (limited.micro_batch_size, limited.accumulation) == (100, 4)
+
+
+def test_with_fixed_costs_dominant_the_pick_is_the_largest_batch_still_efficient_enough() -> None:
+    """β → 0: throughput ∝ M, so goodput ∝ M·E(M) grows with M and the optimiser takes the largest batch allowed;
+    with a per-sample cost the optimum falls back to sqrt(α·B/β), where E is still (B + M₀)/(B + m*)."""
+    overhead_only = StepTimeModel(alpha=2e-3, beta=0.0, gamma=0.0)
+    for noise_scale in (10.0, 100.0, 1000.0):
+        assert best_batch_size(overhead_only, noise_scale, 32, 1024).batch_size == 1024
+    model = StepTimeModel(alpha=2e-3, beta=1.6e-5, gamma=0.0)
+    best = best_batch_size(model, 100.0, 32, 1024)
+    assert abs(best.batch_size - math.sqrt(2e-3 * 100.0 / 1.6e-5)) <= 1  # 112
+    assert best.efficiency == pytest.approx((100 + 32) / (100 + best.batch_size))
