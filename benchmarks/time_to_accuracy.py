@@ -137,6 +137,9 @@ def run(args: argparse.Namespace, batch_size: int | None, plot: Path | None) -> 
     }
     if adaptive is not None:
         row["decisions"] = adaptive.decisions
+        # What the decisions rested on: (m, K, median step seconds, steps kept) and the noise scale over the steps.
+        row["step_times"] = adaptive.step_times.summary()
+        row["noise_scale"] = [(int(h["step"]), h["batch_size"], h["noise_scale"]) for h in adaptive.history]
     print(f"[time_to_accuracy] {row['config']}: {timer.reached} s to {args.target}", flush=True)
     return row
 

@@ -22,10 +22,10 @@ from torch import nn
 from lightning_patterns import _lightning
 from lightning_patterns.adaptive.goodput import (
     StepTimeModel,
+    StepTimes,
     adascale_gain,
     best_batch_size,
     efficiency,
-    fit_step_time,
 )
 from lightning_patterns.adaptive.measurement import (
     ConsecutiveSteps,
@@ -319,12 +319,14 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
 
     On top of :class:`GradientNoiseScale` (whose measurements and logs it includes), it times every optimizer
     step and, every ``adapt_every_n_steps`` steps, fits the step-time model ``T(m, K) = K (α + β m) + γ`` to the
-    times of the configurations tried, and picks the micro-batch ``m`` per rank and the accumulation ``K`` that
-    maximise goodput = throughput × statistical efficiency ``(B + M₀) / (B + M)``, within ``min_batch_size ≤
-    M = R·m·K ≤ max_batch_size``, ``m ≤ max_micro_batch_size`` and ``K ≤ max_accumulation`` (formulas:
-    :mod:`lightning_patterns.adaptive.goodput`). In one process every step accumulates at least two micro-batches,
-    whose gradients measure the noise scale without bias (consecutive steps would add the parameters' motion to
-    the noise and mislead the choice): a first batch of ``b`` becomes two micro-batches of ``b // 2``, and
+    times of the configurations tried (each one's median over its recent steps, :attr:`step_times`), and picks the
+    micro-batch ``m`` per rank and the accumulation ``K`` that maximise goodput = throughput × statistical
+    efficiency ``(B + M₀) / (B + M)``, within ``min_batch_size ≤ M = R·m·K ≤ max_batch_size``,
+    ``m ≤ max_micro_batch_size`` and ``K ≤ max_accumulation`` (formulas: :mod:`lightning_patterns.adaptive.goodput`).
+    In one process every step accumulates at least two micro-batches, whose gradients measure the noise scale
+    without bias (consecutive steps would add the parameters' motion to the noise and mislead the choice: on the
+    time-to-accuracy benchmark they measured 16,556 where two micro-batches measured 886, and the run diverged): a
+    first batch of ``b`` becomes two micro-batches of ``b // 2``, and
     ``M₀ = 2 · (b // 2)``. A new configuration is adopted when its predicted goodput beats the current one's by
     ``min_improvement``; rank zero decides and every rank follows.
 
@@ -418,7 +420,9 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
         self.progress = 0.0
         #: One row per adopted configuration: step, micro_batch_size, accumulation, batch_size, noise_scale, goodput.
         self.decisions: list[dict[str, float]] = []
-        self._timings: dict[tuple[int, int], list[float]] = {}  # (m, K) -> [seconds summed, steps]
+        #: Seconds per optimizer step of each configuration tried (their medians fit the step-time model).
+        self.step_times = StepTimes()
+        self._timed_config: tuple[int, int] | None = None  # (m, K) of the last step, to skip a change's first
         self._restored: tuple[int, int] | None = None
         # A decided configuration not in use yet: (m, K, at_batch), at_batch None for "from the next epoch".
         self._pending_change: tuple[int, int, int | None] | None = None
@@ -570,10 +574,11 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
 
     def _time_step(self) -> None:
         now, batches = time.perf_counter(), self._step_batches
-        if self._last_step_end is not None and batches and min(batches) == max(batches):
-            total = self._timings.setdefault((batches[0], len(batches)), [0.0, 0.0])
-            total[0] += now - self._last_step_end
-            total[1] += 1
+        config = (batches[0], len(batches)) if batches and min(batches) == max(batches) else None
+        # The first step of a configuration also re-plans the loader and allocates for the new shapes: not timed.
+        if self._last_step_end is not None and config is not None and config == self._timed_config:
+            self.step_times.add(config[0], config[1], now - self._last_step_end)
+        self._timed_config = config
 
     def _advance_schedulers(self, trainer: pl.Trainer) -> None:
         """Step each per-step scheduler so that its count of steps follows ``floor(progress)``."""
@@ -588,16 +593,8 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
 
     # -- deciding --------------------------------------------------------------------------------------------------
     def step_time_model(self) -> StepTimeModel | None:
-        """The step-time model fitted to the step times measured so far (``None`` before any)."""
-        if not self._timings:
-            return None
-        keys = sorted(self._timings)
-        return fit_step_time(
-            [m for m, _ in keys],
-            [k for _, k in keys],
-            [self._timings[key][0] / self._timings[key][1] for key in keys],
-            weights=[self._timings[key][1] for key in keys],
-        )
+        """The step-time model fitted to the recent step times of each configuration (``None`` before any)."""
+        return self.step_times.model()
 
     def _switch_batch(self, batch_idx: int, accumulation: int) -> int:
         """The first batch a mid-epoch change can take effect at, the same on every rank.
@@ -704,7 +701,7 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
             "accumulation": current[1],
             "progress": self.progress,
             "scheduler_steps_added": self._scheduler_steps_added,
-            "timings": [[m, k, seconds, steps] for (m, k), (seconds, steps) in self._timings.items()],
+            "timings": self.step_times.state_dict(),
             "decisions": list(self.decisions),
         }
 
@@ -717,7 +714,7 @@ class _AdaptiveBatchSize(_GradientNoiseScale):
         self._pending_change = None if switch is None else (int(switch[0]), int(switch[1]), int(switch[2]))
         self.progress = float(state_dict["progress"])
         self._scheduler_steps_added = int(state_dict["scheduler_steps_added"])
-        self._timings = {(int(m), int(k)): [float(s), float(n)] for m, k, s, n in state_dict["timings"]}
+        self.step_times.load_state_dict(state_dict["timings"])
         self.decisions = list(state_dict["decisions"])
 
 

@@ -11,10 +11,14 @@ cost per step (the optimizer update and the gradient synchronisation, which accu
     T(m, K) = K · (α + β · m) + γ          throughput(m, K) = R · m · K / T(m, K)   samples per second
 
 :func:`fit_step_time` fits ``α, β, γ ≥ 0`` to measured step times by least squares on relative errors (each
-configuration weighted by its number of measurements). While the measurements cannot tell the terms apart (one
-micro-batch size only, or one accumulation only) a weak prior fills in the rest: ``γ = 0`` and half of a
-micro-step's time fixed (``α = β · m``). This is optimistic about larger batches, so the optimiser tries one,
-measures it, and the fit then rests on data.
+configuration weighted by its number of measurements). :class:`StepTimes` keeps what it is fitted to: per
+configuration the median of its most recent step times, so a few slow steps (a garbage collection, another job on
+the machine, the first step at a new batch size) do not move the model the way a mean would. While the
+measurements cannot tell the terms apart (one micro-batch size only, or one accumulation only) a weak prior fills
+in the rest: ``γ = 0`` and half of a micro-step's time fixed (``α = β · m``, as AdaptDL assumes). The optimiser then
+tries a larger batch, measures it, and the fit rests on data. (The prior is optimistic about larger batches when
+compute dominates the step; when fixed costs dominate, as for a small model on a CPU, where ``α`` is hundreds of
+``β``, it undervalues them until that second size is measured.)
 
 **Statistical efficiency.** Relative to ``M₀``, a step with batch ``M`` makes the progress of
 ``E(M) = (B + M₀) / (B + M)`` samples per sample (``1`` at ``M = M₀``, decreasing in ``M``, ``1`` everywhere when
@@ -48,6 +52,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -55,6 +60,7 @@ import numpy.typing as npt
 __all__ = [
     "BatchConfig",
     "StepTimeModel",
+    "StepTimes",
     "adascale_gain",
     "best_batch_size",
     "efficiency",
@@ -126,6 +132,63 @@ def adascale_gain(scale: npt.ArrayLike, noise_scale: float, base_batch_size: flo
     """AdaScale's gain ``S · (B + M₀) / (B + S · M₀)`` for a batch ``S`` times the base one (``S`` when ``B = ∞``)."""
     s = np.asarray(scale, dtype=np.float64)
     return s * efficiency(s * base_batch_size, noise_scale, base_batch_size)
+
+
+class StepTimes:
+    """Measured seconds per optimizer step, per configuration ``(m, K)``: the most recent ``window`` of each.
+
+    Args:
+        window: step times kept per configuration (older ones are dropped, so the model follows slow drifts).
+
+    Example:
+        >>> times = StepTimes(window=4)
+        >>> for seconds in (0.010, 0.011, 0.250, 0.012, 0.010):  # one slow step
+        ...     times.add(64, 1, seconds)
+        >>> times.summary()  # (m, K, median seconds, steps kept)
+        [(64, 1, 0.0115, 4)]
+    """
+
+    def __init__(self, window: int = 64) -> None:
+        if window < 1:
+            raise ValueError(f"`window` must be at least 1, got window={window!r}.")
+        self.window = window
+        self._times: dict[tuple[int, int], list[float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._times)
+
+    def add(self, micro_batch_size: int, accumulation: int, seconds: float) -> None:
+        """Note one step of ``seconds`` at ``(micro_batch_size, accumulation)``."""
+        times = self._times.setdefault((int(micro_batch_size), int(accumulation)), [])
+        times.append(float(seconds))
+        del times[: -self.window]
+
+    def summary(self) -> list[tuple[int, int, float, int]]:
+        """``(m, K, median seconds, steps kept)`` per configuration, sorted by ``(m, K)``."""
+        return [(m, k, float(np.median(times)), len(times)) for (m, k), times in sorted(self._times.items())]
+
+    def model(self) -> StepTimeModel | None:
+        """:func:`fit_step_time` over the medians, weighted by the steps kept (``None`` before any step)."""
+        rows = self.summary()
+        if not rows:
+            return None
+        m, k, seconds, steps = zip(*rows, strict=True)
+        return fit_step_time(m, k, seconds, weights=steps)
+
+    def state_dict(self) -> list[list[Any]]:
+        """``[m, K, [seconds, ...]]`` per configuration, for checkpoints."""
+        return [[m, k, list(times)] for (m, k), times in sorted(self._times.items())]
+
+    def load_state_dict(self, state: list[list[Any]]) -> None:
+        """Continue from :meth:`state_dict` (or from the older ``[m, K, seconds summed, steps]`` rows: their mean)."""
+        self._times = {}
+        for row in state:
+            if len(row) == 3:
+                m, k, times = row
+                self._times[(int(m), int(k))] = [float(t) for t in times][-self.window :]
+            else:
+                m, k, total, steps = row
+                self._times[(int(m), int(k))] = [float(total) / float(steps)]
 
 
 def fit_step_time(

@@ -21,9 +21,11 @@ and solving the two linear equations gives the unbiased estimators (:func:`estim
     tr(Σ) ≈ (S_small − S_big) / (1 / b_small − 1 / b_big)
 
 **Smoothing.** One step's estimates are very noisy (either can be negative). :class:`NoiseScaleEMA` keeps an
-exponential moving average of each with decay ``β`` per measurement and Adam's bias correction (divide by
-``1 − β^t``), so the first measurement is used as is. The noise scale is the ratio of the two averages, never the
-average of ratios (a ratio of noisy terms is biased):
+exponential moving average of each with Adam's bias correction (divide by one minus the product of the decays),
+so the first measurement is used as is. Its memory is counted in samples, as AdaptDL's is: a measurement over
+``s`` times as many samples as the first one (``big_batch``) decays the averages by ``β^s``, so after a switch to a
+larger batch the averages follow the new measurements within as many samples as before, not as many steps.
+The noise scale is the ratio of the two averages, never the average of ratios (a ratio of noisy terms is biased):
 
     B_noise = tr(Σ) / |G|²
 
@@ -78,6 +80,8 @@ class GradientStats:
 
     grad_sqr: float
     grad_var: float
+    #: Samples the estimates were measured over (``big_batch``); ``None`` for smoothed or other estimates.
+    batch_size: float | None = None
 
     @property
     def noise_scale(self) -> float:
@@ -92,14 +96,15 @@ def estimate_gradient_stats(sample: GradientNormSample) -> GradientStats:
     b, big = sample.small_batch, sample.big_batch
     grad_sqr = (big * sample.big_sqr - b * sample.small_sqr) / (big - b)
     grad_var = (sample.small_sqr - sample.big_sqr) / (1.0 / b - 1.0 / big)
-    return GradientStats(grad_sqr=grad_sqr, grad_var=grad_var)
+    return GradientStats(grad_sqr=grad_sqr, grad_var=grad_var, batch_size=big)
 
 
 class NoiseScaleEMA:
     """Bias-corrected exponential moving averages of ``|G|²`` and ``tr(Σ)``; their ratio is the noise scale.
 
     Args:
-        smoothing: decay ``β`` per measurement, in ``[0, 1)``; about ``2 / (1 − β)`` recent measurements count.
+        smoothing: decay ``β`` per measurement at the batch size of the first one, in ``[0, 1)``; about
+            ``2 / (1 − β)`` such measurements count. A measurement over ``s`` times as many samples decays by ``β^s``.
     """
 
     def __init__(self, smoothing: float = 0.99) -> None:
@@ -108,14 +113,19 @@ class NoiseScaleEMA:
         self.smoothing = smoothing
         self._sqr = 0.0
         self._var = 0.0
-        self._weight = 0.0  # 1 − β^t: the bias correction
+        self._weight = 0.0  # 1 − ∏ β: the bias correction
         self.count = 0
+        self._reference: float | None = None  # the first measurement's batch size: its decay is `smoothing`
 
     def update(self, stats: GradientStats) -> None:
         """Fold one step's estimates into the averages (non-finite estimates are skipped)."""
         if not (math.isfinite(stats.grad_sqr) and math.isfinite(stats.grad_var)):
             return
         beta = self.smoothing
+        if stats.batch_size is not None and stats.batch_size > 0:
+            if self._reference is None:
+                self._reference = stats.batch_size
+            beta **= stats.batch_size / self._reference
         self._sqr = beta * self._sqr + (1.0 - beta) * stats.grad_sqr
         self._var = beta * self._var + (1.0 - beta) * stats.grad_var
         self._weight = beta * self._weight + (1.0 - beta)
@@ -125,6 +135,7 @@ class NoiseScaleEMA:
         """Forget every measurement (when their source changes from a biased one to an unbiased one, or back)."""
         self._sqr = self._var = self._weight = 0.0
         self.count = 0
+        self._reference = None
 
     @property
     def stats(self) -> GradientStats | None:
@@ -141,7 +152,13 @@ class NoiseScaleEMA:
 
     def state_dict(self) -> dict[str, Any]:
         """The averages, for checkpoints."""
-        return {"sqr": self._sqr, "var": self._var, "weight": self._weight, "count": self.count}
+        return {
+            "sqr": self._sqr,
+            "var": self._var,
+            "weight": self._weight,
+            "count": self.count,
+            "reference": self._reference,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s averages (the decay stays the one given to the constructor)."""
@@ -149,3 +166,5 @@ class NoiseScaleEMA:
         self._var = float(state["var"])
         self._weight = float(state["weight"])
         self.count = int(state["count"])
+        reference = state.get("reference")  # absent from checkpoints before the memory was counted in samples
+        self._reference = None if reference is None else float(reference)

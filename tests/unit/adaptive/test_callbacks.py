@@ -198,6 +198,10 @@ def test_adaptive_batch_size_end_to_end(lightning_package: LightningPackage, tmp
         (decision["micro_batch_size"], decision["accumulation"])
     }
     assert data.batch_size == decision["micro_batch_size"]
+    # Step times: every step but an epoch's first and a configuration's first (loader re-plan, new shapes).
+    kept = {(m, k): n for m, k, _, n in adaptive.step_times.summary()}
+    assert kept[(16, 2)] == len(first) - 1
+    assert kept[(decision["micro_batch_size"], decision["accumulation"])] <= len(full) - 1
     # AdaScale: the rate used is the scheduler's times gain(S), 1 < gain <= S once the batch grew.
     for row in recorder.rows:
         assert row["lr"] == pytest.approx(row["expected_lr"], rel=1e-6)
@@ -246,6 +250,10 @@ def test_adaptive_batch_size_resumes_from_a_checkpoint(lightning_package: Lightn
     assert resumed.progress > first.progress
     assert resumed.ema.count > first.ema.count
     assert resumed.history[: len(first.history)] == first.history
+    before = {(m, k): n for m, k, _, n in first.step_times.summary()}
+    after = {(m, k): n for m, k, _, n in resumed.step_times.summary()}
+    assert set(before) <= set(after)  # the step times came back from the checkpoint ...
+    assert all(after[config] >= n for config, n in before.items())  # ... and went on
 
 
 def test_adaptive_batch_size_needs_a_batch_size_adjustable_datamodule(lightning_package: LightningPackage) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from lightning_patterns.adaptive.goodput import (
     StepTimeModel,
+    StepTimes,
     adascale_gain,
     best_batch_size,
     efficiency,
@@ -138,3 +139,60 @@ def test_invalid_optimiser_arguments(kwargs: dict[str, object], message: str) ->
 def test_invalid_fit_arguments(args: tuple[list[float], list[float], list[float]], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         fit_step_time(*args)
+
+
+def test_step_times_fit_the_medians_so_slow_steps_do_not_move_the_model() -> None:
+    """A few slow steps (another job, a collection) leave the fit at the typical step; a mean would not."""
+    true = StepTimeModel(alpha=2e-3, beta=5e-6, gamma=4e-4)
+    times = StepTimes(window=50)
+    for m in (16, 128):
+        typical = float(true.step_time(m, 2))
+        for step in range(50):
+            times.add(m, 2, typical * (20.0 if step % 10 == 0 else 1.0))  # every tenth step 20x slower
+    model = times.model()
+    assert model is not None
+    for m in (16, 128, 512):
+        assert float(model.step_time(m, 2)) == pytest.approx(float(true.step_time(m, 2)), rel=0.02)  # prior: α vs γ
+    means = fit_step_time([16, 128], [2, 2], [float(true.step_time(m, 2)) * 2.9 for m in (16, 128)])
+    assert float(means.step_time(512, 2)) > 2 * float(true.step_time(512, 2))  # what the old means gave
+
+
+def test_step_times_keep_the_recent_window_and_round_trip_checkpoints() -> None:
+    times = StepTimes(window=3)
+    assert times.model() is None
+    for seconds in (9.0, 1.0, 2.0, 3.0):
+        times.add(32, 1, seconds)
+    assert times.summary() == [(32, 1, 2.0, 3)]  # 9.0 dropped: only the 3 most recent count
+    restored = StepTimes(window=3)
+    restored.load_state_dict(times.state_dict())
+    assert restored.summary() == times.summary()
+    restored.load_state_dict([[32, 1, 10.0, 4]])  # a checkpoint of the older format: seconds summed, steps
+    assert restored.summary() == [(32, 1, 2.5, 1)]
+    with pytest.raises(ValueError, match="`window` must be at least 1"):
+        StepTimes(window=0)
+
+
+def test_no_more_accumulation_than_memory_or_the_measurement_needs() -> None:
+    """A micro-batch that fits is never split: K = 1 (DDP), or exactly the 2 one process measures from."""
+    model = StepTimeModel(alpha=2e-3, beta=1.6e-5, gamma=4e-4)  # the demo model on the 2-core CPU
+    for noise_scale in (30.0, 500.0, 5000.0):
+        for replicas, least in ((2, 1), (1, 2)):
+            best = best_batch_size(
+                model, noise_scale, 32, 1024, max_accumulation=4, replicas=replicas, min_accumulation=least
+            )
+            assert best.accumulation == least, (noise_scale, replicas, best)
+    # Only a memory limit below the optimum makes more micro-batches worth it (they amortise γ).
+    limited = best_batch_size(model, math.inf, 32, 1024, max_micro_batch_size=100, max_accumulation=4)
+    assert (limited.micro_batch_size, limited.accumulation) == (100, 4)
+
+
+def test_with_fixed_costs_dominant_the_pick_is_the_largest_batch_still_efficient_enough() -> None:
+    """β → 0: throughput ∝ M, so goodput ∝ M·E(M) grows with M and the optimiser takes the largest batch allowed;
+    with a per-sample cost the optimum falls back to sqrt(α·B/β), where E is still (B + M₀)/(B + m*)."""
+    overhead_only = StepTimeModel(alpha=2e-3, beta=0.0, gamma=0.0)
+    for noise_scale in (10.0, 100.0, 1000.0):
+        assert best_batch_size(overhead_only, noise_scale, 32, 1024).batch_size == 1024
+    model = StepTimeModel(alpha=2e-3, beta=1.6e-5, gamma=0.0)
+    best = best_batch_size(model, 100.0, 32, 1024)
+    assert abs(best.batch_size - math.sqrt(2e-3 * 100.0 / 1.6e-5)) <= 1  # 112
+    assert best.efficiency == pytest.approx((100 + 32) / (100 + best.batch_size))

@@ -94,6 +94,33 @@ def test_ema_bias_correction_and_checkpoint_round_trip() -> None:
     assert restored.stats is None
 
 
+def test_ema_memory_is_counted_in_samples() -> None:
+    """A measurement over twice the first one's samples weighs as two at the first's batch size (AdaptDL's β^s)."""
+    by_samples, by_steps = NoiseScaleEMA(smoothing=0.9), NoiseScaleEMA(smoothing=0.9)
+    by_samples.update(GradientStats(grad_sqr=1.0, grad_var=10.0, batch_size=32))
+    by_samples.update(GradientStats(grad_sqr=3.0, grad_var=30.0, batch_size=64))
+    by_steps.update(GradientStats(grad_sqr=1.0, grad_var=10.0, batch_size=32))
+    for _ in range(2):
+        by_steps.update(GradientStats(grad_sqr=3.0, grad_var=30.0, batch_size=32))
+    assert by_samples.stats is not None
+    assert by_steps.stats is not None
+    assert by_samples.stats.grad_sqr == pytest.approx(by_steps.stats.grad_sqr)
+    assert by_samples.stats.grad_var == pytest.approx(by_steps.stats.grad_var)
+    assert by_samples.stats.grad_sqr == pytest.approx((0.81 * 0.1 * 1.0 + 0.19 * 3.0) / (1 - 0.81 * 0.9))
+    # The reference batch size is part of the state; a checkpoint without it takes the next measurement's.
+    restored = NoiseScaleEMA(smoothing=0.9)
+    restored.load_state_dict(by_samples.state_dict())
+    restored.update(GradientStats(grad_sqr=3.0, grad_var=30.0, batch_size=64))
+    by_samples.update(GradientStats(grad_sqr=3.0, grad_var=30.0, batch_size=64))
+    assert restored.stats == by_samples.stats
+    old = {key: value for key, value in by_samples.state_dict().items() if key != "reference"}
+    restored.load_state_dict(old)
+    restored.update(GradientStats(grad_sqr=3.0, grad_var=30.0, batch_size=64))  # now the reference: decay 0.9
+    assert restored._weight == pytest.approx(0.9 * by_samples._weight + 0.1)
+    # Estimates from two norms carry the samples they were measured over.
+    assert estimate_gradient_stats(GradientNormSample(3.0, 16, 1.5, 64)).batch_size == 64
+
+
 @pytest.mark.parametrize(
     ("build", "message"),
     [
