@@ -53,11 +53,12 @@ import shutil
 import threading
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
 from multiprocessing.context import get_spawning_popen
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lightning_patterns.data.caching.base import EpochCache, check_cache_limit
+from lightning_patterns.data.caching.base import EpochCache, ShardStream, check_cache_limit
 from lightning_patterns.data.caching.layout import entry_digest, is_temp_name, manifest_key, store_root
 from lightning_patterns.data.caching.locks import acquire_file_lock, file_lock
 from lightning_patterns.data.caching.lru import CacheEntry, plan_admission
@@ -307,6 +308,55 @@ class DiskEpochCache(EpochCache):
             if not handed_over:
                 os.close(lock)
 
+    def get_or_stream(self, shard: int, stream: ShardStream) -> Any:
+        """Like :meth:`get_or_fill`, but a missing shard is read while it arrives, and stored once it is verified.
+
+        ``stream`` fetches into memory of its own; once its ``complete`` future resolves to the whole verified
+        shard, the shard goes to the background writer (the thread that resolved it waits while
+        ``_PENDING_WRITES`` shards already wait to be written). The entry's lock is held from the miss until
+        the entry is written, or until the stream failed (then nothing is stored).
+
+        Raises:
+            RuntimeError: :meth:`bind` was not called.
+            CacheLockTimeoutError: another process held the entry's lock for longer than ``lock_timeout``.
+        """
+        held = self._held(shard)
+        if held is not None:
+            return held
+        digest, found = self._unlocked_hit(shard)
+        if found is not None:
+            return found
+        lock = acquire_file_lock(
+            str(self._lock_path(digest)),
+            timeout=self.lock_timeout,
+            what=f"disk cache entry {digest[:16]}… (shard {shard})",
+        )
+        try:
+            found = self._open_verified(shard, locked=True)
+        except BaseException:
+            os.close(lock)
+            raise
+        if found is not None:
+            os.close(lock)
+            self._count(hit=True)
+            return found
+        complete: Future[memoryview] = Future()
+
+        def finished(done: Future[memoryview]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                os.close(lock)  # nothing verified to keep
+                return
+            try:
+                self._background().put(shard, done.result().toreadonly(), lock)
+            except BaseException:
+                os.close(lock)
+                raise
+
+        # From here the lock is released by `finished` alone: `stream` resolves `complete` even when it raises.
+        complete.add_done_callback(finished)
+        self._count(hit=False)
+        return stream(None, complete)
+
     def flush(self) -> None:
         """Wait until every shard handed to the background writer is stored (or failed to be, which only logs)."""
         writer = self._writer
@@ -328,9 +378,10 @@ class DiskEpochCache(EpochCache):
         return data
 
     def _background(self) -> _BackgroundWriter:
-        writer = self._writer
-        if writer is None or writer.pid != os.getpid():  # none yet, or forked: the parent's thread is not here
-            writer = self._writer = _BackgroundWriter(self._store)
+        with self._counts_lock:  # (any lock of this process) two loader threads must not make two writers
+            writer = self._writer
+            if writer is None or writer.pid != os.getpid():  # none yet, or forked: the parent's thread is not here
+                writer = self._writer = _BackgroundWriter(self._store)
         return writer
 
     def _open_verified(self, shard: int, *, locked: bool) -> Any:
