@@ -23,10 +23,9 @@ How it stays correct:
   :mod:`~lightning_patterns.data.caching.lru` for the policy. The cache never holds more than
   ``cache_limit`` bytes of entries, and stops adding entries when the disk's free space would fall below
   ``min_free_bytes``.
-- **Crash-safe.** ``flock`` locks die with their process. A writer has a temp file of an entry only while it
-  holds that entry's lock, so a temp file whose entry lock is free belongs to a writer that died, and is
-  deleted (under the index lock). After ``kill -9`` the next run reuses every complete entry and fetches only
-  the rest.
+- **Crash-safe.** ``flock`` locks die with their process, and a temp file found while holding the index
+  lock belongs to a writer that died (live writers only have one while holding it), so it is deleted. After
+  ``kill -9`` the next run reuses every complete entry and fetches only the rest.
 
 - **Off the reader's path.** Through :meth:`DiskEpochCache.get_or_fill` (what ``StreamingDataset`` uses) a
   fetched shard is handed to the reader at once and written to its entry by a background thread, holding the
@@ -34,11 +33,6 @@ How it stays correct:
   waits for those writes. Until its entry is written, a shard is read from the (verified) memory the
   background thread writes from, by any reader of that process: the next epoch does not wait for the disk
   either. :meth:`DiskEpochCache.get_or_fetch` stores before it returns.
-- **One copy.** Through :meth:`DiskEpochCache.get_or_stream` (shards with a block table) a missing shard is
-  fetched straight into its entry's temp file, mapped shared (its blocks reserved first with
-  ``posix_fallocate``, so a full disk can never fault a write into the map): the reader reads it there as it
-  arrives, and once every block is verified the background writer only ``fsync``-s and renames it. No second
-  copy of the shard is made, in memory or on the way to the disk.
 
 Reads are fast: an entry is memory-mapped read-only, and a full verification happens once per entry per rank
 (one ``fstat`` per read otherwise).
@@ -47,7 +41,6 @@ Reads are fast: an entry is memory-mapped read-only, and a full verification hap
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import mmap
@@ -347,21 +340,14 @@ class DiskEpochCache(EpochCache):
             os.close(lock)
             self._count(hit=True)
             return found
-        temp = self._reserve(digest, self._size(shard))
         complete: Future[memoryview] = Future()
 
         def finished(done: Future[memoryview]) -> None:
             if done.cancelled() or done.exception() is not None:
-                if temp is not None:
-                    temp.discard()
                 os.close(lock)  # nothing verified to keep
                 return
             try:
-                if temp is not None:
-                    self._background().put(shard, temp, lock, readable=temp.readable)
-                else:
-                    data = done.result().toreadonly()
-                    self._background().put(shard, data, lock, readable=data)
+                self._background().put(shard, done.result().toreadonly(), lock)
             except BaseException:
                 os.close(lock)
                 raise
@@ -369,41 +355,7 @@ class DiskEpochCache(EpochCache):
         # From here the lock is released by `finished` alone: `stream` resolves `complete` even when it raises.
         complete.add_done_callback(finished)
         self._count(hit=False)
-        return stream(None if temp is None else temp.view, complete)
-
-    def _size(self, shard: int) -> int:
-        assert self._manifest is not None
-        return self._manifest.shards[shard].num_bytes
-
-    def _reserve(self, digest: str, size: int) -> _TempEntry | None:
-        """A temp file of the entry, its blocks allocated and mapped to be fetched into; ``None`` where it cannot be.
-
-        Called holding the entry's lock (which makes the temp file a live writer's for :meth:`_scan`). ``None``
-        when the entry would not be admitted for its size alone, when the file system cannot allocate the blocks
-        up front (full, or no ``posix_fallocate``), or on any other error: the shard is then fetched into
-        memory and written from there, as by :meth:`get_or_fill`.
-        """
-        if size == 0 or (self.cache_limit is not None and size > self.cache_limit):
-            return None
-        entries_dir = self.root / "entries"
-        path = entries_dir / f"{digest}.lps.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        try:
-            if shutil.disk_usage(entries_dir).free - size < self.min_free_bytes:
-                return None
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        except OSError:
-            return None
-        try:
-            # Allocated now, or a write into the shared map could find the disk full later: a SIGBUS, not an error.
-            os.posix_fallocate(fd, 0, size)
-            region = mmap.mmap(fd, size)
-        except (OSError, ValueError, AttributeError) as err:  # AttributeError: no posix_fallocate (macOS)
-            log.debug("Fetching shard %s into memory instead of its temp file: %s", digest[:16], err)
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            return None
-        return _TempEntry(path, fd, region)
+        return stream(None, complete)
 
     def flush(self) -> None:
         """Wait until every shard handed to the background writer is stored (or failed to be, which only logs)."""
@@ -503,37 +455,21 @@ class DiskEpochCache(EpochCache):
 
     # ------------------------------------------------------------------ writing
 
-    def _store(self, shard: int, data: bytes | memoryview | _TempEntry) -> None:
-        """Add ``data`` as the shard's entry if the policy admits it; failures only log (training goes on).
-
-        ``data`` is the shard's bytes, or its temp file already holding them (renamed into place, or deleted).
-        """
-        if isinstance(data, _TempEntry):
-            try:
-                self._store_bytes(shard, data)
-            finally:
-                data.discard()  # nothing to do once it was renamed
-            return
-        self._store_bytes(shard, data)
-
-    def _store_bytes(self, shard: int, data: bytes | memoryview | _TempEntry) -> None:
+    def _store(self, shard: int, data: bytes | memoryview) -> None:
+        """Add ``data`` as the shard's entry if the policy admits it; failures only log (training goes on)."""
         digest = self._digests[shard]
         entries_dir = self.root / "entries"
         try:
-            if isinstance(data, _TempEntry):
-                os.fsync(data.fd)  # before the index lock: other processes' stores need not wait for the disk
             with file_lock(
                 str(self.root / "index.lock"), timeout=self.lock_timeout, what=f"the cache index {self.root}"
             ):
                 entries = self._scan(entries_dir)
                 free = shutil.disk_usage(entries_dir).free
-                size = len(data.view) if isinstance(data, _TempEntry) else len(data)
                 admission = plan_admission(
                     entries,
-                    size,
+                    len(data),
                     cache_limit=self.cache_limit,
-                    # A temp file's blocks are allocated already: the free space counted them out.
-                    free_bytes=free + size if isinstance(data, _TempEntry) else free,
+                    free_bytes=free,
                     min_free_bytes=self.min_free_bytes,
                 )
                 if not admission.admit:
@@ -543,10 +479,7 @@ class DiskEpochCache(EpochCache):
                     log.debug("Evicting %s from the disk cache at %s", name, self.root)
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entries_dir / name)
-                if isinstance(data, _TempEntry):
-                    self._rename_entry(shard, digest, data.path)
-                else:
-                    self._write_entry(shard, digest, data)
+                self._write_entry(shard, digest, data)
         except OSError as err:
             log.warning(
                 "Could not store shard %s in the disk cache at %s (%s); it will be fetched again.",
@@ -568,16 +501,6 @@ class DiskEpochCache(EpochCache):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        self._rename_entry(shard, digest, temp)
-
-    def _rename_entry(self, shard: int, digest: str, temp: Path) -> None:
-        """Move the complete, fsync-ed temp file ``temp`` into place as the shard's entry (it is deleted on failure)."""
-        entries_dir = self.root / "entries"
-        try:
             os.rename(temp, self._entry_path(digest))
             # After the rename, which moves the ctime on most file systems: these bytes were verified when fetched.
             st = os.stat(self._entry_path(digest))
@@ -605,23 +528,11 @@ class DiskEpochCache(EpochCache):
                         used = max(st.st_atime_ns, self._last_marked_used(digest))
                         entries.append(CacheEntry(item.name, st.st_size, used, digest in self._protected))
                     elif is_temp_name(item.name):
-                        self._delete_if_orphaned(item.path, item.name[:64])
+                        log.info("Deleting %s, left half-written by a process that died", item.path)
+                        os.unlink(item.path)
                 except FileNotFoundError:
                     continue
         return entries
-
-    def _delete_if_orphaned(self, path: str, digest: str) -> None:
-        """Delete the temp file ``path`` of entry ``digest`` unless a live writer holds the entry's lock."""
-        fd = os.open(self._lock_path(digest), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return  # a writer (maybe of this process) is fetching or writing it
-            log.info("Deleting %s, left half-written by a process that died", path)
-            os.unlink(path)
-        finally:
-            os.close(fd)
 
     def _last_marked_used(self, digest: str) -> int:
         try:
@@ -653,33 +564,6 @@ class DiskEpochCache(EpochCache):
         return f"DiskEpochCache(cache_dir={self.cache_dir!r}, cache_limit={self.cache_limit!r})"
 
 
-class _TempEntry:
-    """An entry's temp file, mapped shared and read-write: a shard is fetched straight into it.
-
-    Args:
-        path: the temp file.
-        fd: its descriptor (kept open to ``fsync`` it).
-        region: its shared map.
-    """
-
-    def __init__(self, path: Path, fd: int, region: mmap.mmap) -> None:
-        self.path = path
-        self.fd = fd
-        self.view = memoryview(region)
-        self.readable = self.view.toreadonly()
-        self._discarded = False
-
-    def discard(self) -> None:
-        """Close the file and delete it if it is still there (not renamed); the map lives on while it is read."""
-        if self._discarded:
-            return
-        self._discarded = True
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-
 class _BackgroundWriter:
     """One thread that stores shards handed to it, then releases each entry's lock; it ends when idle.
 
@@ -702,13 +586,10 @@ class _BackgroundWriter:
         with self._lock:
             return self._holding.get(shard)
 
-    def put(self, shard: int, data: Any, lock: int, *, readable: Any = None) -> None:
-        """Store ``data`` as the entry of ``shard`` in the background, then close the entry's lock ``lock``.
-
-        Until then, :meth:`held` answers ``readable`` (default: ``data``) for the shard.
-        """
+    def put(self, shard: int, data: Any, lock: int) -> None:
+        """Store ``data`` as the entry of ``shard`` in the background, then close the entry's lock ``lock``."""
         with self._lock:
-            self._holding[shard] = data if readable is None else readable
+            self._holding[shard] = data
         self._jobs.put((shard, data, lock))
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
