@@ -5,11 +5,16 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any, ClassVar
 
 from lightning_patterns.data.shards.manifest import Manifest
 
-__all__ = ["EpochCache", "check_cache_limit"]
+__all__ = ["EpochCache", "ShardStream", "check_cache_limit"]
+
+# ``stream(into, complete)``: starts fetching a shard into ``into`` (or memory of its own) and returns at once
+# something that reads it while it arrives; resolves ``complete`` (see :meth:`EpochCache.get_or_stream`).
+ShardStream = Callable[[memoryview | None, "Future[memoryview]"], Any]
 
 
 def check_cache_limit(cache_limit: int | None) -> int | None:
@@ -65,6 +70,25 @@ class EpochCache(ABC):
         fill(None))``, so a cache that only implements :meth:`get_or_fetch` works unchanged.
         """
         return self.get_or_fetch(shard, lambda: fill(None))
+
+    def get_or_stream(self, shard: int, stream: ShardStream) -> Any:
+        """The cached bytes of ``shard``, or, on a miss, what ``stream`` returns: the shard read while it arrives.
+
+        ``stream(into, complete)`` starts fetching the shard into ``into`` (as for :meth:`get_or_fill`) and returns
+        at once (a reader of the arriving bytes). It resolves ``complete`` exactly once, also when it raises, and
+        only after the last request that writes to the memory: to that memory, once every byte is verified, or to
+        an error. The cache keeps the shard only then, so unverified bytes are never kept. This default waits for
+        ``complete`` and keeps the shard through :meth:`get_or_fetch`: correct, but the caller gets the bytes only
+        once all have arrived (a cache that can keep a shard later, like the memory and disk caches, overrides it).
+        The caller tells a hit from a miss by the type it gets back.
+        """
+
+        def fetch() -> memoryview:
+            complete: Future[memoryview] = Future()
+            stream(None, complete)
+            return complete.result()
+
+        return self.get_or_fetch(shard, fetch)
 
     def flush(self) -> None:  # noqa: B027 - only caches that write in the background have something to wait for
         """Wait until every shard handed to the cache is stored (a disk cache writes in the background)."""

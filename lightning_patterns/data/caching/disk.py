@@ -30,7 +30,9 @@ How it stays correct:
 - **Off the reader's path.** Through :meth:`DiskEpochCache.get_or_fill` (what ``StreamingDataset`` uses) a
   fetched shard is handed to the reader at once and written to its entry by a background thread, holding the
   entry's lock until the entry is complete, so the first epoch does not wait for the disk; :meth:`flush`
-  waits for those writes. :meth:`DiskEpochCache.get_or_fetch` stores before it returns.
+  waits for those writes. Until its entry is written, a shard is read from the (verified) memory the
+  background thread writes from, by any reader of that process: the next epoch does not wait for the disk
+  either. :meth:`DiskEpochCache.get_or_fetch` stores before it returns.
 
 Reads are fast: an entry is memory-mapped read-only, and a full verification happens once per entry per rank
 (one ``fstat`` per read otherwise).
@@ -51,11 +53,12 @@ import shutil
 import threading
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
 from multiprocessing.context import get_spawning_popen
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lightning_patterns.data.caching.base import EpochCache, check_cache_limit
+from lightning_patterns.data.caching.base import EpochCache, ShardStream, check_cache_limit
 from lightning_patterns.data.caching.layout import entry_digest, is_temp_name, manifest_key, store_root
 from lightning_patterns.data.caching.locks import acquire_file_lock, file_lock
 from lightning_patterns.data.caching.lru import CacheEntry, plan_admission
@@ -250,6 +253,9 @@ class DiskEpochCache(EpochCache):
             RuntimeError: :meth:`bind` was not called.
             CacheLockTimeoutError: another process held the entry's lock for longer than ``lock_timeout``.
         """
+        held = self._held(shard)
+        if held is not None:
+            return held
         digest, found = self._unlocked_hit(shard)
         if found is not None:
             return found
@@ -269,12 +275,16 @@ class DiskEpochCache(EpochCache):
         """Like :meth:`get_or_fetch`, but a fetched shard is stored in the background and returned at once.
 
         The entry's lock is held until the entry is written (by the background thread), so another process
-        that needs the shard meanwhile waits for the entry instead of fetching it again.
+        that needs the shard meanwhile waits for the entry instead of fetching it again; a reader in this
+        process gets the fetched (verified) memory the entry is being written from, at once.
 
         Raises:
             RuntimeError: :meth:`bind` was not called.
             CacheLockTimeoutError: another process held the entry's lock for longer than ``lock_timeout``.
         """
+        held = self._held(shard)
+        if held is not None:
+            return held
         digest, found = self._unlocked_hit(shard)
         if found is not None:
             return found
@@ -298,16 +308,80 @@ class DiskEpochCache(EpochCache):
             if not handed_over:
                 os.close(lock)
 
+    def get_or_stream(self, shard: int, stream: ShardStream) -> Any:
+        """Like :meth:`get_or_fill`, but a missing shard is read while it arrives, and stored once it is verified.
+
+        ``stream`` fetches into memory of its own; once its ``complete`` future resolves to the whole verified
+        shard, the shard goes to the background writer (the thread that resolved it waits while
+        ``_PENDING_WRITES`` shards already wait to be written). The entry's lock is held from the miss until
+        the entry is written, or until the stream failed (then nothing is stored).
+
+        Raises:
+            RuntimeError: :meth:`bind` was not called.
+            CacheLockTimeoutError: another process held the entry's lock for longer than ``lock_timeout``.
+        """
+        held = self._held(shard)
+        if held is not None:
+            return held
+        digest, found = self._unlocked_hit(shard)
+        if found is not None:
+            return found
+        lock = acquire_file_lock(
+            str(self._lock_path(digest)),
+            timeout=self.lock_timeout,
+            what=f"disk cache entry {digest[:16]}… (shard {shard})",
+        )
+        try:
+            found = self._open_verified(shard, locked=True)
+        except BaseException:
+            os.close(lock)
+            raise
+        if found is not None:
+            os.close(lock)
+            self._count(hit=True)
+            return found
+        complete: Future[memoryview] = Future()
+
+        def finished(done: Future[memoryview]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                os.close(lock)  # nothing verified to keep
+                return
+            try:
+                self._background().put(shard, done.result().toreadonly(), lock)
+            except BaseException:
+                os.close(lock)
+                raise
+
+        # From here the lock is released by `finished` alone: `stream` resolves `complete` even when it raises.
+        complete.add_done_callback(finished)
+        self._count(hit=False)
+        return stream(None, complete)
+
     def flush(self) -> None:
         """Wait until every shard handed to the background writer is stored (or failed to be, which only logs)."""
         writer = self._writer
         if writer is not None and writer.pid == os.getpid():
             writer.join()
 
-    def _background(self) -> _BackgroundWriter:
+    def _held(self, shard: int) -> Any:
+        """The shard's verified bytes if this process's background writer still holds them (counted as a hit).
+
+        Reading them instead of waiting for the entry keeps the disk off the next epoch's path too: an epoch
+        that begins while the last shards of the one before are still being written reads them from memory.
+        """
         writer = self._writer
-        if writer is None or writer.pid != os.getpid():  # none yet, or forked: the parent's thread is not here
-            writer = self._writer = _BackgroundWriter(self._store)
+        if writer is None or writer.pid != os.getpid():
+            return None
+        data = writer.held(shard)
+        if data is not None:
+            self._count(hit=True)
+        return data
+
+    def _background(self) -> _BackgroundWriter:
+        with self._counts_lock:  # (any lock of this process) two loader threads must not make two writers
+            writer = self._writer
+            if writer is None or writer.pid != os.getpid():  # none yet, or forked: the parent's thread is not here
+                writer = self._writer = _BackgroundWriter(self._store)
         return writer
 
     def _open_verified(self, shard: int, *, locked: bool) -> Any:
@@ -504,9 +578,18 @@ class _BackgroundWriter:
         self._jobs: queue.Queue[tuple[int, Any, int]] = queue.Queue(maxsize=_PENDING_WRITES)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        # Shards handed over and not yet stored, by shard: readers of this process read them from here.
+        self._holding: dict[int, Any] = {}
+
+    def held(self, shard: int) -> Any:
+        """The bytes of ``shard`` while they wait for (or are in) their write, else ``None``."""
+        with self._lock:
+            return self._holding.get(shard)
 
     def put(self, shard: int, data: Any, lock: int) -> None:
         """Store ``data`` as the entry of ``shard`` in the background, then close the entry's lock ``lock``."""
+        with self._lock:
+            self._holding[shard] = data
         self._jobs.put((shard, data, lock))
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
@@ -528,6 +611,9 @@ class _BackgroundWriter:
             except Exception:  # never let one shard's failure stop the others' writes
                 log.exception("Could not store shard %s in the disk cache", shard)
             finally:
+                # Dropped only once the entry is complete (or failed): a reader then finds the entry instead.
+                with self._lock:
+                    self._holding.pop(shard, None)
                 os.close(lock)
                 self._jobs.task_done()
 

@@ -29,12 +29,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from multiprocessing.context import get_spawning_popen
 from multiprocessing.reduction import DupFd
 from typing import Any, ClassVar
 
-from lightning_patterns.data.caching.base import EpochCache, check_cache_limit
+from lightning_patterns.data.caching.base import EpochCache, ShardStream, check_cache_limit
 from lightning_patterns.data.shards.manifest import Manifest
 
 __all__ = ["MEMORY_FRACTION", "MemoryEpochCache"]
@@ -269,41 +270,92 @@ class MemoryEpochCache(EpochCache):
             self._ready[shard] = _READY
         return self._view(shard)
 
+    def get_or_stream(self, shard: int, stream: ShardStream) -> Any:
+        """The shard from the shared region; on the first read it is read while it arrives into the region itself.
+
+        The right to fill the shard is held until ``stream`` resolves its ``complete`` future (from whichever
+        thread lands the last piece); the shard is marked ready, for every worker of the rank, only if it
+        resolved to the whole verified shard. Until then readers of this stream read the region as blocks land
+        and are verified; other workers wait for the fill, as with :meth:`get_or_fill`.
+
+        Raises:
+            RuntimeError: :meth:`bind` was not called.
+        """
+        if self._manifest is None:
+            raise RuntimeError(
+                "MemoryEpochCache.get_or_stream() before bind(manifest): bind the cache to a dataset first."
+            )
+        if self._offsets[shard] < 0:
+            self._count(hit=False)
+            return stream(None, Future())
+        if self._ready[shard] == _READY:
+            self._count(hit=True)
+            return self._view(shard)
+        if not self._acquire_fill(shard):
+            self._count(hit=False)
+            return stream(None, Future())
+        if self._ready[shard] == _READY:
+            self._release_fill(shard)
+            self._count(hit=True)
+            return self._view(shard)
+        assert self._region is not None
+        offset, size = self._offsets[shard], self._manifest.shards[shard].num_bytes
+        complete: Future[memoryview] = Future()
+
+        def finished(done: Future[memoryview]) -> None:
+            try:
+                if not done.cancelled() and done.exception() is None:
+                    self._ready[shard] = _READY
+            finally:
+                self._release_fill(shard)
+
+        complete.add_done_callback(finished)
+        self._count(hit=False)
+        return stream(memoryview(self._region)[offset : offset + size], complete)
+
     @contextmanager
     def _filling(self, shard: int) -> Iterator[bool]:
         """Hold the right to fill ``shard`` (yields ``False`` if it could not be had in ``fill_timeout``)."""
+        owner = self._acquire_fill(shard)
+        try:
+            yield owner
+        finally:
+            if owner:
+                self._release_fill(shard)
+
+    def _acquire_fill(self, shard: int) -> bool:
+        """Take the right to fill ``shard``, waiting up to ``fill_timeout`` (``False`` if it could not be had).
+
+        Release it with :meth:`_release_fill`, from any thread of this process.
+        """
         if os.getpid() != self._pid:  # forked: locks held by the parent's threads mean nothing here
             self._init_process_state()
         with self._guard:
             thread_lock = self._thread_locks.setdefault(shard, threading.Lock())
         deadline = time.monotonic() + self.fill_timeout
         if not thread_lock.acquire(timeout=self.fill_timeout):
-            yield False
-            return
-        try:
-            # Record locks are per process, so the thread lock above orders this process's threads first.
-            delay = 0.0005
-            while True:
-                try:
-                    fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, shard)
-                    break
-                except OSError:
-                    if time.monotonic() >= deadline:
-                        log.warning(
-                            "Waited %s s for another worker to fill shard %s; fetching it directly",
-                            self.fill_timeout,
-                            shard,
-                        )
-                        yield False
-                        return
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.02)
+            return False
+        # Record locks are per process, so the thread lock above orders this process's threads first.
+        delay = 0.0005
+        while True:
             try:
-                yield True
-            finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, shard)
-        finally:
-            thread_lock.release()
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, shard)
+                return True
+            except OSError:
+                if time.monotonic() >= deadline:
+                    log.warning(
+                        "Waited %s s for another worker to fill shard %s; fetching it directly",
+                        self.fill_timeout,
+                        shard,
+                    )
+                    thread_lock.release()
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 0.02)
+
+    def _release_fill(self, shard: int) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, shard)
+        self._thread_locks[shard].release()
 
     def __repr__(self) -> str:
         return f"MemoryEpochCache(cache_limit={self.cache_limit!r}, capacity={self._capacity})"

@@ -7,6 +7,10 @@ into range requests in the order the rows are read (the first rows of every fiel
 :class:`~lightning_patterns.data.shards.ShardReader` opened on the buffer waits (through its ``ready`` hook)
 only for the blocks of the rows it decodes. The first batch of a shard then waits for its own rows, not for
 the whole shard: about a shard's transfer time less.
+
+A shard read this way can still be kept by an epoch cache: :attr:`ShardArrival.complete` resolves, once no
+request writes to the buffer any more, to the buffer itself when every block landed and verified (the head
+is verified before the arrival begins, so the whole file is), or to the error that stopped it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from lightning_patterns.data.remote import Deadline
@@ -60,6 +65,9 @@ def progressive_pieces(header: ShardHeader, table: BlockTable, landed: int, chun
         blocks = [block for block in table.blocks_of(region[0], region[1]) if owner.get(block, (0.0, -1))[1] == index]
         for first, last in _pieces(blocks, table, chunk_bytes):
             ranked.append((need(region, first), first, last))
+    # Blocks no field covers (padding) come last: no read needs them, but a cache keeps the whole file.
+    rest = [block for block in range(table.count) if block not in owner and block not in landed_blocks]
+    ranked.extend((2.0, first, last) for first, last in _pieces(rest, table, chunk_bytes))
     return [(first, last) for _, first, last in sorted(ranked)]
 
 
@@ -88,6 +96,11 @@ class ShardArrival:
         deadline: how long a reader may wait (the load's deadline).
         on_wait: told the seconds each wait took (time spent waiting for data); set it once the reader is open,
             so that only the consumer's waits are counted (the waits of opening are the load's).
+        complete: resolved once the last piece is done (see :attr:`complete`); a new future if ``None``.
+
+    Attributes:
+        complete: resolves, after the last piece landed or failed (no request writes to ``buffer`` any more),
+            to ``buffer`` if every block landed and was verified, else to the error that stopped the arrival.
     """
 
     def __init__(
@@ -101,6 +114,7 @@ class ShardArrival:
         pieces: int,
         deadline: Deadline,
         on_wait: Callable[[float], None] | None = None,
+        complete: Future[memoryview] | None = None,
     ) -> None:
         self.info = info
         self.url = url
@@ -114,6 +128,7 @@ class ShardArrival:
         self._cond = threading.Condition()
         self._deadline = deadline
         self.on_wait = on_wait
+        self.complete: Future[memoryview] = Future() if complete is None else complete
 
     def mark(self, start: int, stop: int) -> None:
         """Blocks ``[start, stop)`` (whole ones) landed and were verified, or the check was not asked for."""
@@ -131,15 +146,31 @@ class ShardArrival:
         """One more piece landed (verified or not); after the last, mismatches become the error readers see."""
         with self._cond:
             self._pending -= 1
-            if self._pending > 0 or not self._failed or self._error is not None:
+            if self._pending > 0:
                 return
-            block, expected, actual = min(self._failed)
-            detail = self.table.describe_mismatch(block, expected, actual)
-            info = self.info
-            self._error = checksum_mismatch(
-                self.buffer, info.checksum, self.url, expected_size=info.num_bytes, fetches=2, detail=detail
-            ) or ChecksumMismatchError(f"Shard {self.url!r}: {detail}.")
+            if self._failed and self._error is None:
+                block, expected, actual = min(self._failed)
+                detail = self.table.describe_mismatch(block, expected, actual)
+                info = self.info
+                self._error = checksum_mismatch(
+                    self.buffer, info.checksum, self.url, expected_size=info.num_bytes, fetches=2, detail=detail
+                ) or ChecksumMismatchError(f"Shard {self.url!r}: {detail}.")
             self._cond.notify_all()
+            error = self._error
+            whole = all(self._verified)
+        # Outside the lock: the callbacks (a cache keeping the shard) may take time.
+        if error is None and not whole:
+            error = RuntimeError(f"Shard {self.url!r}: its last request finished with blocks missing.")
+        if error is not None:
+            self.complete.set_exception(error)
+        else:
+            self.complete.set_result(self.buffer)
+
+    def abandon(self, pieces: int, error: BaseException) -> None:
+        """``pieces`` pieces will never be requested (opening failed with ``error``): count them done."""
+        self.fail(error)
+        for _ in range(pieces):
+            self.piece_done()
 
     def fail(self, error: BaseException) -> None:
         """The shard will not arrive whole: readers waiting, and those to come, raise ``error``."""
@@ -172,7 +203,8 @@ class ShardArrival:
         """Fail the arrival if ``future`` (a piece's request) is cancelled before it runs (the pool shut down)."""
 
         def check(done: Any) -> None:
-            if done.cancelled():
+            if done.cancelled():  # it never ran, so it never counts itself done
                 self.fail(self._deadline.error(self.url))
+                self.piece_done()
 
         future.add_done_callback(check)

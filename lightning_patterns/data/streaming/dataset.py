@@ -483,8 +483,8 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
     ) -> Any:
         """The pipeline's ``load(shard, deadline, priority)``: a part of the shard, the cache, or the whole shard.
 
-        Without a cache, a shard with a block table is opened while it arrives: its first batch waits for its own
-        rows only (``on_wait`` is told how long reads wait for the rest).
+        A shard with a block table is opened while it arrives, with a cache or without: its first batch waits for
+        its own rows only (``on_wait`` is told how long reads wait for the rest).
         """
         shards, schema = self.manifest.shards, self.manifest.schema
 
@@ -492,8 +492,17 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
             rows = partial.get(shard)
             if rows is not None:
                 return fetcher.fetch_rows(shard, rows, priority, deadline, None)
-            if self.cache is None and shards[shard].has_blocks:
-                return fetcher.open_arriving(shard, priority, deadline, on_wait)
+            if shards[shard].has_blocks:
+                if self.cache is None:
+                    return fetcher.open_arriving(shard, priority, deadline, on_wait)
+                # A cached shard is read while it arrives too; the cache keeps it once every byte is verified.
+                found = self.cache.get_or_stream(
+                    shard,
+                    lambda into, complete: fetcher.open_arriving(shard, priority, deadline, on_wait, into, complete),
+                )
+                if isinstance(found, ShardReader):
+                    return found
+                return open_shard(found, shards[shard], schema, self._describe(shard))
             if self.cache is None:
                 data: Any = fetcher.fetch_whole(shard, None, priority, deadline)
             else:
@@ -579,6 +588,10 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
                     for row in range(size):
                         self._count_yielded(cursor)
                         yield {name: value[row] for name, value in batch.items()}
+            if self.cache is not None:
+                # A whole epoch read: its shards are kept by now (a disk cache writes the last ones in the
+                # background while they are read, and they are written once their last byte arrived).
+                self.cache.flush()
         finally:
             recorder.flush()
             if self._recorder is recorder:

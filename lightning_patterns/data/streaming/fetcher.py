@@ -31,7 +31,7 @@ from lightning_patterns.data.remote.checksum import checksum_mismatch
 from lightning_patterns.data.shards.blocks import BlockTable
 from lightning_patterns.data.shards.manifest import Manifest, ShardInfo, missing_shard_error, shard_url
 from lightning_patterns.data.shards.partial import ShardHead, fetch_head, fetch_rows
-from lightning_patterns.data.shards.reader import ShardFormatError, ShardReader, parse_header
+from lightning_patterns.data.shards.reader import ShardFormatError, ShardHeader, ShardReader, parse_header
 from lightning_patterns.data.streaming.arrival import ShardArrival, progressive_pieces
 from lightning_patterns.exceptions import ChecksumMismatchError
 
@@ -287,7 +287,13 @@ class ShardFetcher:
                 raise error or ChecksumMismatchError(f"Shard {url!r}: {detail}.")
 
     def open_arriving(
-        self, shard: int, priority: int, deadline: Deadline, on_wait: Callable[[float], None]
+        self,
+        shard: int,
+        priority: int,
+        deadline: Deadline,
+        on_wait: Callable[[float], None],
+        into: memoryview | None = None,
+        complete: Future[memoryview] | None = None,
     ) -> ShardReader:
         """Open ``shard`` as soon as its head (and first rows) landed; the rest arrives while it is read.
 
@@ -302,6 +308,11 @@ class ShardFetcher:
             priority: the shard's place in the schedule: lower goes first.
             deadline: when to give up, for the requests and for readers waiting on them.
             on_wait: told the seconds each read waited for data.
+            into: writable memory of the shard's size to receive it (a cache's region), or ``None``.
+            complete: resolved exactly once, also when this raises, after the last request that writes to the
+                buffer: to the buffer once every byte of it is verified, else to the error (see
+                :attr:`~lightning_patterns.data.streaming.arrival.ShardArrival.complete`). A cache keeps the
+                shard from there.
 
         Returns:
             The reader, over a read-only view of the arriving buffer.
@@ -315,7 +326,55 @@ class ShardFetcher:
         info = self.manifest.shards[shard]
         assert info.head_bytes is not None
         url = self.url_of(shard)
-        buffer = anonymous_buffer(info.num_bytes)
+        buffer = anonymous_buffer(info.num_bytes) if into is None else into
+        if len(buffer) != info.num_bytes:
+            raise ValueError(f"into has {len(buffer)} bytes; shard {url!r} has {info.num_bytes}.")
+        complete = Future() if complete is None else complete
+        try:
+            header = self._arriving_head(info, url, buffer, priority, deadline)
+            table = header.blocks
+            assert table is not None
+            digests = buffer[table.table_offset : table.table_stop]
+            first = min(info.num_bytes, info.head_bytes + _FIRST_BODY_BYTES)
+            # The whole blocks of the first request are verified now; the one it cut is fetched again with the rest.
+            landed = first
+            if first < info.num_bytes:
+                landed = table.start + (first - table.start) // table.block_bytes * table.block_bytes
+            pieces = progressive_pieces(header, table, landed, self.chunk_bytes)
+            # The first request counts as a piece: when no piece follows it, its mismatch must still fail readers.
+            arrival = ShardArrival(
+                info, url, buffer, table, digests, pieces=len(pieces) + 1, deadline=deadline, complete=complete
+            )
+        except BaseException as err:
+            complete.set_exception(err)  # no request writes to the buffer any more
+            raise
+        queued = -1  # pieces requested so far, the first request included once it is done
+        try:
+            try:
+                if self.verify:
+                    self._land(arrival, table.start, landed, deadline)
+                else:
+                    arrival.mark(table.start, landed)
+            finally:
+                queued = 0
+                arrival.piece_done()
+            for k, piece in enumerate(pieces, start=1):
+                arrival.track(self.pool.submit((priority, k), functools.partial(self._piece, arrival, piece, deadline)))
+                queued = k
+            reader = ShardReader(
+                buffer.toreadonly(), self.manifest.schema, url=url, num_samples=info.num_samples, ready=arrival.ready
+            )
+        except BaseException as err:
+            arrival.abandon(len(pieces) - max(queued, 0), err)
+            raise
+        arrival.on_wait = on_wait  # from now on the consumer reads: its waits are time waiting for data
+        return reader
+
+    def _arriving_head(
+        self, info: ShardInfo, url: str, buffer: memoryview, priority: int, deadline: Deadline
+    ) -> ShardHeader:
+        """Fetch the head with the first rows into ``buffer``, verify it (fetched once more on a mismatch), parse it."""
+        assert info.head_bytes is not None
         first = min(info.num_bytes, info.head_bytes + _FIRST_BODY_BYTES)
         head = buffer[: info.head_bytes]
         for attempt in (1, 2):
@@ -332,34 +391,12 @@ class ShardFetcher:
             log.warning("The head of %s does not match the manifest; fetching it once more", url)
             self.reader.stats.record(retries=1)
         header = parse_header(head, info.num_bytes, url=url, num_samples=info.num_samples)
-        table = header.blocks
-        if table is None or header.head_bytes != info.head_bytes:
+        if header.blocks is None or header.head_bytes != info.head_bytes:
             raise ShardFormatError(
                 f"Shard {url!r}: its header puts the body at byte {header.head_bytes}, but the manifest records "
                 f"head_bytes={info.head_bytes}. The shard and the manifest disagree: rewrite the dataset."
             )
-        digests = head[table.table_offset : table.table_stop]
-        # The whole blocks of the first request are verified now; the one it cut is fetched again with the rest.
-        landed = first
-        if first < info.num_bytes:
-            landed = table.start + (first - table.start) // table.block_bytes * table.block_bytes
-        pieces = progressive_pieces(header, table, landed, self.chunk_bytes)
-        # The first request counts as a piece: when no piece follows it, its mismatch must still fail the readers.
-        arrival = ShardArrival(info, url, buffer, table, digests, pieces=len(pieces) + 1, deadline=deadline)
-        try:
-            if self.verify:
-                self._land(arrival, table.start, landed, deadline)
-            else:
-                arrival.mark(table.start, landed)
-        finally:
-            arrival.piece_done()
-        for k, piece in enumerate(pieces, start=1):
-            arrival.track(self.pool.submit((priority, k), functools.partial(self._piece, arrival, piece, deadline)))
-        reader = ShardReader(
-            buffer.toreadonly(), self.manifest.schema, url=url, num_samples=info.num_samples, ready=arrival.ready
-        )
-        arrival.on_wait = on_wait  # from now on the consumer reads: its waits are time waiting for data
-        return reader
+        return header
 
     def _piece(self, arrival: ShardArrival, piece: tuple[int, int], deadline: Deadline) -> None:
         """Fetch one piece of an arriving shard and land it (a failure is the arrival's, for its readers)."""

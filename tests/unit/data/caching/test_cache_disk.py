@@ -4,6 +4,7 @@ entries that only touch their own files, reused by a new run."""
 from __future__ import annotations
 
 import logging
+import mmap
 import multiprocessing
 import os
 import pickle
@@ -218,9 +219,15 @@ def test_get_or_fill_stores_in_the_background_holding_the_entry_lock(source: Cou
     assert bytes(data) == source.expected(0)
     entries = tmp_path / "cache" / "lightning_patterns_cache_v1" / "entries"
     assert not any(entries.glob("*.lps"))
-    # Another reader of the same shard waits for the entry instead of fetching it again.
+    # A reader of this process gets the memory being written, at once (the next epoch never waits for the disk).
+    again = cache.get_or_fill(0, fill)
+    assert bytes(again) == source.expected(0)
+    assert not any(entries.glob("*.lps"))
+    # A reader of another process (another cache on the folder) waits for the entry instead of fetching it again.
+    elsewhere = DiskEpochCache(tmp_path / "cache", min_free_bytes=0)
+    elsewhere.bind(source.manifest)
     other: list[Any] = []
-    waiter = threading.Thread(target=lambda: other.append(cache.get_or_fill(0, fill)))
+    waiter = threading.Thread(target=lambda: other.append(elsewhere.get_or_fill(0, fill)))
     waiter.start()
     time.sleep(0.2)
     assert waiter.is_alive()
@@ -230,7 +237,12 @@ def test_get_or_fill_stores_in_the_background_holding_the_entry_lock(source: Cou
     assert bytes(other[0]) == source.expected(0)
     assert fill_calls == [0]
     assert cache.stats() == (1, 1)
+    assert elsewhere.stats() == (1, 0)
     assert len(list(entries.glob("*.lps"))) == 1
+    # Once written, this process reads the entry (a read-only map), no longer the memory it was written from.
+    stored = cache.get_or_fill(0, fill)
+    assert isinstance(stored, memoryview)
+    assert isinstance(stored.obj, mmap.mmap)
     fresh = DiskEpochCache(tmp_path / "cache", min_free_bytes=0)
     fresh.bind(source.manifest)
     assert bytes(fresh.get_or_fill(0, lambda into: pytest.fail("the entry was stored"))) == source.expected(0)
