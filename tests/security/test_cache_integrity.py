@@ -56,6 +56,7 @@ def test_an_entry_corrupted_in_place_with_its_mtime_kept_is_caught_on_the_next_r
     dataset = StreamingDataset(url, batch_size=8, cache="disk", cache_dir=str(tmp_path / "cache"))
     first = _epoch(dataset)
     second = _epoch(dataset)  # every entry verified and its signature recorded, in this very process
+    dataset.cache.flush()  # entries are written in the background: wait for the last ones before corrupting one
     assert all(_shard_gets(hostile, shard["path"]) == 1 for shard in shards)
     entry = _entry(tmp_path / "cache", shards[1]["checksum"])
     _corrupt_keeping_mtime(entry)
@@ -81,6 +82,7 @@ def test_verify_every_read_catches_what_the_signature_cannot(hostile: HostileSer
         cache = DiskEpochCache(cache_dir, min_free_bytes=0, verify_every_read=every_read)
         dataset = StreamingDataset(url, batch_size=48, cache=cache)
         clean = _epoch(dataset)
+        cache.flush()  # the disk cache writes entries in the background: wait for them before corrupting one
         entry = _entry(cache_dir, shard["checksum"])
         _corrupt_keeping_mtime(entry)
         st = entry.stat()

@@ -588,10 +588,6 @@ class StreamingDataset(IterableDataset[dict[str, Any]]):
                     for row in range(size):
                         self._count_yielded(cursor)
                         yield {name: value[row] for name, value in batch.items()}
-            if self.cache is not None:
-                # A whole epoch read: its shards are kept by now (a disk cache writes the last ones in the
-                # background while they are read, and they are written once their last byte arrived).
-                self.cache.flush()
         finally:
             recorder.flush()
             if self._recorder is recorder:
