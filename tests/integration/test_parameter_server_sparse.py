@@ -134,6 +134,42 @@ def test_async_sparse_pushes_are_each_applied_once_at_one_over_the_workers(spars
     assert 1 <= last["telemetry"].max_staleness_seen <= 2
 
 
+def _sum_of_pushes(prefix: str) -> dict[str, torch.Tensor]:
+    """The initial tables minus ``lr / W`` times every row gradient every worker pushed (SGD on rows is a sum)."""
+    net = jobs.SparseNet()
+    expected = {"users": net.users.weight.detach().clone(), "items": net.items.weight.detach().clone()}
+    lr = 0.5  # the tables' param group (jobs.sparse_optimizer)
+    for rank in range(jobs.WORKERS):
+        pushed = _load(Path(f"{prefix}_rank{rank}.pt"))["pushed"]
+        assert len(pushed) == jobs.SPARSE_STEPS
+        for users, users_grad, items, items_grad in pushed:
+            expected["users"].index_add_(0, users, users_grad, alpha=-lr / jobs.WORKERS)
+            expected["items"].index_add_(0, items, items_grad, alpha=-lr / jobs.WORKERS)
+    assert not torch.allclose(expected["items"], net.items.weight)
+    return expected
+
+
+def test_hybrid_sync_dense_async_sparse_applies_each_push_once_within_the_staleness_bound(sparse_runs: Path) -> None:
+    """mode='sync', sparse_mode='async', sparse_max_staleness=1; rank 1's sparse pushes late (after its dense round).
+
+    Every row gradient is applied once at lr / W (both workers' gathered tables: the end-of-fit gather waits for
+    every push); rank 0's pulls did not wait for rank 1's pushes of the step before (staleness 1 seen), and never
+    lacked older ones; the dense part stayed synchronous: the head is identical on both workers.
+    """
+    expected = _sum_of_pushes(str(sparse_runs / "sparse_hybrid"))
+    records = [_load(sparse_runs / f"sparse_hybrid_rank{rank}.pt") for rank in range(jobs.WORKERS)]
+    for record in records:
+        for name, table in expected.items():
+            torch.testing.assert_close(record["state_dict"][f"net.{name}.weight"], table, rtol=0, atol=1e-5)
+    # Rank 0 pulled while rank 1's rows of the step before were still out (it did not wait), never more behind.
+    assert records[0]["sparse_staleness"] == 1
+    assert max(record["sparse_staleness"] for record in records) <= 1
+    head = jobs.SparseNet().head.state_dict()
+    for key, initial in head.items():
+        assert torch.equal(records[0]["state_dict"][f"net.head.{key}"], records[1]["state_dict"][f"net.head.{key}"])
+        assert not torch.equal(records[0]["state_dict"][f"net.head.{key}"], initial)
+
+
 def test_checkpoint_of_two_servers_resumes_on_one_and_equals_uninterrupted_training(sparse_runs: Path) -> None:
     folder = sparse_runs / "sparse_ckpt" / "step2.ckpt.sparse"
     tables = read_manifest(folder)

@@ -109,6 +109,36 @@ def _run_step_hooks(optimizer: Optimizer, post: bool) -> None:
         hook(optimizer, (optimizer,), {})
 
 
+def _check_sparse_mode(
+    mode: str, max_staleness: int | None, sparse_mode: str | None, sparse_max_staleness: int | None
+) -> None:
+    """Refuse combinations of the sparse tables' mode with the fit's that have no meaning, saying what does."""
+    if sparse_mode not in (None, "sync", "async"):
+        raise ValueError(f"`sparse_mode` must be None (as `mode`), 'sync' or 'async', got sparse_mode={sparse_mode!r}.")
+    if sparse_max_staleness is not None and (
+        isinstance(sparse_max_staleness, bool) or not isinstance(sparse_max_staleness, int) or sparse_max_staleness < 0
+    ):
+        raise ValueError(
+            "`sparse_max_staleness` must be None or an integer >= 0, "
+            f"got sparse_max_staleness={sparse_max_staleness!r}."
+        )
+    dense_sync = is_sync(mode, max_staleness)
+    if sparse_mode == "sync" and not dense_sync:
+        raise ValueError(
+            f"`sparse_mode='sync'` needs synchronous dense rounds, got mode={mode!r}, max_staleness={max_staleness!r}: "
+            "a synchronous round of the tables needs every worker's push of every step, which an asynchronous fit "
+            "does not promise. Use sparse_mode=None (the tables follow `mode`), or mode='sync' with "
+            "sparse_mode='async' for synchronous dense and asynchronous sparse parts."
+        )
+    if sparse_max_staleness is not None and not (sparse_mode == "async" and dense_sync):
+        raise ValueError(
+            f"`sparse_max_staleness` bounds the asynchronous tables of a synchronous fit (mode='sync', "
+            f"sparse_mode='async'), got mode={mode!r}, max_staleness={max_staleness!r}, sparse_mode={sparse_mode!r}. "
+            "Pass sparse_mode='async' with mode='sync', or drop sparse_max_staleness (in an asynchronous fit the "
+            "dense `max_staleness` bounds the workers)."
+        )
+
+
 def _raise_on_local_sigterm(trainer: pl.Trainer, exception: type[BaseException]) -> None:
     if getattr(trainer, "received_sigterm", False):
         raise exception()
@@ -160,6 +190,19 @@ class _ParameterServerStrategy(WorkerCollectives):
             :mod:`lightning_patterns.strategies.parameter_server.sparse`.
         sparse_min_rows: without ``sparse_modules``, embeddings of at least this many rows are sparse (``None``:
             none are).
+        sparse_mode: how the sparse tables' rounds run. ``None`` (default): as ``mode``. ``"async"`` with
+            ``mode="sync"`` is PERSIA's hybrid: the dense part keeps the synchronous path unchanged, while a worker
+            pushes its rows after the dense step (off its critical path) and the servers apply each table push on
+            arrival (scaled by ``1 / world_size``) and answer a sparse pull without waiting for the other workers'
+            pushes of the step before, within ``sparse_max_staleness``; the end-of-fit
+            gather and checkpoints still wait for every worker's pushes. The tables then no longer equal
+            single-process training. ``"sync"`` with an asynchronous ``mode`` is refused (``ValueError``): a
+            synchronous round of the tables needs every worker at every step, which async mode does not promise.
+        sparse_max_staleness: for ``mode="sync", sparse_mode="async"``: a sparse pull of a worker at step ``t`` is
+            answered only once every worker's pushes of the steps before ``t - sparse_max_staleness`` are applied
+            (held until then, within ``timeout``); ``0`` waits for all of the previous steps' pushes, but applies
+            them one by one. ``None`` (default): no bound of its own (the synchronous dense rounds keep the workers
+            within about one step anyway). Refused in any other combination.
         sparse_gather_bytes: after a fit, sparse tables of at most this many bytes in all are pulled back into the
             module (so it tests, predicts and saves in one process), and checkpoints hold them whole too (so a plain
             single-process Trainer loads them). Larger ones live in the checkpoints' ``.sparse`` folders only.
@@ -191,6 +234,8 @@ class _ParameterServerStrategy(WorkerCollectives):
         sparse_modules: list[str] | None = None,
         sparse_min_rows: int | None = 100_000,
         sparse_gather_bytes: int = 64 * 2**20,
+        sparse_mode: Literal["sync", "async"] | None = None,
+        sparse_max_staleness: int | None = None,
         process_group_backend: str | None = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         accelerator: pl.accelerators.Accelerator | None = None,
@@ -226,6 +271,7 @@ class _ParameterServerStrategy(WorkerCollectives):
                 "`ParameterServerStrategy(update_on='server', mode='async', ...)`: the servers then apply each "
                 "worker's push on arrival."
             )
+        _check_sparse_mode(mode, max_staleness, sparse_mode, sparse_max_staleness)
         if not timeout > 0:
             raise ValueError(f"`timeout` must be a positive number of seconds, got timeout={timeout!r}.")
         if chunk_bytes is not None and chunk_bytes < 1:
@@ -265,7 +311,15 @@ class _ParameterServerStrategy(WorkerCollectives):
         self._hooks: list[Any] = []  # gradient hooks that push buckets as backward produces them
         self._norm_samples = 0  # this worker's samples in the step under way, when its norms are measured
         self._norm_inverse_scale = 1.0  # 1 / the GradScaler's scale of the measured round's backward
-        self._sparse = SparseWiring(sparse_modules, sparse_min_rows, sparse_gather_bytes)
+        self.sparse_mode = sparse_mode
+        self.sparse_max_staleness = sparse_max_staleness
+        self._sparse = SparseWiring(
+            sparse_modules,
+            sparse_min_rows,
+            sparse_gather_bytes,
+            sync=None if sparse_mode is None else sparse_mode == "sync",
+            max_staleness=sparse_max_staleness,
+        )
 
     # -- topology ----------------------------------------------------------------------------------------------------
     @property
@@ -335,6 +389,11 @@ class _ParameterServerStrategy(WorkerCollectives):
     @property
     def _sync(self) -> bool:
         return is_sync(self.mode, self.max_staleness)
+
+    @property
+    def _hybrid(self) -> bool:
+        """Synchronous dense rounds, asynchronous sparse tables (PERSIA's hybrid)."""
+        return self.sparse_mode == "async" and self._sync
 
     @override
     def _configure_launcher(self) -> None:
@@ -663,12 +722,18 @@ class _ParameterServerStrategy(WorkerCollectives):
         model = model or self.lightning_module
         assert isinstance(model, self._lp_tree.pl.LightningModule)
         optimizer = self._unwrap(optimizer)
-        if self._sparse.active:
+        # The hybrid pushes the tables' rows after the dense step, off its critical path: the other workers' next
+        # pulls need not wait for them (within `sparse_max_staleness`). Otherwise before the dense round, so that
+        # a synchronous round of the tables completes with the dense one.
+        rows_after_step = self._sparse.active and self._hybrid
+        if self._sparse.active and not rows_after_step:
             closure = partial(self._closure_then_push_rows, closure, optimizer)
         if self.update_on == "worker":
             result = super().optimizer_step(optimizer, partial(self._closure_with_mean_loss, closure), model, **kwargs)
         else:
             result = self._step_on_servers(optimizer, closure, model)
+        if rows_after_step:
+            self._sparse.push(optimizer)
         self._log_telemetry()
         return result
 
@@ -886,14 +951,15 @@ class _ParameterServerStrategy(WorkerCollectives):
     # -- lifecycle ---------------------------------------------------------------------------------------------------
     @override
     def on_train_start(self) -> None:
-        if self._client is None or self._sync:
+        if self._client is None or (self._sync and not self._hybrid):
             return
         assert self.lightning_module is not None
         trainer = self.lightning_module.trainer
         loop = trainer.fit_loop.epoch_loop
         # Lightning broadcasts a SIGTERM flag from rank 0 before every batch, which would hold every worker in
-        # step with rank 0 and defeat asynchronous training. Check this worker's own flag instead; a worker
-        # that stops is then seen by the others as a lost peer.
+        # step with rank 0 and defeat asynchronous training (in the hybrid: make every pull wait for the other
+        # workers' row pushes of the step before). Check this worker's own flag instead; a worker that stops is
+        # then seen by the others as a lost peer.
         exception = self._lp_tree.module("utilities.exceptions").SIGTERMException
         _lightning.replace_sigterm_broadcast(self._lp_tree, loop, partial(_raise_on_local_sigterm, trainer, exception))
 

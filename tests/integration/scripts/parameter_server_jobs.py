@@ -661,24 +661,35 @@ def run_sparse(out: Path) -> None:
     # Tables built in `configure_model`, on the meta device: the servers create rows with the module's init.
     run_sparse_ctr(out)
     run_sparse_async(out)
+    run_sparse_hybrid(out)
 
 
 class _RowGradients(pl.Callback):  # type: ignore[misc]
-    """Records the row gradients each step pushes (the unique ids, the compact weight's gradient); slows rank 1."""
+    """Records the row gradients each step pushes (the unique ids, the compact weight's gradient); slows rank 1.
 
-    def __init__(self) -> None:
+    Rank 1 sleeps before each batch (async: so that it is the last to end, and its table, gathered then, holds
+    every push), or before each optimizer step (``before_step``, the hybrid: the step's dense round is complete,
+    its sparse push, after the step, not yet sent, so rank 0's next pull finds the tables one step behind).
+    """
+
+    def __init__(self, before_step: bool = False) -> None:
+        self.before_step = before_step
         self.ids: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.pushed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_rank == 1:
-            time.sleep(0.2)  # so that rank 1 is the last to end: its table, gathered then, holds every push
+        if trainer.global_rank == 1 and not self.before_step:
+            time.sleep(0.2)
         self.ids.append((batch[0].unique(), batch[1].unique()))
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         users, items = self.ids[-1]
         net = pl_module.net
         self.pushed.append((users, net.users.weight.grad.clone(), items, net.items.weight.grad.clone()))
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if trainer.global_rank == 1 and self.before_step:
+            time.sleep(0.25)
 
 
 def run_sparse_async(out: Path) -> None:
@@ -693,6 +704,20 @@ def run_sparse_async(out: Path) -> None:
         "telemetry": trainer.strategy.telemetry,
     }
     torch.save(record, out / f"sparse_async_rank{trainer.global_rank}.pt")
+
+
+def run_sparse_hybrid(out: Path) -> None:
+    """PERSIA's hybrid: dense part sync, tables async (staleness 1), rank 1's sparse pushes late."""
+    module, recorder = SparseModule("sgd"), _RowGradients(before_step=True)
+    strategy = _sparse_ps(2, sparse_mode="async", sparse_max_staleness=1)
+    trainer = _trainer(strategy, max_steps=SPARSE_STEPS, callbacks=[recorder])
+    trainer.fit(module)
+    record = {
+        "state_dict": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "pushed": recorder.pushed,
+        "sparse_staleness": trainer.strategy.sparse_telemetry.max_staleness_seen,
+    }
+    torch.save(record, out / f"sparse_hybrid_rank{trainer.global_rank}.pt")
 
 
 def run_sparse_ctr(out: Path) -> None:

@@ -2,7 +2,11 @@
 
 **Status** (issue #14): the strategy uses them (:mod:`.wiring`, :mod:`.embeddings`, :mod:`.client`,
 :mod:`.serving`, :mod:`.protocol`), in sync and async modes (async: each push is applied on arrival; the dense
-part's ``max_staleness`` bounds how far a worker runs ahead, the sparse part has no bound of its own). Modules:
+part's ``max_staleness`` bounds how far a worker runs ahead), and in PERSIA's hybrid
+(``ParameterServerStrategy(mode="sync", sparse_mode="async", sparse_max_staleness=k)``: the dense part synchronous,
+its path unchanged; the tables' rows pushed after the dense step and applied on arrival; a pull at step ``t``
+answered once every worker's pushes of the steps before ``t - k`` are applied; the end-of-fit gather and
+checkpoints wait for every push). Modules:
 
 - :mod:`.sharding`: which server holds which row (``"hash"``: SplitMix64 of the row id with a per-table salt,
   the default; ``"range"``: contiguous ranges);

@@ -75,11 +75,14 @@ class SparseTelemetry:
             (``ps/sparse_bytes``).
         steps: steps recorded.
         history: ``(rows, bytes)`` of every step (kept for tests and benchmarks; 16 bytes a step).
+        max_staleness_seen: the largest staleness the servers answered this worker's pulls with: steps of other
+            workers' pushes the rows may have lacked (``0`` in sync mode).
     """
 
     rows: int = 0
     bytes: int = 0
     steps: int = 0
+    max_staleness_seen: int = 0
     history: list[tuple[int, int]] = field(default_factory=list)
     _rows: int = 0
     _bytes: int = 0
@@ -110,12 +113,24 @@ class SparseClient:
         world_size: workers of the job (servers are the global ranks after them).
         num_servers: servers of the job.
         timeout: seconds any wait may take.
+        sync: the tables' rounds are synchronous (``None``: as the fit's dense part).
+        max_staleness: asynchronous tables of a synchronous fit: how many steps of other workers' pushes a pull
+            may lack (``None``: no bound).
     """
 
     def __init__(
-        self, link: Link, tables: list[SparseTable], world_size: int, num_servers: int, timeout: float
+        self,
+        link: Link,
+        tables: list[SparseTable],
+        world_size: int,
+        num_servers: int,
+        timeout: float,
+        sync: bool | None = None,
+        max_staleness: int | None = None,
     ) -> None:
         self.link = link
+        self.sync = sync
+        self.max_staleness = max_staleness
         self.tables = tables
         self.world_size = world_size
         self.num_servers = num_servers
@@ -148,8 +163,10 @@ class SparseClient:
         if self.rank != 0:
             return
         description = encode_json([table.to_json() for table in self.tables])
+        sync = -1 if self.sync is None else int(self.sync)
+        header = SparseInit(description.numel(), sync, -1 if self.max_staleness is None else self.max_staleness)
         for server in range(self.num_servers):
-            self.link.send(SparseInit(description.numel()), self._server(server), {"json": description})
+            self.link.send(header, self._server(server), {"json": description})
         for server in range(self.num_servers):
             self._expect(server, Ack)
 
@@ -173,8 +190,11 @@ class SparseClient:
                 self._expect(server, Ack)
 
     # -- pull and push -----------------------------------------------------------------------------------------------
-    def pull(self, index: int, ids: torch.Tensor, count: bool = True) -> torch.Tensor:
-        """The current rows of the distinct ``ids`` of table ``index`` (``[len(ids), dim]``, host memory)."""
+    def pull(self, index: int, ids: torch.Tensor, count: bool = True, final: bool = False) -> torch.Tensor:
+        """The current rows of the distinct ``ids`` of table ``index`` (``[len(ids), dim]``, host memory).
+
+        ``final``: the end-of-fit gather, which in a hybrid fit waits for every worker's pushes.
+        """
         start = time.perf_counter()
         table = self.tables[index]
         rows = torch.empty(ids.numel(), table.spec.dim, dtype=table.spec.torch_dtype)
@@ -183,7 +203,9 @@ class SparseClient:
         nbytes = 0
         for server, positions in routes:
             pending = self.link.post(
-                SparsePull(index, positions.numel()), self._server(server), {"ids": ids[positions].contiguous()}
+                SparsePull(index, positions.numel(), int(final)),
+                self._server(server),
+                {"ids": ids[positions].contiguous()},
             )
             nbytes += pending.nbytes
             pending.wait(self.timeout)
@@ -197,6 +219,7 @@ class SparseClient:
                 )
             rows[positions] = payloads["rows"].reshape(-1, table.spec.dim)
             nbytes += received
+            self.telemetry.max_staleness_seen = max(self.telemetry.max_staleness_seen, message.staleness)
         if count:
             self.telemetry.count(ids.numel(), nbytes)
         self.pull_seconds += time.perf_counter() - start
@@ -260,5 +283,5 @@ class SparseClient:
         table = torch.empty(spec.num_rows, spec.dim, dtype=spec.torch_dtype)
         for start in range(0, spec.num_rows, _CHUNK_ROWS):
             ids = torch.arange(start, min(start + _CHUNK_ROWS, spec.num_rows), dtype=torch.int64)
-            table[start : start + ids.numel()] = self.pull(index, ids, count=False)
+            table[start : start + ids.numel()] = self.pull(index, ids, count=False, final=True)
         return table

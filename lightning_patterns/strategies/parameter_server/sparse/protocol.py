@@ -4,9 +4,12 @@ They travel on the same link as the dense messages (gloo point-to-point, headers
 ``ids`` and ``rows``, which no shared region is attached for, so they always go over the group from host
 buffers. Sizes come from the header alone, as for every message::
 
-    SPARSE_INIT (rank 0 → server)  JSON: the tables, their shardings and row optimizers      → ACK
-    SPARSE_PULL (worker → server)  ids int64[num_ids] of table ``table``                    → SPARSE_ROWS
-    SPARSE_ROWS (server → worker)  rows dtype[num_ids × dim], in the order of the pull's ids
+    SPARSE_INIT (rank 0 → server)  JSON: the tables, their shardings and row optimizers; header: how the
+                                   tables' rounds run (``sync``, ``max_staleness``)          → ACK
+    SPARSE_PULL (worker → server)  ids int64[num_ids] of table ``table``; ``final=1``: the end-of-fit gather
+                                   (waits for every worker's pushes in a hybrid fit)         → SPARSE_ROWS
+    SPARSE_ROWS (server → worker)  rows dtype[num_ids × dim], in the order of the pull's ids; header: the
+                                   staleness the rows were answered with
     SPARSE_PUSH (worker → server)  ids int64[num_ids], gradients dtype[num_ids × dim]; ``assign=1``: values
                                    to set (rank 0's initial rows of a module built in full), acknowledged
     SPARSE_SAVE (rank 0 → server)  JSON ``{"directory": ...}``: write this server's shards → SPARSE_SAVE
@@ -61,9 +64,18 @@ class _Described(Message):
 
 @dataclass(frozen=True)
 class SparseInit(_Described):
-    """Rank 0: the fit's sparse tables (JSON list of table, sharding and optimizer descriptions)."""
+    """Rank 0: the fit's sparse tables (JSON list of table, sharding and optimizer descriptions).
+
+    Attributes:
+        sync: ``1``: synchronous rounds (a pull waits for the step's update); ``0``: each push applied on arrival;
+            ``-1``: as the fit's dense part.
+        max_staleness: asynchronous tables of a synchronous fit (the hybrid): a pull of a worker that pushed ``t``
+            steps is answered once every worker pushed at least ``t - max_staleness`` (``-1``: no bound).
+    """
 
     kind: ClassVar[Kind] = Kind.SPARSE_INIT
+    sync: int = -1
+    max_staleness: int = -1
 
 
 @dataclass(frozen=True)
@@ -82,11 +94,12 @@ class SparseLoad(_Described):
 
 @dataclass(frozen=True)
 class SparsePull(Message):
-    """The current values of rows ``ids`` of table ``table``, please."""
+    """The current values of rows ``ids`` of table ``table``, please (``final=1``: the end-of-fit gather)."""
 
     kind: ClassVar[Kind] = Kind.SPARSE_PULL
     table: int = 0
     num_ids: int = 0
+    final: int = 0
 
     def payloads(self) -> list[PayloadSpec]:
         """The ids."""
@@ -95,13 +108,18 @@ class SparsePull(Message):
 
 @dataclass(frozen=True)
 class SparseRows(Message):
-    """A server's answer to a :class:`SparsePull`: ``num_ids`` rows of ``dim`` values."""
+    """A server's answer to a :class:`SparsePull`: ``num_ids`` rows of ``dim`` values.
+
+    ``staleness``: the pulling worker's pushes minus the fewest any worker had pushed when the rows were read (the
+    steps whose pushes the rows may lack; ``0`` in sync mode).
+    """
 
     kind: ClassVar[Kind] = Kind.SPARSE_ROWS
     table: int = 0
     num_ids: int = 0
     dim: int = 0
     dtype: int = 0
+    staleness: int = 0
 
     def payloads(self) -> list[PayloadSpec]:
         """The rows."""

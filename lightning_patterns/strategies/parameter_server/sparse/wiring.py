@@ -58,9 +58,19 @@ class SparseWiring:
         sparse_min_rows: detection: embeddings of at least this many rows (``None``: none).
         sparse_gather_bytes: tables up to this many bytes come back into the module after the fit and into
             checkpoints whole.
+        sync: the tables' rounds are synchronous (``None``: as the fit's dense part).
+        max_staleness: asynchronous tables of a synchronous fit: steps of other workers' pushes a pull may lack
+            (``None``: no bound).
     """
 
-    def __init__(self, sparse_modules: list[str] | None, sparse_min_rows: int | None, sparse_gather_bytes: int) -> None:
+    def __init__(
+        self,
+        sparse_modules: list[str] | None,
+        sparse_min_rows: int | None,
+        sparse_gather_bytes: int,
+        sync: bool | None = None,
+        max_staleness: int | None = None,
+    ) -> None:
         if sparse_modules is not None and (
             isinstance(sparse_modules, str) or not all(isinstance(name, str) and name for name in sparse_modules)
         ):
@@ -82,6 +92,8 @@ class SparseWiring:
         self.names = list(sparse_modules) if sparse_modules is not None else None
         self.min_rows = sparse_min_rows
         self.gather_bytes = sparse_gather_bytes
+        self.sync = sync
+        self.max_staleness = max_staleness
         self.initializers: dict[int, RowInitializer] = {}
         self.embeddings: SparseEmbeddings | None = None
         self.client: SparseClient | None = None
@@ -149,7 +161,9 @@ class SparseWiring:
         if not self.active:
             return
         assert self.embeddings is not None
-        self.client = SparseClient(link, self.embeddings.tables, world_size, num_servers, timeout)
+        self.client = SparseClient(
+            link, self.embeddings.tables, world_size, num_servers, timeout, self.sync, self.max_staleness
+        )
         self.last_telemetry = self.client.telemetry
         if self.load_from is not None:
             self.embeddings.initial = {}

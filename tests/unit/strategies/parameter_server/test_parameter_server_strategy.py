@@ -84,11 +84,50 @@ def test_spawn_start_method_uses_the_multiprocessing_launcher(lightning_package:
         ({"sparse_modules": ["ok", ""]}, r"`sparse_modules` must be a list"),
         ({"sparse_min_rows": 0}, r"`sparse_min_rows` must be None or an integer >= 1, got sparse_min_rows=0"),
         ({"sparse_gather_bytes": -1}, r"`sparse_gather_bytes` must be an integer >= 0"),
+        (
+            {"sparse_mode": "hogwild"},
+            r"`sparse_mode` must be None \(as `mode`\), 'sync' or 'async', got sparse_mode='hogwild'",
+        ),
+        (
+            {"update_on": "server", "mode": "async", "max_staleness": 1, "sparse_mode": "sync"},
+            r"`sparse_mode='sync'` needs synchronous dense rounds, got mode='async', max_staleness=1: .*"
+            r"mode='sync' with sparse_mode='async'",
+        ),
+        (
+            {"sparse_mode": "async", "sparse_max_staleness": -1},
+            r"`sparse_max_staleness` must be None or an integer >= 0, got sparse_max_staleness=-1",
+        ),
+        ({"sparse_mode": "async", "sparse_max_staleness": True}, r"got sparse_max_staleness=True"),
+        (
+            {"sparse_max_staleness": 1},
+            r"`sparse_max_staleness` bounds the asynchronous tables of a synchronous fit .*sparse_mode=None\. "
+            r"Pass sparse_mode='async' with mode='sync'",
+        ),
+        (
+            {
+                "update_on": "server",
+                "mode": "async",
+                "max_staleness": 2,
+                "sparse_mode": "async",
+                "sparse_max_staleness": 1,
+            },
+            r"got mode='async', max_staleness=2, sparse_mode='async'",
+        ),
     ],
 )
 def test_invalid_arguments(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ParameterServerStrategy(**kwargs)
+
+
+def test_sparse_modes_accepted() -> None:
+    """The hybrid (sync dense, async sparse, bounded or not), and async tables in an async fit (as `mode`)."""
+    hybrid = ParameterServerStrategy(sparse_mode="async", sparse_max_staleness=0)
+    assert (hybrid.mode, hybrid.sparse_mode, hybrid.sparse_max_staleness) == ("sync", "async", 0)
+    assert ParameterServerStrategy(sparse_mode="async").sparse_max_staleness is None
+    assert ParameterServerStrategy(update_on="server", mode="async", max_staleness=0, sparse_mode="sync").sparse_mode
+    asynchronous = ParameterServerStrategy(update_on="server", mode="async", max_staleness=None, sparse_mode="async")
+    assert asynchronous.sparse_mode == "async"
 
 
 def test_auto_servers_are_decided_at_the_first_fit() -> None:

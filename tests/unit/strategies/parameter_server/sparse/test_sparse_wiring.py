@@ -117,14 +117,14 @@ class _Outbox:
         self.sent.append((worker, message, payloads))
 
 
-def _serving(sync: bool = True) -> tuple[SparseServing, _Outbox]:
+def _serving(sync: bool = True, sparse_sync: int = -1, max_staleness: int = -1) -> tuple[SparseServing, _Outbox]:
     outbox = _Outbox()
     serving = SparseServing(server=0, num_workers=2, sync=sync, post=outbox)
     table = SparseTable(
         TableSpec("t", 6, 2, initializer=RowInitializer("zeros")), RangeRowSharding(6, 1), RowSGD(1.0), 1.0
     )
     description = encode_json([table.to_json()])
-    serving.handle(0, SparseInit(description.numel()), {"json": description})
+    serving.handle(0, SparseInit(description.numel(), sparse_sync, max_staleness), {"json": description})
     assert isinstance(outbox.sent.pop()[1], Ack)
     return serving, outbox
 
@@ -150,6 +150,40 @@ def test_a_sync_round_averages_the_workers_pushes_and_holds_pulls_until_applied(
     assert payloads["rows"].reshape(2, 2).tolist() == [[-1.0, -1.0], [0.0, 0.0]]
     serving.handle(1, SparsePull(0, 1), {"ids": torch.tensor([2])})
     assert outbox.sent.pop()[2]["rows"].tolist() == [-3.0, -3.0]  # -(2 + 4) / 2
+
+
+def _rows(outbox: _Outbox, worker: int) -> tuple[int, list[float]]:
+    sent, message, payloads = outbox.sent.pop()
+    assert sent == worker
+    assert isinstance(message, SparseRows)
+    return message.staleness, payloads["rows"].reshape(-1, 2)[:, 0].tolist()
+
+
+def test_hybrid_tables_apply_pushes_on_arrival_and_hold_pulls_beyond_the_staleness_bound() -> None:
+    """A sync fit with async tables, bound 1: a pull at step t waits only for the pushes of steps before t - 1."""
+    serving, outbox = _serving(sync=True, sparse_sync=0, max_staleness=1)
+    assert (serving.sync, serving.max_staleness) == (False, 1)
+    _push(serving, 0, [1], 2.0)  # worker 0, step 0: applied at once, at 1/W
+    serving.handle(0, SparsePull(0, 1), {"ids": torch.tensor([1])})  # step 1: lacks worker 1's step 0, allowed
+    assert _rows(outbox, 0) == (1, [-1.0])
+    _push(serving, 0, [2], 2.0)  # worker 0, step 1
+    serving.handle(0, SparsePull(0, 2), {"ids": torch.tensor([1, 2])})  # step 2 would lack worker 1's step 0
+    assert outbox.sent == []
+    _push(serving, 1, [1], 4.0)  # worker 1, step 0: the held pull is answered, with it
+    assert _rows(outbox, 0) == (1, [-3.0, -1.0])
+    # The end-of-fit gather (and a checkpoint) waits for every worker's pushes up to the puller's.
+    serving.handle(0, SparsePull(0, 1, final=1), {"ids": torch.tensor([2])})
+    assert outbox.sent == []
+    _push(serving, 1, [2], 2.0)
+    assert _rows(outbox, 0) == (0, [-2.0])
+    # A slower worker's pulls are never held: nothing it lacks is older than its own step.
+    serving.handle(1, SparsePull(0, 1), {"ids": torch.tensor([1])})
+    assert _rows(outbox, 1) == (0, [-3.0])
+
+
+def test_sync_tables_in_an_async_fit_are_refused_by_the_server() -> None:
+    with pytest.raises(ProtocolError, match="synchronous tables in an asynchronous fit"):
+        _serving(sync=False, sparse_sync=1)
 
 
 def test_the_learning_rate_of_each_step_travels_with_the_push() -> None:
