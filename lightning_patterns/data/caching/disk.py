@@ -246,6 +246,34 @@ class DiskEpochCache(EpochCache):
             return digest, found
         return digest, None
 
+    def _hit_or_lock(self, shard: int) -> tuple[Any, int | None]:
+        """``(shard, None)`` on a hit (counted), else ``(None, fd)`` holding the entry's lock: ``os.close(fd)`` it.
+
+        A hit is the memory this process's background writer still holds, or a verified entry; a miss is checked
+        again under the lock, since another process may have stored the entry while this one waited.
+        """
+        held = self._held(shard)
+        if held is not None:
+            return held, None
+        digest, found = self._unlocked_hit(shard)
+        if found is not None:
+            return found, None
+        lock = acquire_file_lock(
+            str(self._lock_path(digest)),
+            timeout=self.lock_timeout,
+            what=f"disk cache entry {digest[:16]}… (shard {shard})",
+        )
+        try:
+            found = self._open_verified(shard, locked=True)
+        except BaseException:
+            os.close(lock)
+            raise
+        if found is not None:
+            os.close(lock)
+            self._count(hit=True)
+            return found, None
+        return None, lock
+
     def get_or_fetch(self, shard: int, fetch: Callable[[], bytes | memoryview]) -> Any:
         """The shard's entry, memory-mapped read-only; on a miss ``fetch()`` it (once per machine) and store it.
 
@@ -253,22 +281,15 @@ class DiskEpochCache(EpochCache):
             RuntimeError: :meth:`bind` was not called.
             CacheLockTimeoutError: another process held the entry's lock for longer than ``lock_timeout``.
         """
-        held = self._held(shard)
-        if held is not None:
-            return held
-        digest, found = self._unlocked_hit(shard)
-        if found is not None:
+        found, lock = self._hit_or_lock(shard)
+        if lock is None:
             return found
-        lock_path = str(self._lock_path(digest))
-        with file_lock(lock_path, timeout=self.lock_timeout, what=f"disk cache entry {digest[:16]}… (shard {shard})"):
-            # Another process may have stored it while we waited.
-            found = self._open_verified(shard, locked=True)
-            if found is not None:
-                self._count(hit=True)
-                return found
+        try:
             data = fetch()
             self._count(hit=False)
             self._store(shard, data)
+        finally:
+            os.close(lock)  # closing the descriptor releases the lock
         return data
 
     def get_or_fill(self, shard: int, fill: Callable[[memoryview | None], bytes | memoryview]) -> Any:
@@ -282,23 +303,11 @@ class DiskEpochCache(EpochCache):
             RuntimeError: :meth:`bind` was not called.
             CacheLockTimeoutError: another process held the entry's lock for longer than ``lock_timeout``.
         """
-        held = self._held(shard)
-        if held is not None:
-            return held
-        digest, found = self._unlocked_hit(shard)
-        if found is not None:
+        found, lock = self._hit_or_lock(shard)
+        if lock is None:
             return found
-        lock = acquire_file_lock(
-            str(self._lock_path(digest)),
-            timeout=self.lock_timeout,
-            what=f"disk cache entry {digest[:16]}… (shard {shard})",
-        )
         handed_over = False
         try:
-            found = self._open_verified(shard, locked=True)
-            if found is not None:
-                self._count(hit=True)
-                return found
             data = fill(None)
             self._count(hit=False)
             self._background().put(shard, data, lock)
@@ -320,25 +329,8 @@ class DiskEpochCache(EpochCache):
             RuntimeError: :meth:`bind` was not called.
             CacheLockTimeoutError: another process held the entry's lock for longer than ``lock_timeout``.
         """
-        held = self._held(shard)
-        if held is not None:
-            return held
-        digest, found = self._unlocked_hit(shard)
-        if found is not None:
-            return found
-        lock = acquire_file_lock(
-            str(self._lock_path(digest)),
-            timeout=self.lock_timeout,
-            what=f"disk cache entry {digest[:16]}… (shard {shard})",
-        )
-        try:
-            found = self._open_verified(shard, locked=True)
-        except BaseException:
-            os.close(lock)
-            raise
-        if found is not None:
-            os.close(lock)
-            self._count(hit=True)
+        found, lock = self._hit_or_lock(shard)
+        if lock is None:
             return found
         complete: Future[memoryview] = Future()
 
